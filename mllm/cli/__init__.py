@@ -1,0 +1,33 @@
+"""The `mllm` command line. Each subcommand lives in its own module of this package, which defines
+`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from importlib import import_module
+
+# Subcommand modules, in the order `mllm --help` lists them. A module may register several commands.
+COMMAND_MODULES = [
+    "mllm.cli.chair",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllm", description="Multimodal LLM toolkit (MiniCPM-V 2.6 family).")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)

@@ -1,0 +1,1 @@
+"""Datasets and collators for training, and generators of data files (toy world, grounding preparation)."""

@@ -1,0 +1,1 @@
+"""Evaluation: CHAIR hallucination metric, grounding accuracy, VQA accuracy."""

@@ -1,0 +1,1 @@
+"""Training: losses, trainers (SFT, preference) and their argument dataclasses."""
