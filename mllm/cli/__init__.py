@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from importlib import import_module
 
 # Subcommand modules, in the order `mllm --help` lists them. A module may register several commands.
 COMMAND_MODULES = [
     "mllm.cli.chair",
+    "mllm.cli.chat",
+    "mllm.cli.train",
+    "mllm.cli.grounding",
+    "mllm.cli.toy",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mllm", description="Multimodal LLM toolkit (MiniCPM-V 2.6 family).")
+    parser = argparse.ArgumentParser(
+        prog="mllm", description="Multimodal LLM toolkit (MiniCPM-V 2.6 family)."
+    )
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default: INFO).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -25,9 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except ValueError as exc:  # bad input: a clear message naming the file/record/field, not a traceback
+        logging.getLogger("mllm").debug("bad input", exc_info=True)
+        print(f"mllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)

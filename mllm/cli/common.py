@@ -1,0 +1,66 @@
+"""Flags and loading shared by the inference commands (chat, answer, eval, ground, web)."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: bf16 on GPU, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--attn-implementation", default="sdpa", choices=("eager", "sdpa", "flash_attention_2")
+    )
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser, default_strategy: str = "greedy") -> None:
+    parser.add_argument("--strategy", default=default_strategy, choices=("greedy", "sampling", "beam"))
+    parser.add_argument("--num-beams", type=int, default=None, help="beams for --strategy beam (default 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (sampling)")
+    parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
+
+
+def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
+    from mllm.model.chat import decoding_kwargs
+
+    return decoding_kwargs(
+        args.strategy,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def load_model_and_processor(
+    model_dir: str, device: str | None, dtype: str, attn_implementation: str = "sdpa"
+):
+    """MLLMModel (eval mode, on device) and MLLMProcessor from a model directory."""
+    import torch
+
+    from mllm.model.modeling import MLLMModel
+    from mllm.processing.processor import MLLMProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    model = MLLMModel.from_pretrained(
+        model_dir, torch_dtype=torch_dtype, device=device, attn_implementation=attn_implementation
+    )
+    model.eval()
+    return model, MLLMProcessor.from_pretrained(model_dir)

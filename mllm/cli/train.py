@@ -1,0 +1,65 @@
+"""`mllm train sft|grounding|preference [options]`, `mllm plot-curves RUN_DIR`, `mllm merge-lora BASE CKPT OUT`.
+
+Training options are parsed by transformers' HfArgumentParser from our small model/data dataclasses plus all of
+`TrainingArguments` (`mllm train sft --help` lists them), so every Trainer flag works as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("sft", "grounding", "preference")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune a model: sft, grounding (SFT on grounding data) or preference",
+        description="Fine-tune a model directory. Run `mllm train sft --help` for every option.",
+        add_help=True,
+    )
+    train.add_argument("task", choices=TASKS)
+    train.add_argument("options", nargs=argparse.REMAINDER, help="model, data and TrainingArguments flags")
+    train.set_defaults(func=run_train)
+
+    plot = subparsers.add_parser(
+        "plot-curves", help="PNG of train/eval loss (or other logged values) vs step"
+    )
+    plot.add_argument("run_dir")
+    plot.add_argument("--keys", nargs="+", default=None, help="logged keys to plot (default: loss eval_loss)")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss_curves.png)")
+    plot.set_defaults(func=run_plot)
+
+    merge = subparsers.add_parser("merge-lora", help="merge a LoRA checkpoint into its base model")
+    merge.add_argument("base")
+    merge.add_argument("checkpoint")
+    merge.add_argument("out")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=run_merge)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.task == "preference":
+        from mllm.train.preference import main as preference_main
+
+        return preference_main(args.options)
+    from mllm.train.runner import run_sft
+
+    return run_sft(args.options, task=args.task)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from mllm.train.curves import plot_curves
+
+    print(plot_curves(args.run_dir, args.keys, args.out))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from mllm.train.lora import merge_lora
+
+    print(merge_lora(args.base, args.checkpoint, args.out, overwrite=args.overwrite))
+    return 0

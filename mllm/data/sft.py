@@ -1,0 +1,355 @@
+"""Supervised fine-tuning data: the SFT JSON format -> token ids, labels on answer tokens, image slices.
+
+An item of the SFT format (REFERENCE.md section 2):
+    {"id": 7, "image": "images/color/0007.png",            # or {"<image_00>": path, "<image_01>": path}
+     "conversations": [{"role": "user", "content": "<image>\\nIs the circle red? Please answer yes or no."},
+                       {"role": "assistant", "content": "Yes"}]}
+
+The prompt is built by the same code as inference: the tokenizer's chat template renders the conversation and the
+image processor writes each image's placeholder. Only the assistant's tokens and their closing `<|im_end|>` are
+targets; everything else is -100. Token ids, labels and image bounds are computed once, when the dataset is opened,
+from the image headers alone (sizes, no pixel decoding), so that a broken item fails at once with its file, id and
+reason, and over-long items are truncated or skipped before training starts. Pixels are read in `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SFT_IMAGE_TOKEN = "<image>"
+"""How an image is marked in the content of the SFT format (single-image items)."""
+
+_ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+@dataclass
+class EncodedItem:
+    """One conversation, tokenized; pixels are loaded later."""
+
+    input_ids: torch.Tensor
+    """[T] long."""
+    labels: torch.Tensor
+    """[T] long, IGNORE_INDEX outside assistant answers."""
+    image_bound: torch.Tensor
+    """[n, 2] long: [start, end) of each slice's feature run."""
+    image_paths: list[Path]
+    """The item's images, in the order of their placeholders."""
+    n_slices: int
+    """How many slices of those images the kept tokens use (truncation may drop trailing slices)."""
+
+
+def read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
+    return data
+
+
+def normalise_messages(item: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """`conversations` with role/content (or LLaVA's from/value) -> [{"role", "content"}]."""
+    conversations = item.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(conversations):
+        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if role not in _ROLE_ALIASES or not isinstance(content, str):
+            raise ValueError(
+                f"{where}: conversations[{i}] needs a known 'role' and a string 'content', got {turn!r:.100}"
+            )
+        messages.append({"role": _ROLE_ALIASES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so there is nothing to learn")
+    return messages
+
+
+def attach_image_markers(
+    messages: list[dict[str, str]], image_field: Any, where: str
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Replace the SFT format's image marks by IMAGE_MARKER; returns the messages and image paths in prompt order.
+
+    A single image without a `<image>` mark goes in front of the first user message (as MiniCPM-V does)."""
+    if image_field is None:
+        return messages, []
+    messages = [dict(m) for m in messages]
+    if isinstance(image_field, str):
+        marks = {SFT_IMAGE_TOKEN: image_field}
+        if not any(SFT_IMAGE_TOKEN in m["content"] for m in messages):
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise ValueError(f"{where}: an image is given but there is no user turn to put it in")
+            first_user["content"] = f"{SFT_IMAGE_TOKEN}\n{first_user['content']}"
+    elif isinstance(image_field, dict):
+        marks = dict(image_field)
+    else:
+        raise ValueError(f"{where}: field 'image' must be a path or a {{'<image_00>': path}} dict")
+    paths: list[str] = []
+    for m in messages:
+        text, out, cursor = m["content"], [], 0
+        # Walk the marks in order of appearance so that image i is the i-th placeholder. The replacement
+        # (IMAGE_MARKER) itself contains "<image>", hence the cursor rather than repeated search-and-replace.
+        while True:
+            hits = [(text.find(mark, cursor), mark) for mark in marks if text.find(mark, cursor) >= 0]
+            if not hits:
+                break
+            pos, mark = min(hits)
+            if m["role"] == "assistant":
+                raise ValueError(f"{where}: image mark {mark!r} in an assistant turn")
+            paths.append(marks[mark])
+            out.append(text[cursor:pos] + IMAGE_MARKER)
+            cursor = pos + len(mark)
+        m["content"] = "".join(out) + text[cursor:]
+    if isinstance(image_field, dict):
+        unused = set(marks) - {mark for mark, path in marks.items() if path in paths}
+        if unused:
+            raise ValueError(f"{where}: images {sorted(unused)} are never referenced in the conversation")
+    if isinstance(image_field, str) and len(paths) != 1:
+        raise ValueError(f"{where}: one image but {len(paths)} {SFT_IMAGE_TOKEN!r} marks in the conversation")
+    return messages, paths
+
+
+def chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
+    """Render the conversation with the chat template and cut it into (text, is_target) pieces.
+
+    The target of an assistant turn is its content plus the closing `<|im_end|>`; the role header before it and
+    the newline after it are context. Each cut is found by rendering the prefix of the conversation with the
+    generation prompt, so that whatever template the tokenizer ships is honoured."""
+
+    def render(msgs: list[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    end_text = "<|im_end|>"
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    full = render(messages, False)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True) if i else ""
+        target = message["content"] + end_text
+        if not full.startswith(prefix) or not full[len(prefix) :].startswith(target):
+            raise ValueError(
+                f"{where}: the chat template is not prefix-consistent at turn {i}, so answer tokens cannot be located"
+            )
+        pieces.append((prefix[cursor:], False))
+        pieces.append((target, True))
+        cursor = len(prefix) + len(target)
+    pieces.append((full[cursor:], False))
+    return [(text, is_target) for text, is_target in pieces if text]
+
+
+def find_image(path: str, image_folder: Path | None, json_dir: Path, where: str) -> Path:
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = (image_folder if image_folder is not None else json_dir) / candidate
+    if not candidate.is_file():
+        raise ValueError(f"{where}: image file not found: {candidate}")
+    return candidate
+
+
+def image_size(path: Path, where: str) -> tuple[int, int]:
+    """(W, H) from the file header; PIL does not decode the pixels for this."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+
+
+def truncate(item: EncodedItem, max_length: int) -> EncodedItem | None:
+    """Cut an item to max_length tokens without cutting through an image's feature run.
+
+    The cut moves back to the opening tag of the first slice that would not fit whole (its pixels are dropped).
+    Returns None when no target token would remain."""
+    if len(item.input_ids) <= max_length:
+        return item
+    cut = max_length
+    keep = item.image_bound[:, 1] < cut  # the closing tag must fit too
+    if not bool(keep.all()):
+        first_dropped = int(torch.nonzero(~keep)[0, 0])
+        cut = min(cut, int(item.image_bound[first_dropped, 0]) - 1)
+        keep[first_dropped:] = False
+    labels = item.labels[:cut]
+    if not bool((labels[1:] != IGNORE_INDEX).any()):
+        return None
+    n_keep = int(keep.sum())
+    return EncodedItem(item.input_ids[:cut], labels, item.image_bound[:n_keep], item.image_paths, n_keep)
+
+
+class SupervisedDataset(Dataset):
+    """The SFT JSON format as model inputs: `input_ids`, `labels`, `position_ids`, `image_bound`, `pixel_values`,
+    `tgt_sizes` (one sample each; `data_collator` batches them).
+
+    Items longer than `max_length` are truncated after their last image placeholder when a target token remains,
+    otherwise skipped; the number skipped is logged once and kept in `n_skipped`.
+    """
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        processor: MLLMProcessor,
+        image_folder: str | Path | None = None,
+        max_length: int = 2048,
+        max_slice_nums: int | None = None,
+    ) -> None:
+        self.data_path = Path(data_path)
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.max_length = max_length
+        self.max_slice_nums = max_slice_nums
+        self.raw = read_json_list(self.data_path)
+        self.items: list[EncodedItem] = []
+        self.ids: list[Any] = []
+        self.n_skipped = 0
+        for index, raw in enumerate(self.raw):
+            where = f"{self.data_path}, item {raw.get('id', index) if isinstance(raw, dict) else index}"
+            if not isinstance(raw, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+            encoded = truncate(self.encode(raw, where), max_length)
+            if encoded is None:
+                self.n_skipped += 1
+                continue
+            self.items.append(encoded)
+            self.ids.append(raw.get("id", index))
+        if self.n_skipped:
+            logger.warning(
+                "%s: skipped %d of %d items longer than max_length=%d with no answer token left after truncation",
+                self.data_path,
+                self.n_skipped,
+                len(self.raw),
+                max_length,
+            )
+        if not self.items:
+            raise ValueError(f"{self.data_path}: no usable item (all {len(self.raw)} were empty or skipped)")
+
+    def encode(self, raw: dict[str, Any], where: str) -> EncodedItem:
+        """Tokenize one item; only image headers are read."""
+        messages = normalise_messages(raw, where)
+        messages, rel_paths = attach_image_markers(messages, raw.get("image"), where)
+        paths = [find_image(p, self.image_folder, self.data_path.parent, where) for p in rel_paths]
+        sizes = [image_size(p, where) for p in paths]
+        ids: list[int] = []
+        labels: list[int] = []
+        image_idx = 0
+        tokenizer = self.processor.tokenizer
+        for text, is_target in chat_pieces(tokenizer, messages, where):
+            chunks = text.split(IMAGE_MARKER)
+            expanded = [chunks[0]]
+            for chunk in chunks[1:]:
+                placeholder = self.processor.image_processor.get_placeholder(
+                    sizes[image_idx], image_idx, self.max_slice_nums
+                )
+                expanded.extend([placeholder, chunk])
+                image_idx += 1
+            piece_ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
+            ids.extend(piece_ids)
+            labels.extend(piece_ids if is_target else [IGNORE_INDEX] * len(piece_ids))
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        bound = self.processor.image_bound_from_ids(input_ids)
+        return EncodedItem(input_ids, torch.tensor(labels, dtype=torch.long), bound, paths, len(bound))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        strips: list[torch.Tensor] = []
+        sizes = []
+        for path in item.image_paths:
+            with Image.open(path) as image:
+                image_strips, tgt = self.processor.image_processor.preprocess_image(
+                    image, self.max_slice_nums, where=str(path)
+                )
+            strips.extend(image_strips)
+            sizes.append(tgt)
+        tgt_sizes = torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int32)
+        assert len(strips) >= item.n_slices, (
+            "image slices disagree with the placeholders built from the headers"
+        )
+        return {
+            "input_ids": item.input_ids,
+            "labels": item.labels,
+            "position_ids": torch.arange(len(item.input_ids), dtype=torch.long),
+            "image_bound": item.image_bound,
+            "pixel_values": strips[: item.n_slices],
+            "tgt_sizes": tgt_sizes[: item.n_slices],
+        }
+
+
+def data_collator(
+    examples: list[dict[str, Any]], pad_token_id: int = 0, max_length: int | None = None
+) -> dict[str, Any]:
+    """Right-pad a list of dataset samples into a training batch.
+
+    `input_ids` are padded with `pad_token_id`, `labels` with -100, `position_ids` with 0; `attention_mask` comes
+    from the real lengths. With `max_length`, samples are cut first without cutting an image placeholder (slices
+    that no longer fit are dropped with their pixels). Image fields stay per-sample lists."""
+    if max_length is not None:
+        examples = [_truncate_sample(e, max_length) for e in examples]
+    length = max(len(e["input_ids"]) for e in examples)
+    batch_size = len(examples)
+    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)  # [B, T]
+    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    position_ids = torch.zeros((batch_size, length), dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)  # [B, T]
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = e["input_ids"]
+        labels[b, :n] = e["labels"]
+        position_ids[b, :n] = e["position_ids"]
+        attention_mask[b, :n] = 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "image_bound": [e["image_bound"] for e in examples],
+        "pixel_values": [e["pixel_values"] for e in examples],
+        "tgt_sizes": [e["tgt_sizes"] for e in examples],
+    }
+
+
+def _truncate_sample(example: dict[str, Any], max_length: int) -> dict[str, Any]:
+    item = EncodedItem(
+        example["input_ids"], example["labels"], example["image_bound"], [], len(example["image_bound"])
+    )
+    cut = truncate(item, max_length)
+    if cut is None:  # no target left: keep the context so the batch shape stays valid; it contributes no loss
+        cut = truncate(
+            EncodedItem(item.input_ids, item.input_ids, item.image_bound, [], item.n_slices), max_length
+        )
+        assert cut is not None
+        cut.labels = torch.full_like(cut.labels, IGNORE_INDEX)
+    n = len(cut.input_ids)
+    return {
+        **example,
+        "input_ids": cut.input_ids,
+        "labels": cut.labels,
+        "position_ids": example["position_ids"][:n],
+        "image_bound": cut.image_bound,
+        "pixel_values": example["pixel_values"][: cut.n_slices],
+        "tgt_sizes": example["tgt_sizes"][: cut.n_slices],
+    }

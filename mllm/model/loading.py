@@ -1,0 +1,198 @@
+"""Strict checkpoint loading and saving for `MLLMModel`.
+
+Loading builds the module tree on the meta device (no memory), checks the checkpoint's key names against the model's
+before reading any tensor, then reads one tensor at a time, casts and moves it, and assigns it into the model. Peak
+memory is therefore one copy of the weights plus one tensor, which is what lets an 8B checkpoint load on a 32 GB box.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred; a clear error when none or some are missing."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [model_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+            return files
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise FileNotFoundError(
+        f"no weights in {model_dir}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time; .bin files are memory-mapped so they are not read whole."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        yield from state.items()
+
+
+def checkpoint_keys(files: list[Path]) -> set[str]:
+    """Key names without reading tensors (safetensors headers; .bin files are mmapped)."""
+    keys: set[str] = set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        else:
+            keys.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+    return keys
+
+
+def check_keys(expected: set[str], found: set[str], optional: set[str], where: Path) -> None:
+    """Raise one error that lists every missing and every unexpected key (sorted), so a user sees the whole story."""
+    missing = sorted(expected - found - optional)
+    unexpected = sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {where} does not match the model: {len(missing)} missing keys {missing[:50]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:50]}"
+        )
+
+
+def resolve_device(device_map, device) -> torch.device:
+    """One target device: `device`, or a device_map that is a device string or {"": device}."""
+    if device is not None and device_map is not None:
+        raise ValueError("pass device or device_map, not both")
+    target = device if device is not None else device_map
+    if isinstance(target, dict):
+        if set(target) != {""}:
+            raise ValueError(f"device_map {target!r} is not supported: use a device or {{'': device}}")
+        target = target[""]
+    if target is None or target == "auto":
+        target = "cuda" if target == "auto" and torch.cuda.is_available() else "cpu"
+    return torch.device(target) if not isinstance(target, int) else torch.device("cuda", target)
+
+
+def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter `key` by `tensor`, after a shape check that names the key."""
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, name)
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}"
+        )
+    if isinstance(current, torch.nn.Parameter):
+        setattr(module, name, torch.nn.Parameter(tensor, requires_grad=current.requires_grad))
+    else:
+        setattr(module, name, tensor)
+
+
+def reset_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Recompute the non-persistent buffers (rotary table, resampler position table) on the real device."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+
+
+def load_pretrained(
+    cls, model_dir, dtype=None, device_map=None, device=None, attn_implementation=None, **config_kwargs
+):
+    """Build `cls` on meta from model_dir's config.json and fill it from its weights, strictly."""
+    from mllm.model.config import MLLMConfig, register_auto_classes
+
+    register_auto_classes()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/config.json not found: is this a model directory?")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    config = MLLMConfig.from_pretrained(model_dir, **config_kwargs)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    if dtype in (None, "auto"):
+        dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    target = resolve_device(device_map, device)
+    files = checkpoint_files(model_dir)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = set(model.state_dict().keys())
+    optional = {"llm.lm_head.weight"} if config.tie_word_embeddings else set()
+    check_keys(expected, checkpoint_keys(files), optional, model_dir)
+    count = 0
+    for path in files:
+        for key, tensor in iter_tensors(path):
+            cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            assign_tensor(model, key, cast.to(target))
+            count += 1
+    logger.info(
+        "loaded %d tensors from %d file(s) in %s as %s on %s", count, len(files), model_dir, dtype, target
+    )
+    if config.tie_word_embeddings:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    reset_buffers(model, target)
+    config.dtype = dtype
+    model.eval()
+    return model
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def save_pretrained(model: torch.nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
+    """config.json + model.safetensors, or shards model-0000i-of-0000n.safetensors and their index."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / SAFE_SINGLE, out / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SAFE_SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / SAFE_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )

@@ -1,0 +1,292 @@
+"""`MLLMModel`: vision tower + resampler + LLM, fused the MiniCPM-V 2.6 way.
+
+Data flow: slices [3, 14, L] -> `vpm` -> [L, vision_dim] tokens -> `resampler` -> 64 rows of LLM width per slice ->
+written over the 64 `<unk>` placeholder embeddings at each `image_bound` range -> `llm`.
+
+The `data` dict is the processor's output: input_ids [B, T], attention_mask [B, T], position_ids [B, T] (optional,
+derived from the mask when absent), image_bound (per sample an [n, 2] tensor of [start, end) ranges), pixel_values
+(per sample a list of [3, 14, L] strips) and tgt_sizes (per sample an [n, 2] tensor of (h, w) patch grids).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mllm.model.config import MLLMConfig
+from mllm.model.llm import LLMForCausalLM
+from mllm.model.loading import load_pretrained, save_pretrained
+from mllm.model.resampler import Resampler
+from mllm.model.vision import VisionTransformer
+
+TERMINATOR_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [3, 14, L_i] strips into [N, 3, 14, max L], zero-padded on the right (padded patches are masked)."""
+    width = max(s.shape[-1] for s in strips)
+    out = strips[0].new_zeros(len(strips), *strips[0].shape[:-1], width)
+    for i, strip in enumerate(strips):
+        out[i, ..., : strip.shape[-1]] = strip
+    return out
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0.. over real tokens, 1 on padding (what HF generate used for the reference)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+def image_row_index(
+    image_bound: list[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample index, token index) of every placeholder row, in order: ranges of each sample, samples in order.
+
+    The ranges are expanded with repeat_interleave, so there is no Python loop over tokens.
+    """
+    bounds = [torch.as_tensor(b, dtype=torch.long).reshape(-1, 2) for b in image_bound]
+    starts = torch.cat([b[:, 0] for b in bounds]).to(device)  # [R]
+    lengths = torch.cat([b[:, 1] - b[:, 0] for b in bounds]).to(device)  # [R]
+    samples = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(bounds)]).to(device)
+    offsets = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(
+        lengths.cumsum(0) - lengths, lengths
+    )
+    return torch.repeat_interleave(samples, lengths), torch.repeat_interleave(starts, lengths) + offsets
+
+
+class MLLMModel(PreTrainedModel):
+    """MiniCPM-V 2.6-compatible multimodal model. Submodules `llm`, `vpm`, `resampler` match the checkpoint's keys."""
+
+    config: MLLMConfig
+    config_class = MLLMConfig
+    base_model_prefix = "mllm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "VisionLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__(config)
+        self.llm = LLMForCausalLM(config)
+        self.vpm = VisionTransformer(config.vision, config.num_vision_layers)
+        self.resampler = Resampler(config.query_num, config.hidden_size, config.vision.hidden_size)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Resampler):
+            torch.nn.init.trunc_normal_(module.query, std=0.02)
+            module.reset_buffers(module.query.device)
+
+    # -- transformers plumbing ------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.llm.set_input_embeddings(value)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir, torch_dtype=None, device_map=None, device=None, **kwargs
+    ) -> MLLMModel:
+        """Load a checkpoint directory (single/sharded safetensors or .bin) strictly; see `mllm.model.loading`."""
+        return load_pretrained(
+            cls,
+            model_dir,
+            dtype=kwargs.pop("dtype", torch_dtype),
+            device_map=device_map,
+            device=device,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs) -> None:
+        """Write config.json and safetensors (sharded with an index above `max_shard_size`)."""
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+    # -- vision ---------------------------------------------------------------------------------------------------
+
+    def _encode_slices(self, strips: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """All slices of the batch -> resampler rows [N, query_num, D], the tower run in chunks of vision_batch_size."""
+        param = self.vpm.embeddings.patch_embedding.weight
+        pixels = pad_strips([s.to(param.device, param.dtype) for s in strips])  # [N, 3, 14, Lmax*14]
+        tgt_sizes = tgt_sizes.to(param.device, torch.int32)
+        num_patches = pixels.shape[-1] // self.config.vision.patch_size
+        lengths = tgt_sizes[:, 0] * tgt_sizes[:, 1]  # [N]
+        if int(lengths.max()) != num_patches:
+            raise ValueError(
+                f"tgt_sizes say the longest slice has {int(lengths.max())} patches but the longest pixel_values strip "
+                f"has {num_patches}"
+            )
+        patch_mask = (torch.arange(num_patches, device=param.device)[None] < lengths[:, None])[
+            :, None
+        ]  # [N, 1, L]
+        step, attn = self.config.vision_batch_size, self.config._attn_implementation
+        chunks = [
+            self.vpm(pixels[i : i + step], patch_mask[i : i + step], tgt_sizes[i : i + step], attn)
+            for i in range(0, len(pixels), step)
+        ]
+        hidden = torch.cat(chunks)  # [N, L, vision_dim]
+        return self.resampler(hidden, tgt_sizes)
+
+    def get_vision_hidden_states(self, data: dict[str, Any]) -> list[torch.Tensor]:
+        """Per sample the resampler rows of its slices [n_i, query_num, D] (an empty [0, Q, D] for no image)."""
+        pixel_values = data["pixel_values"]
+        strips = [strip for sample in pixel_values for strip in sample]
+        counts = [len(sample) for sample in pixel_values]
+        dim, dtype, device = self.config.hidden_size, self.llm.dtype, self.llm.device
+        if not strips:
+            return [torch.zeros(0, self.config.query_num, dim, dtype=dtype, device=device) for _ in counts]
+        sizes = [torch.as_tensor(t).reshape(-1, 2) for t in data["tgt_sizes"] if t is not None and len(t)]
+        tgt_sizes = torch.cat(sizes)
+        if len(tgt_sizes) != len(strips):
+            raise ValueError(
+                f"data has {len(strips)} pixel_values slices but {len(tgt_sizes)} tgt_sizes rows"
+            )
+        rows = self._encode_slices(strips, tgt_sizes)
+        return list(rows.split(counts))
+
+    def _touch_vision(self) -> torch.Tensor:
+        """A zero-weighted scalar through vpm and resampler: in training, a batch without images must still give
+        every parameter a gradient, or distributed data parallel waits forever for the missing ones."""
+        size = torch.tensor([[2, 2]], dtype=torch.int32)
+        patch = self.config.vision.patch_size
+        dummy = self.vpm.embeddings.patch_embedding.weight.new_zeros(3, patch, 4 * patch)
+        return self._encode_slices([dummy], size).sum() * 0.0
+
+    def get_vllm_embedding(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(inputs_embeds [B, T, D], vision hidden states per sample): token embeddings with each sample's resampler
+        rows written, in order, over the rows of its image_bound ranges."""
+        vision = data.get("vision_hidden_states")
+        if vision is None:
+            vision = self.get_vision_hidden_states(data)
+        input_ids = data["input_ids"]
+        embeds = self.llm.get_input_embeddings()(input_ids.to(self.llm.device))  # [B, T, D]
+        rows = [v.reshape(-1, embeds.shape[-1]) for v in vision if len(v)]
+        if rows:
+            rows = torch.cat(rows).to(embeds.dtype)  # [R*Q, D]
+            sample_idx, token_idx = image_row_index(data["image_bound"], embeds.device)
+            if len(token_idx) != len(rows):
+                raise ValueError(
+                    f"image_bound covers {len(token_idx)} token positions but the images give {len(rows)} rows "
+                    f"({self.config.query_num} per slice); per-sample bounds {[b.tolist() for b in data['image_bound']]}"
+                )
+            embeds = embeds.index_put((sample_idx, token_idx), rows)
+        elif self.training:
+            embeds = embeds + self._touch_vision()
+        return embeds, vision
+
+    # -- forward and generation -------------------------------------------------------------------------------------
+
+    def forward(self, data: dict[str, Any], **kwargs) -> CausalLMOutputWithPast:
+        """Fuse and run the LLM. kwargs (attention_mask, labels, use_cache, ...) go to the LLM; an explicit
+        attention_mask wins over data["attention_mask"]."""
+        inputs_embeds, _ = self.get_vllm_embedding(data)
+        attention_mask = kwargs.pop("attention_mask", data.get("attention_mask"))
+        position_ids = kwargs.pop("position_ids", data.get("position_ids"))
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(inputs_embeds.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(inputs_embeds.device, torch.long)
+        return self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+
+    @staticmethod
+    def terminator_ids(tokenizer) -> list[int]:
+        """Ids of `<|im_end|>` and `<|endoftext|>` as the tokenizer spells them (no remote-code attributes needed)."""
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in TERMINATOR_TOKENS]
+        ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+        if not ids:
+            raise ValueError(f"tokenizer knows none of the terminator tokens {TERMINATOR_TOKENS}")
+        return ids
+
+    def _decode_text(self, sequences: torch.Tensor, tokenizer) -> list[str]:
+        """New tokens -> text: drop a leading bos, cut at the first terminator (padding only follows it)."""
+        stops = set(self.terminator_ids(tokenizer))
+        texts = []
+        for row in sequences.tolist():
+            if row and row[0] == tokenizer.bos_token_id:
+                row = row[1:]
+            cut = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+            texts.append(tokenizer.decode(row[:cut]).strip())
+        return texts
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: list[list[torch.Tensor]] | None = None,
+        tgt_sizes: list[torch.Tensor] | None = None,
+        image_bound: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        tokenizer=None,
+        vision_hidden_states: list[torch.Tensor] | None = None,
+        stream: bool = False,
+        decode_text: bool = False,
+        **generation_kwargs,
+    ):
+        """Vision once, fused inputs_embeds, then transformers' generate on the LLM with a KV cache.
+
+        Returns the new tokens [B, new] (left-padded prompts are fine), their texts with `decode_text`, or, with
+        `stream`, a `TextIteratorStreamer` that yields text while generation runs in a background thread.
+        """
+        if tokenizer is None:
+            raise ValueError("generate needs the tokenizer (terminator ids, decoding)")
+        batch = len(input_ids)
+        data = {
+            "input_ids": input_ids,
+            "pixel_values": pixel_values if pixel_values is not None else [[] for _ in range(batch)],
+            "tgt_sizes": tgt_sizes if tgt_sizes is not None else [None] * batch,
+            "image_bound": image_bound if image_bound is not None else [torch.zeros(0, 2)] * batch,
+            "vision_hidden_states": vision_hidden_states,
+        }
+        inputs_embeds, _ = self.get_vllm_embedding(data)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        terminators = self.terminator_ids(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        kwargs = {"pad_token_id": pad, "eos_token_id": terminators, **generation_kwargs}
+        kwargs.update(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device))
+        if stream:
+            return self._stream(tokenizer, kwargs)
+        output = self._llm_generate(kwargs)
+        return self._decode_text(output, tokenizer) if decode_text else output
+
+    def chat(self, image, msgs, tokenizer, processor, **kwargs):
+        """Messages (+ images) -> answer text; see `mllm.model.chat.chat` for the arguments and defaults."""
+        from mllm.model.chat import chat
+
+        return chat(self, image, msgs, tokenizer, processor, **kwargs)
+
+    def _llm_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """transformers' generate on the fused embeddings. Its warning that repetition_penalty only sees the new
+        tokens is silenced: that is exactly the reference's behaviour (the prompt holds image placeholders)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            return self.llm.generate(**kwargs)
+
+    def _stream(self, tokenizer, kwargs: dict[str, Any]):
+        """Start generation in a thread feeding a TextIteratorStreamer (batch size 1)."""
+        from transformers import TextIteratorStreamer
+
+        if len(kwargs["inputs_embeds"]) != 1:
+            raise ValueError("stream=True needs a batch of one prompt")
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def run() -> None:
+            with torch.inference_mode():
+                self._llm_generate({**kwargs, "streamer": streamer})
+
+        # Not a daemon: interpreter exit waits for generation (bounded by max_new_tokens) instead of killing a
+        # thread inside torch, which aborts the process.
+        threading.Thread(target=run).start()
+        return streamer

@@ -1,0 +1,62 @@
+"""Command-line entry for SFT (and grounding, which is SFT on prepared grounding data): parse, train, save, plot."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from mllm.train.curves import plot_curves
+from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer, default_training_arguments
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = default_training_arguments()
+
+
+@dataclass
+class MLLMTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with the defaults this framework needs; every flag stays available."""
+
+    remove_unused_columns: bool = field(default=_DEFAULTS["remove_unused_columns"])
+    label_names: list[str] | None = field(default_factory=lambda: list(_DEFAULTS["label_names"]))
+    prediction_loss_only: bool = field(default=_DEFAULTS["prediction_loss_only"])
+    report_to: str | None = field(default="tensorboard")
+    logging_steps: float = field(default=_DEFAULTS["logging_steps"])
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint directory, or 'auto' for the latest one in --output-dir."},
+    )
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume-from-checkpoint auto` -> the newest checkpoint in the output dir (None if there is none)."""
+    value = training_args.resume_from_checkpoint
+    if value != "auto":
+        return value
+    if not Path(training_args.output_dir).is_dir():
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    logger.info("resume auto: %s", last or "no checkpoint yet, starting fresh")
+    return last
+
+
+def parse_sft_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MLLMTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MLLMTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def run_sft(argv: list[str], task: str = "sft") -> int:
+    model_args, data_args, training_args = parse_sft_args(argv)
+    trainer = build_sft_trainer(model_args, data_args, training_args)
+    resume = resolve_resume(training_args)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        png = plot_curves(training_args.output_dir)
+        logger.info("%s done: model in %s, curves in %s", task, training_args.output_dir, png)
+    return 0

@@ -1,0 +1,193 @@
+"""Supervised fine-tuning with `transformers.Trainer`: the only override is `compute_loss`.
+
+    model, processor = load_for_training(model_args)              # freeze flags, LoRA
+    dataset = SupervisedDataset(data_args.data, processor, ...)   # labels on answer tokens only
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset,
+                         data_collator=make_collator(processor, data_args), processing_class=processor)
+    trainer.train()
+
+Everything else (optimizer, schedule, gradient accumulation, checkpoints, resume, DDP/DeepSpeed, TensorBoard) is
+Trainer's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from mllm.data.sft import SupervisedDataset, data_collator
+from mllm.train.losses import sft_loss
+
+logger = logging.getLogger(__name__)
+
+LLM_LORA_TARGETS = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""Default LoRA targets: every linear projection of the language model (not the vision tower)."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and which of its parts."""
+
+    model: str = field(
+        metadata={"help": "Model directory (config.json, weights, tokenizer, preprocessor_config.json)."}
+    )
+    tune_vision: bool = field(default=False, metadata={"help": "Train the vision encoder (vpm)."})
+    tune_llm: bool = field(
+        default=True, metadata={"help": "Train the language model (all of it, or LoRA adapters)."}
+    )
+    tune_resampler: bool = field(default=True, metadata={"help": "Train the resampler."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default=LLM_LORA_TARGETS, metadata={"help": "Regex of module names that get adapters."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+
+    def __post_init__(self) -> None:
+        if self.use_lora and self.lora_r <= 0:
+            raise ValueError(f"--lora-r must be positive, got {self.lora_r}")
+        if not (self.tune_vision or self.tune_llm or self.tune_resampler or self.use_lora):
+            raise ValueError(
+                "nothing to train: --tune-vision, --tune-llm, --tune-resampler and --use-lora are all off"
+            )
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how long a sample may be."""
+
+    data: str = field(metadata={"help": "Training data in the SFT JSON format."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation data in the same format."})
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "Folder that image paths are relative to (default: the JSON file's folder)."},
+    )
+    max_length: int = field(
+        default=2048, metadata={"help": "Longest sample in tokens (image placeholders included)."}
+    )
+    max_slice_nums: int | None = field(
+        default=None, metadata={"help": "Override the processor's max_slice_nums."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_length <= 0:
+            raise ValueError(f"--max-length must be positive, got {self.max_length}")
+        for name in ("data", "eval_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}: file not found: {path}")
+
+
+def default_training_arguments(**overrides: Any) -> dict[str, Any]:
+    """Trainer settings this framework relies on (the command line may still override them)."""
+    base = {
+        "remove_unused_columns": False,  # our samples are dicts of tensors and lists, not a datasets.Dataset
+        "label_names": ["labels"],
+        "prediction_loss_only": True,  # never gather [N, T, V] logits during evaluation
+        "report_to": ["tensorboard"],
+        "logging_steps": 10,
+        "save_safetensors": True,
+    }
+    base.update(overrides)
+    return base
+
+
+class SFTTrainer(Trainer):
+    """Trainer whose loss is next-token cross-entropy on answer tokens, normalised over the accumulated batch."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        data = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(data)
+        loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
+    """requires_grad by component: `vpm`, `llm`, `resampler` (LoRA adapters are added after this)."""
+    model.vpm.requires_grad_(args.tune_vision)
+    model.resampler.requires_grad_(args.tune_resampler)
+    model.llm.requires_grad_(args.tune_llm and not args.use_lora)
+
+
+def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
+    """Wrap the model with peft LoRA adapters; fully trained parts are saved with the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = [
+        name for name, on in (("resampler", args.tune_resampler), ("vpm", args.tune_vision)) if on
+    ]
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=modules_to_save or None,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def load_for_training(args: ModelArguments, torch_dtype: torch.dtype | None = None):
+    """Model (with freeze flags and optional LoRA) and processor from a model directory."""
+    from mllm.model.modeling import MLLMModel
+    from mllm.processing.processor import MLLMProcessor
+
+    model = MLLMModel.from_pretrained(
+        args.model, torch_dtype=torch_dtype, attn_implementation=args.attn_implementation
+    )
+    processor = MLLMProcessor.from_pretrained(args.model)
+    set_trainable(model, args)
+    if args.use_lora:
+        model = apply_lora(model, args)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
+    return model, processor
+
+
+def make_collator(processor, data_args: DataArguments):
+    return partial(data_collator, pad_token_id=processor.pad_token_id, max_length=data_args.max_length)
+
+
+def build_sft_trainer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    trainer_cls: type[Trainer] = SFTTrainer,
+) -> Trainer:
+    dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+    model, processor = load_for_training(model_args, dtype)
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False
+        }
+    train = SupervisedDataset(
+        data_args.data, processor, data_args.image_folder, data_args.max_length, data_args.max_slice_nums
+    )
+    evaluation = (
+        SupervisedDataset(
+            data_args.eval_data,
+            processor,
+            data_args.image_folder,
+            data_args.max_length,
+            data_args.max_slice_nums,
+        )
+        if data_args.eval_data
+        else None
+    )
+    return trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=make_collator(processor, data_args),
+        processing_class=processor,
+    )
