@@ -100,8 +100,8 @@ class ToyWorldConfig:
 
     def validate(self) -> None:
         """Reject inconsistent knobs before any file is written, naming the field."""
-        if self.n_train < 1 or self.n_test < 1:
-            raise ValueError(f"n_train and n_test must be >= 1, got {self.n_train} and {self.n_test}")
+        if not (1 <= self.n_train < 1_000_000 and 1 <= self.n_test < 1_000_000):
+            raise ValueError(f"n_train and n_test must be in 1..999999, got {self.n_train} and {self.n_test}")
         if not 0.0 <= self.noise_rate <= 1.0:
             raise ValueError(f"noise_rate must be in [0, 1], got {self.noise_rate}")
         if self.n_preference < 0:
@@ -250,7 +250,9 @@ def hallucinated_description(
     return " ".join([count_sentence(count)] + sentences)
 
 
-def yes_no_pair(category: str, objects: list[ToyObject], image_size: int, rng: np.random.Generator):
+def yes_no_pair(
+    category: str, objects: list[ToyObject], image_size: int, rng: np.random.Generator
+) -> list[tuple[str, str]] | None:
     """One Yes and one No question of the category about the same image (MME pairs its questions the same way).
 
     Returns None when this scene cannot support the category (the caller draws another scene).
@@ -638,7 +640,8 @@ def make_toy_world(
 ) -> dict[str, int]:
     """Generate the toy world into `out_dir`; keyword overrides set `ToyWorldConfig` fields (seed=1, n_train=50).
 
-    Returns counts of what was written (images per split, SFT items, REC records, preference pairs, noisy captions).
+    Refuses a non-empty `out_dir` unless `overwrite`. Returns counts of what was written (images per split, SFT
+    items, REC records, preference pairs, noisy captions).
     """
     known = {f.name for f in fields(ToyWorldConfig)}
     unknown = sorted(set(overrides) - known)
@@ -648,18 +651,42 @@ def make_toy_world(
     cfg.validate()
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
-
     train = [build_scene(cfg, "train", i) for i in range(cfg.n_train)]
     test = [build_scene(cfg, "test", i) for i in range(cfg.n_test)]
     add_noise(train, cfg)
+    counts = {"train_images": len(train), "test_images": len(test)}
+    counts |= write_images_and_sft(out, cfg, train, test)
+    counts |= write_chair_files(out, cfg, train, test)
+    counts |= write_grounding_and_preference(out, cfg, train, test)
+    write_json(
+        out / "scenes.json", {"config": asdict(cfg), "scenes": [scene_record(s) for s in train + test]}
+    )
+    (out / "README.md").write_text(readme_text(cfg, counts), encoding="utf-8")
+    logger.info("toy world written to %s: %s", out, counts)
+    return counts
+
+
+def write_images_and_sft(
+    out: Path, cfg: ToyWorldConfig, train: list[Scene], test: list[Scene]
+) -> dict[str, int]:
     for scene in train + test:
         path = out / scene.image_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(scene.png)
-
     sft_train, sft_test = sft_items(train, cfg.seed, "train"), sft_items(test, cfg.seed, "test")
     write_json(out / "sft" / "train.json", sft_train)
     write_json(out / "sft" / "test.json", sft_test)
+    return {
+        "sft_train_items": len(sft_train),
+        "sft_test_items": len(sft_test),
+        "noisy_train_descriptions": sum(s.noisy_description for s in train),
+    }
+
+
+def write_chair_files(
+    out: Path, cfg: ToyWorldConfig, train: list[Scene], test: list[Scene]
+) -> dict[str, int]:
+    """objhal_bench.jsonl on the held-out images, their COCO val ground truth (train too), the synonyms file."""
     objhal = [
         {
             "image": base64.b64encode(s.png).decode("ascii"),
@@ -674,29 +701,19 @@ def make_toy_world(
         write_json(out / "coco" / "annotations" / f"instances_{split_name}.json", instances, indent=None)
         write_json(out / "coco" / "annotations" / f"captions_{split_name}.json", captions, indent=None)
     (out / "coco" / "synonyms.txt").write_text(synonyms_text(), encoding="utf-8")
+    return {"objhal_items": len(objhal)}
+
+
+def write_grounding_and_preference(
+    out: Path, cfg: ToyWorldConfig, train: list[Scene], test: list[Scene]
+) -> dict[str, int]:
     rec_train, rec_val = rec_records(train, cfg, 0), rec_records(test, cfg, 1)
     write_jsonl(out / "grounding" / "rec_train.jsonl", rec_train)
     write_jsonl(out / "grounding" / "rec_val.jsonl", rec_val)
     write_json(out / "grounding" / "templates_rec.json", list(REC_TEMPLATES))
     preference = preference_items(train, cfg)
     write_json(out / "preference" / "preference_train.json", preference)
-    write_json(
-        out / "scenes.json", {"config": asdict(cfg), "scenes": [scene_record(s) for s in train + test]}
-    )
-    counts = {
-        "train_images": len(train),
-        "test_images": len(test),
-        "sft_train_items": len(sft_train),
-        "sft_test_items": len(sft_test),
-        "noisy_train_descriptions": sum(s.noisy_description for s in train),
-        "objhal_items": len(objhal),
-        "rec_train": len(rec_train),
-        "rec_val": len(rec_val),
-        "preference_pairs": len(preference),
-    }
-    (out / "README.md").write_text(readme_text(cfg, counts), encoding="utf-8")
-    logger.info("toy world written to %s: %s", out, counts)
-    return counts
+    return {"rec_train": len(rec_train), "rec_val": len(rec_val), "preference_pairs": len(preference)}
 
 
 def readme_text(cfg: ToyWorldConfig, counts: dict[str, int]) -> str:
@@ -721,7 +738,7 @@ this folder: use this folder as the image folder.
 | `coco/synonyms.txt` | CHAIR synonyms | one line per shape: node word, then synonyms |
 | `grounding/rec_train.jsonl`, `grounding/rec_val.jsonl` | Shikra REC `{{"img_path", "expression", "bbox", "height", "width"}}` | {counts["rec_train"]} / {counts["rec_val"]} records, bbox [x1, y1, x2, y2] in pixels (inclusive extremes of the drawn shape) |
 | `grounding/templates_rec.json` | JSON list of strings | question templates with `<image>` and `<expr>` |
-| `preference/preference_train.json` | RLAIF-V `{{"idx", "question", "chosen", "rejected", "image_path"|"image"}}` | {counts["preference_pairs"]} pairs: chosen = correct description, rejected = an absent shape inserted or swapped in |
+| `preference/preference_train.json` | RLAIF-V `{{"idx", "question", "chosen", "rejected", "image_path" or "image"}}` | {counts["preference_pairs"]} pairs: chosen = correct description, rejected = an absent shape inserted or swapped in |
 | `scenes.json` | ground truth | every image's objects (shape, colour, bbox) and whether its SFT description is noisy |
 
 **Descriptions** are templated: "There are N objects." then one sentence per object in reading order (top row first,
