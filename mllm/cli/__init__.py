@@ -12,9 +12,15 @@ from importlib import import_module
 COMMAND_MODULES = [
     "mllm.cli.chair",
     "mllm.cli.chat",
+    "mllm.cli.compare",
+    "mllm.cli.vqa",
     "mllm.cli.train",
+    "mllm.cli.logp",
     "mllm.cli.grounding",
+    "mllm.cli.eval",
     "mllm.cli.toy",
+    "mllm.cli.demo",
+    "mllm.cli.web",
 ]
 
 

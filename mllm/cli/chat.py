@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     add_model_flags(chat)
     add_decoding_flags(chat)
+    add_fast_flag(chat)
     chat.set_defaults(func=run_chat)
 
     answer = subparsers.add_parser(
@@ -38,9 +39,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     answer.add_argument(
         "--model-name", default=None, help="value of the 'model' field (default: the model dir)"
     )
+    answer.add_argument(
+        "--no-length-bucketing",
+        action="store_true",
+        help="batch in file order instead of sorting pending items by prompt length",
+    )
     add_model_flags(answer)
     add_decoding_flags(answer)
+    add_fast_flag(answer)
     answer.set_defaults(func=run_answer)
+
+
+def add_fast_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fast-generate",
+        action="store_true",
+        help="static KV cache decoding (compiled decode step on CUDA); same tokens as the default path",
+    )
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = generation_kwargs_from_args(args)
+    if args.fast_generate:
+        kwargs["fast"] = True
+    return kwargs
+
+
+def _distributed_shard() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain run."""
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world_size, local_rank
 
 
 def _open_images(paths: list[str]):
@@ -66,7 +97,7 @@ def run_chat(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
-    kwargs = generation_kwargs_from_args(args)
+    kwargs = _generation_kwargs(args)
     first = [{"role": "user", "content": [*images, args.question] if images else args.question}]
     if args.question is not None:
         print(
@@ -94,7 +125,9 @@ def run_chat(args: argparse.Namespace) -> int:
         content = [*pending_images, question] if pending_images else question
         pending_images = []
         history.append({"role": "user", "content": content})
-        kwargs_stream = {**kwargs, "num_beams": 1} if kwargs.get("num_beams", 1) > 1 else kwargs
+        kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
+        if kwargs_stream.get("num_beams", 1) > 1:
+            kwargs_stream["num_beams"] = 1
         streamer = chat(
             model,
             None,
@@ -122,18 +155,39 @@ def run_answer(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
-    torch.manual_seed(args.seed)
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
-    answer_fn = model_answer_fn(model, processor, generation_kwargs_from_args(args), args.max_slice_nums)
-    summary = generate_answers(
-        args.questions,
-        args.out,
-        answer_fn,
-        args.model_name or Path(args.model_dir).name,
-        args.batch_size,
-        args.limit,
-    )
-    print(summary.line())
+    rank, world_size, local_rank = _distributed_shard()
+    device = args.device
+    if world_size > 1 and device is None and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
+    torch.manual_seed(args.seed + rank)
+    model, processor = load_model_and_processor(args.model_dir, device, args.dtype, args.attn_implementation)
+    answer_fn = model_answer_fn(model, processor, _generation_kwargs(args), args.max_slice_nums)
+    barrier = _start_process_group() if world_size > 1 else None
+    try:
+        summary = generate_answers(
+            args.questions,
+            args.out,
+            answer_fn,
+            args.model_name or Path(args.model_dir).name,
+            args.batch_size,
+            args.limit,
+            length_fn=None if args.no_length_bucketing else answer_fn.prompt_length,
+            shard=(rank, world_size),
+            barrier=barrier,
+        )
+    finally:
+        if barrier is not None:
+            torch.distributed.destroy_process_group()
+    print(f"[rank {rank}/{world_size}] {summary.line()}" if world_size > 1 else summary.line())
     return 0
+
+
+def _start_process_group():
+    """A gloo group only for the end-of-run barrier (ranks finish at different times, so the timeout is long)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=12))
+    return dist.barrier

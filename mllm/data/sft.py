@@ -161,6 +161,36 @@ def chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> l
     return [(text, is_target) for text, is_target in pieces if text]
 
 
+def encode_messages(
+    processor: MLLMProcessor,
+    messages: list[dict[str, str]],
+    sizes: list[tuple[int, int]],
+    where: str,
+    max_slice_nums: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Messages whose images are IMAGE_MARKERs + each image's (W, H) -> (input_ids [T], labels [T], image_bound
+    [n, 2]). The one tokenization path of every training format (SFT, grounding, preference pairs)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    image_idx = 0
+    tokenizer = processor.tokenizer
+    for text, is_target in chat_pieces(tokenizer, messages, where):
+        chunks = text.split(IMAGE_MARKER)
+        expanded = [chunks[0]]
+        for chunk in chunks[1:]:
+            placeholder = processor.image_processor.get_placeholder(
+                sizes[image_idx], image_idx, max_slice_nums
+            )
+            expanded.extend([placeholder, chunk])
+            image_idx += 1
+        piece_ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
+        ids.extend(piece_ids)
+        labels.extend(piece_ids if is_target else [IGNORE_INDEX] * len(piece_ids))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    bound = processor.image_bound_from_ids(input_ids)
+    return input_ids, torch.tensor(labels, dtype=torch.long), bound
+
+
 def find_image(path: str, image_folder: Path | None, json_dir: Path, where: str) -> Path:
     candidate = Path(path)
     if not candidate.is_absolute():
@@ -251,25 +281,10 @@ class SupervisedDataset(Dataset):
         messages, rel_paths = attach_image_markers(messages, raw.get("image"), where)
         paths = [find_image(p, self.image_folder, self.data_path.parent, where) for p in rel_paths]
         sizes = [image_size(p, where) for p in paths]
-        ids: list[int] = []
-        labels: list[int] = []
-        image_idx = 0
-        tokenizer = self.processor.tokenizer
-        for text, is_target in chat_pieces(tokenizer, messages, where):
-            chunks = text.split(IMAGE_MARKER)
-            expanded = [chunks[0]]
-            for chunk in chunks[1:]:
-                placeholder = self.processor.image_processor.get_placeholder(
-                    sizes[image_idx], image_idx, self.max_slice_nums
-                )
-                expanded.extend([placeholder, chunk])
-                image_idx += 1
-            piece_ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
-            ids.extend(piece_ids)
-            labels.extend(piece_ids if is_target else [IGNORE_INDEX] * len(piece_ids))
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        bound = self.processor.image_bound_from_ids(input_ids)
-        return EncodedItem(input_ids, torch.tensor(labels, dtype=torch.long), bound, paths, len(bound))
+        input_ids, labels, bound = encode_messages(
+            self.processor, messages, sizes, where, self.max_slice_nums
+        )
+        return EncodedItem(input_ids, labels, bound, paths, len(bound))
 
     def __len__(self) -> int:
         return len(self.items)

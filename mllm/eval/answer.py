@@ -5,6 +5,13 @@ than 1000 characters is base64, as the exercise decides). Output lines, one per 
 `{"idx", "question", "answer", "model", "metainfos", "image_id"}` where `idx` is the item's 0-based line number and
 `metainfos` holds every other input key. Items already in the output are skipped, so a killed run resumes where it
 stopped. An unusable item goes, with its line number and reason, to `<out>.errors.jsonl` and the run goes on.
+
+At scale: with a `length_fn` the pending items are sorted by prompt length (longest first, in windows of
+`bucket_window`) before batching, so a batch pads little; the output order then differs from the input order, but
+each idx is written once. Data parallel (`shard=(rank, world_size)`, e.g. under torchrun): rank r answers the items
+with idx % world_size == r into its own part file `<out stem>.part<r>.jsonl`; at the end (after `barrier`) rank 0
+appends the parts' new lines to the output and deletes them. Items in any part count as done, so a killed run of
+any world size resumes, and a later run (even single-process) merges left-over parts first.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import binascii
 import io
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,15 +97,17 @@ def parse_question(line: str, idx: int, base_dir: Path) -> QuestionItem:
     return QuestionItem(idx, question, image, record.get("image_id"), metainfos)
 
 
-def read_done(out_path: Path) -> set[int]:
-    """idx values already answered. A torn last line (a kill mid-write) is cut off, with a warning."""
+def read_done(out_path: Path, repair: bool = True) -> set[int]:
+    """idx values already answered. A torn last line (a kill mid-write) is cut off, with a warning; with
+    `repair=False` (a file another process may be appending to) it is only ignored."""
     if not out_path.exists():
         return set()
     raw = out_path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         keep = raw[: raw.rfind(b"\n") + 1]
-        logger.warning("%s: dropping an incomplete last line left by an interrupted run", out_path)
-        out_path.write_bytes(keep)
+        if repair:
+            logger.warning("%s: dropping an incomplete last line left by an interrupted run", out_path)
+            out_path.write_bytes(keep)
         raw = keep
     done = set()
     for n, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
@@ -112,14 +122,19 @@ def read_done(out_path: Path) -> set[int]:
 
 
 def iter_questions(
-    path: Path, done: set[int], errors: Callable[[int, str], None], limit: int | None
+    path: Path,
+    done: set[int],
+    errors: Callable[[int, str], None],
+    limit: int | None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[QuestionItem]:
-    """Parse the question file lazily, skipping answered items and reporting bad ones."""
+    """Parse the question file lazily, skipping answered items, other ranks' items, and reporting bad ones."""
+    rank, world_size = shard
     with path.open(encoding="utf-8") as handle:
         for idx, line in enumerate(handle):
             if limit is not None and idx >= limit:
                 return
-            if idx in done or not line.strip():
+            if idx % world_size != rank or idx in done or not line.strip():
                 continue
             try:
                 yield parse_question(line, idx, path.parent)
@@ -138,6 +153,69 @@ def batched(items: Iterator[QuestionItem], size: int) -> Iterator[list[QuestionI
         yield batch
 
 
+def bucketed(
+    items: Iterable[QuestionItem], size: int, length_fn: Callable[[QuestionItem], int], window: int
+) -> Iterator[list[QuestionItem]]:
+    """Batches of similar prompt length: each window of items sorted longest first, then cut into batches."""
+    chunk: list[QuestionItem] = []
+
+    def flush() -> Iterator[list[QuestionItem]]:
+        chunk.sort(key=length_fn, reverse=True)  # stable: equal lengths keep file order
+        yield from batched(iter(chunk), size)
+        chunk.clear()
+
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= window:
+            yield from flush()
+    yield from flush()
+
+
+def part_path(out_path: Path, rank: int) -> Path:
+    """Where rank `rank` of a data-parallel run writes its answers before the merge."""
+    return out_path.with_name(f"{out_path.stem}.part{rank}.jsonl")
+
+
+def part_files(out_path: Path) -> list[Path]:
+    """Part files of any earlier or running data-parallel run, whatever its world size."""
+    return sorted(out_path.parent.glob(f"{out_path.stem}.part[0-9]*.jsonl"))
+
+
+def merge_parts(out_path: Path) -> int:
+    """Append the lines of every part file whose idx is not yet in `out_path`, then delete the parts.
+
+    Safe to interrupt: the output is flushed and synced before a part is deleted, and a re-run skips the idx it
+    already holds (a duplicate across parts is written once). Returns the number of lines appended."""
+    done = read_done(out_path)
+    added = 0
+    parts = part_files(out_path)
+    with out_path.open("a", encoding="utf-8") as out:
+        for part in parts:
+            raw = part.read_bytes().decode("utf-8")
+            complete = raw[: raw.rfind("\n") + 1]  # a torn last line is the item's crash: it is redone later
+            for line in complete.splitlines():
+                if not line.strip():
+                    continue
+                idx = int(json.loads(line)["idx"])
+                if idx not in done:
+                    out.write(line + "\n")
+                    done.add(idx)
+                    added += 1
+        out.flush()
+        os.fsync(out.fileno())
+    for part in parts:
+        part.unlink()
+    return added
+
+
+def done_items(out_path: Path, own_part: Path | None) -> set[int]:
+    """idx answered in the output or in any part file. Only this process's own files are repaired."""
+    done = read_done(out_path, repair=own_part is None)
+    for part in part_files(out_path):
+        done |= read_done(part, repair=part == own_part)
+    return done
+
+
 def generate_answers(
     questions_path: str | Path,
     out_path: str | Path,
@@ -145,15 +223,30 @@ def generate_answers(
     model_name: str,
     batch_size: int = 1,
     limit: int | None = None,
+    length_fn: Callable[[QuestionItem], int] | None = None,
+    bucket_window: int = 1024,
+    shard: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
 ) -> AnswerSummary:
-    """Run `answer_fn` (a batch of items -> (answers, number of new tokens)) over the questions file."""
+    """Run `answer_fn` (a batch of items -> (answers, number of new tokens)) over the questions file.
+
+    `length_fn` (an item's prompt length) turns on length bucketing; `shard=(rank, world_size)` runs this process's
+    share into its part file, and `barrier` (called by every rank once its share is done) lets rank 0 merge."""
     from tqdm import tqdm
 
+    rank, world_size = shard
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard: need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     questions_path, out_path = Path(questions_path), Path(out_path)
     if not questions_path.is_file():
         raise ValueError(f"--questions: file not found: {questions_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out_path)
+    if world_size == 1 and part_files(out_path):
+        logger.info("%s: merged %d answers left by an earlier parallel run", out_path, merge_parts(out_path))
+    write_path = part_path(out_path, rank) if world_size > 1 else out_path
+    done = done_items(out_path, write_path if world_size > 1 else None)
     summary = AnswerSummary(skipped=len(done))
     errors_path = out_path.with_name(out_path.stem + ".errors.jsonl")
 
@@ -163,9 +256,20 @@ def generate_answers(
         with errors_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"idx": idx, "line": idx + 1, "error": reason}) + "\n")
 
+    items = iter_questions(questions_path, done, report_error, limit, shard)
+    if length_fn is not None and batch_size > 1:
+        batches = bucketed(items, batch_size, length_fn, max(bucket_window, batch_size))
+    else:
+        batches = batched(items, batch_size)
     start = time.perf_counter()
-    with out_path.open("a", encoding="utf-8") as out, tqdm(desc="answers", unit="item") as bar:
-        for batch in batched(iter_questions(questions_path, done, report_error, limit), batch_size):
+    bar_position = rank if world_size > 1 else None
+    with (
+        write_path.open("a", encoding="utf-8") as out,
+        tqdm(
+            desc=f"answers[{rank}]" if world_size > 1 else "answers", unit="item", position=bar_position
+        ) as bar,
+    ):
+        for batch in batches:
             answers, n_tokens = answer_fn(batch)
             for item, answer in zip(batch, answers):
                 record = {
@@ -184,24 +288,48 @@ def generate_answers(
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{summary.new_tokens / max(summary.seconds, 1e-9):.1f}")
     summary.seconds = time.perf_counter() - start
+    if world_size > 1:
+        if barrier is not None:
+            barrier()
+            if rank == 0:
+                merge_parts(out_path)
+        else:
+            logger.warning("no barrier given: parts stay until a later run merges them")
     return summary
 
 
+def item_conversation(item: QuestionItem) -> list[dict[str, Any]]:
+    """The one-turn chat an item is answered with: its image (if any) above its question."""
+    content = [item.image, item.question] if item.image is not None else item.question
+    return [{"role": "user", "content": content}]
+
+
+def prompt_length_fn(processor, max_slice_nums: int | None = None) -> Callable[[QuestionItem], int]:
+    """An item -> its prompt's token count, from the image size alone (no resizing or slicing of pixels), for
+    length bucketing."""
+    from mllm.processing.processor import IMAGE_MARKER
+
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+
+    def length(item: QuestionItem) -> int:
+        prompt, images = processor.prepare_chat_inputs(item_conversation(item))
+        for i, image in enumerate(images):
+            placeholder = image_processor.get_placeholder(image.size, i, max_slice_nums)
+            prompt = prompt.replace(IMAGE_MARKER, placeholder, 1)
+        return len(tokenizer.encode(prompt, add_special_tokens=False))
+
+    return length
+
+
 def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_slice_nums: int | None = None):
-    """A batch of items -> greedy/sampled/beam answers from an MLLMModel (one generate call per batch)."""
+    """A batch of items -> greedy/sampled/beam answers from an MLLMModel (one generate call per batch).
+
+    The returned function carries `prompt_length` (see `prompt_length_fn`) for `generate_answers(length_fn=...)`."""
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
 
     def answer(batch: list[QuestionItem]) -> tuple[list[str], int]:
-        conversations = [
-            [
-                {
-                    "role": "user",
-                    "content": [item.image, item.question] if item.image is not None else item.question,
-                }
-            ]
-            for item in batch
-        ]
+        conversations = [item_conversation(item) for item in batch]
         inputs = processor.chat_batch(conversations, max_slice_nums=max_slice_nums)
         tokens = model.generate(
             input_ids=inputs["input_ids"].to(device),
@@ -217,4 +345,5 @@ def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_sli
         n_new = sum(1 for row in tokens.tolist() for tok in row if tok not in stops)
         return texts, n_new
 
+    answer.prompt_length = prompt_length_fn(processor, max_slice_nums)
     return answer

@@ -229,13 +229,14 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, max_w
 def visualize(
     image: Image.Image | str | Path,
     expression: str,
-    gt_box: Sequence[float],
+    gt_box: Sequence[float] | None,
     pred_box: Sequence[float] | None,
-    iou: float,
+    iou: float | None,
     out_png: str | Path,
 ) -> Path:
     """Draw the ground truth (green) and the prediction (red, labelled with its IoU) on the image, with the
-    expression as a caption strip below it, and save a PNG. Pixel boxes; `pred_box` None means no box parsed."""
+    expression as a caption strip below it, and save a PNG. Pixel boxes; `pred_box` None means no box parsed;
+    `gt_box` / `iou` None (one-shot use without a ground truth) leave the green box / the IoU label out."""
     base = Image.open(image) if isinstance(image, (str, Path)) else image
     base = base.convert("RGB")
     width, height = base.size
@@ -247,10 +248,11 @@ def visualize(
     canvas.paste(base, (0, 0))
     draw = ImageDraw.Draw(canvas)
     thickness = max(2, min(width, height) // 150)
-    draw.rectangle(list(gt_box), outline=_GT_COLOR, width=thickness)
+    if gt_box is not None:
+        draw.rectangle(list(gt_box), outline=_GT_COLOR, width=thickness)
     if pred_box is not None:
         draw.rectangle(list(pred_box), outline=_PRED_COLOR, width=thickness)
-        label = f"IoU {iou:.2f}"
+        label = f"IoU {iou:.2f}" if iou is not None else "prediction"
         x, y = pred_box[0], max(0.0, pred_box[1] - line_h)
         draw.rectangle(draw.textbbox((x, y), label, font=font), fill=_PRED_COLOR)
         draw.text((x, y), label, fill="white", font=font)

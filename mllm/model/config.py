@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 MODEL_TYPES = ("mllm", "minicpmv")
+VISION_STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -39,6 +40,15 @@ class VisionConfig:
     """LayerNorm epsilon of every norm in the tower."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (training only)."""
+    stem: str = "patch"
+    """How pixels become patch tokens. "patch" (SigLIP, every real checkpoint): one linear patch_size x patch_size
+    convolution. "conv" (an option for small models trained from scratch): a stride-2 3x3 convolution, then
+    `stem_layers - 1` stride-1 3x3 convolutions (each with GroupNorm and GELU), then the patch convolution of
+    side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch."""
+    stem_channels: int = 32
+    """Channels of the "conv" stem's 3x3 convolutions (unused by "patch")."""
+    stem_layers: int = 2
+    """Number of 3x3 convolutions in the "conv" stem (unused by "patch")."""
 
     @property
     def num_patches_per_side(self) -> int:
@@ -159,6 +169,18 @@ class MLLMConfig(PretrainedConfig):
         if self.vision_batch_size <= 0:
             raise ValueError(f"MLLMConfig.vision_batch_size must be positive, got {self.vision_batch_size}")
         vision = self.vision
+        if vision.stem not in VISION_STEMS:
+            raise ValueError(
+                f"MLLMConfig.vision_config.stem must be one of {VISION_STEMS}, got {vision.stem!r}"
+            )
+        if vision.stem == "conv" and (
+            vision.patch_size % 2 or vision.stem_layers < 1 or vision.stem_channels < 1
+        ):
+            raise ValueError(
+                "MLLMConfig.vision_config: the conv stem needs an even patch_size and positive stem_layers and "
+                f"stem_channels, got patch_size={vision.patch_size}, stem_layers={vision.stem_layers}, "
+                f"stem_channels={vision.stem_channels}"
+            )
         if vision.hidden_size % vision.num_attention_heads:
             raise ValueError(
                 f"MLLMConfig.vision_config.hidden_size ({vision.hidden_size}) must be a multiple of "

@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mllm.model.config import MLLMConfig
@@ -25,6 +25,35 @@ from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
 
 TERMINATOR_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class ChatStreamer(TextIteratorStreamer):
+    """Streams the text `MLLMModel._decode_text` returns: special tokens such as `<image>` or `<box>` are kept
+    (not skipped) and terminators are dropped, so the joined, stripped pieces equal the non-streamed answer."""
+
+    def __init__(self, tokenizer, stop_ids: list[int]):
+        super().__init__(tokenizer, skip_prompt=True)
+        self.stop_ids = torch.tensor(stop_ids)
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Called by the generation thread when it dies: the reader gets the error instead of waiting forever."""
+        self.error = error
+        self.end()
+
+    def __next__(self) -> str:
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise RuntimeError(f"generation failed: {self.error}") from self.error
+            raise
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            value = value.reshape(-1).cpu()
+            value = value[~torch.isin(value, self.stop_ids)]
+        super().put(value)
 
 
 def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
@@ -232,9 +261,14 @@ class MLLMModel(PreTrainedModel):
         vision_hidden_states: list[torch.Tensor] | None = None,
         stream: bool = False,
         decode_text: bool = False,
+        fast: bool = False,
+        fast_compile: bool | None = None,
         **generation_kwargs,
     ):
         """Vision once, fused inputs_embeds, then transformers' generate on the LLM with a KV cache.
+
+        `fast=True` decodes with our static-cache path instead (`mllm.model.fast_generate`; same tokens, compiled
+        decode step on CUDA unless `fast_compile=False`).
 
         Returns the new tokens [B, new] (left-padded prompts are fine), their texts with `decode_text`, or, with
         `stream`, a `TextIteratorStreamer` that yields text while generation runs in a background thread.
@@ -257,8 +291,10 @@ class MLLMModel(PreTrainedModel):
         kwargs = {"pad_token_id": pad, "eos_token_id": terminators, **generation_kwargs}
         kwargs.update(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device))
         if stream:
+            if fast:
+                raise ValueError("fast=True does not stream; pass stream=False or fast=False")
             return self._stream(tokenizer, kwargs)
-        output = self._llm_generate(kwargs)
+        output = self._fast_generate(kwargs, fast_compile) if fast else self._llm_generate(kwargs)
         return self._decode_text(output, tokenizer) if decode_text else output
 
     def chat(self, image, msgs, tokenizer, processor, **kwargs):
@@ -266,6 +302,16 @@ class MLLMModel(PreTrainedModel):
         from mllm.model.chat import chat
 
         return chat(self, image, msgs, tokenizer, processor, **kwargs)
+
+    def _fast_generate(self, kwargs: dict[str, Any], compile: bool | None) -> torch.Tensor:
+        """Static-cache decoding; the generator (its compiled step and decode cache) is kept on the model."""
+        from mllm.model.fast_generate import FastGenerator
+
+        generator = self.__dict__.get("_fast_generator")
+        if generator is None or (compile is not None and generator.step.enabled_compile != compile):
+            generator = FastGenerator(self.llm, compile=compile)
+            self.__dict__["_fast_generator"] = generator
+        return generator.generate(kwargs.pop("inputs_embeds"), kwargs.pop("attention_mask"), **kwargs)
 
     def _llm_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """transformers' generate on the fused embeddings. Its warning that repetition_penalty only sees the new
@@ -276,15 +322,16 @@ class MLLMModel(PreTrainedModel):
 
     def _stream(self, tokenizer, kwargs: dict[str, Any]):
         """Start generation in a thread feeding a TextIteratorStreamer (batch size 1)."""
-        from transformers import TextIteratorStreamer
-
         if len(kwargs["inputs_embeds"]) != 1:
             raise ValueError("stream=True needs a batch of one prompt")
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = ChatStreamer(tokenizer, self.terminator_ids(tokenizer))
 
         def run() -> None:
-            with torch.inference_mode():
-                self._llm_generate({**kwargs, "streamer": streamer})
+            try:
+                with torch.inference_mode():
+                    self._llm_generate({**kwargs, "streamer": streamer})
+            except Exception as exc:  # handed to the reading thread, which raises it
+                streamer.fail(exc)
 
         # Not a daemon: interpreter exit waits for generation (bounded by max_new_tokens) instead of killing a
         # thread inside torch, which aborts the process.

@@ -1,0 +1,167 @@
+"""`mllm eval grounding MODEL_DIR --data REC.jsonl ...` (Acc@0.5 per RefCOCO split, resumable, with pictures) and
+`mllm ground MODEL_DIR --image IMG "expression"` (one box, printed in pixels and drawn).
+
+`eval` is a command group: its subcommands (only `grounding` for now) are nested under it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from mllm.cli.common import add_model_flags, load_model_and_processor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = (
+    "Where is {expr} in image? answer in [x0,y0,x1,y1] format."  # = mllm.eval.ground.DEFAULT_PROMPT
+)
+BOX_FORMATS = (
+    "auto",
+    "mllm",
+    "qwen",
+    "shikra",
+)  # = mllm.eval.boxes.BOX_FORMATS (no import at CLI build time)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("eval", help="evaluate a model on a benchmark: grounding")
+    tasks = group.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+    _register_grounding(tasks)
+    _register_ground(subparsers)
+
+
+def _add_shared_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="question template with {expr} (default: the exercise's)"
+    )
+    parser.add_argument(
+        "--box-format",
+        default="auto",
+        choices=BOX_FORMATS,
+        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> if present, else [x0,y0,x1,y1] "
+        "on the 0..1000 grid, or Shikra's 0..1 floats)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
+    parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
+    add_model_flags(parser)
+
+
+def _register_grounding(tasks: argparse._SubParsersAction) -> None:
+    p = tasks.add_parser(
+        "grounding",
+        help="referring-expression comprehension on Shikra REC jsonl files: Acc@0.5 per split (resumable)",
+        description="Batched greedy answers to 'Where is {expr} ...' for every line of each --data file, "
+        "appended to OUT_DIR/<file>.predictions.jsonl (a rerun skips answered lines), then Acc@IoU0.5 per split: "
+        "OUT_DIR/summary.md, OUT_DIR/summary.json and --vis pictures in OUT_DIR/vis/.",
+    )
+    p.add_argument(
+        "model_dir", nargs="?", default=None, help="model directory (not needed with --predictions)"
+    )
+    p.add_argument("--data", type=Path, action="append", default=[], help="Shikra REC jsonl (repeatable)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        action="append",
+        default=[],
+        help="score existing predictions jsonl files instead of running a model (repeatable)",
+    )
+    p.add_argument(
+        "--image-root", type=Path, default=None, help="folder of img_path (default: each data file's folder)"
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="default: eval_grounding/<model dir name> in the working dir",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N lines of each data file")
+    p.add_argument("--vis", type=int, default=0, help="draw N pictures (spread over the splits)")
+    _add_shared_flags(p)
+    p.set_defaults(func=run_eval_grounding)
+
+
+def _register_ground(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ground", help="find one expression in one image: print the box in pixels and draw it"
+    )
+    p.add_argument("model_dir")
+    p.add_argument("expression", help='what to find, e.g. "the man in the red shirt"')
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image stem>_ground.png)")
+    _add_shared_flags(p)
+    p.set_defaults(func=run_ground)
+
+
+def run_eval_grounding(args: argparse.Namespace) -> int:
+    from mllm.eval.ground import GroundingEvalConfig, evaluate_grounding, score_and_report
+
+    if bool(args.data) == bool(args.predictions):
+        raise ValueError("give either --data (run the model) or --predictions (score existing answers)")
+    if args.data and args.model_dir is None:
+        raise ValueError("MODEL_DIR is needed with --data")
+    name = Path(args.model_dir).name if args.model_dir else "predictions"
+    config = GroundingEvalConfig(
+        data=args.data or args.predictions,
+        out_dir=args.out_dir or Path("eval_grounding") / name,
+        image_root=args.image_root,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        vis=args.vis,
+        box_format=args.box_format,
+    )
+    if args.predictions:
+        config.validate()
+        result = score_and_report([(p, args.image_root) for p in args.predictions], config)
+    else:
+        config.validate()
+        answer_fn = _answer_fn(args)
+        result = evaluate_grounding(config, answer_fn, name)
+        for run in result.runs:
+            print(
+                f"{run.data}: answered {run.answered}, skipped {run.skipped} (already done), "
+                f"failed {run.failed}; {run.seconds:.1f}s"
+            )
+    print(result.table)
+    print(f"summary: {Path(config.out_dir) / 'summary.json'}; pictures: {len(result.pictures)}")
+    return 0
+
+
+def _answer_fn(args: argparse.Namespace):
+    from mllm.eval.answer import model_answer_fn
+    from mllm.model.chat import decoding_kwargs
+
+    model, processor = load_model_and_processor(
+        args.model_dir, args.device, args.dtype, args.attn_implementation
+    )
+    kwargs = decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
+    return model_answer_fn(model, processor, kwargs, args.max_slice_nums)
+
+
+def run_ground(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from mllm.eval.ground import ground_one
+    from mllm.eval.grounding import visualize
+
+    try:
+        with Image.open(args.image) as img:
+            image = img.convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"--image {args.image}: cannot read the image ({exc})") from exc
+    answer, box = ground_one(_answer_fn(args), image, args.expression, args.prompt, args.box_format)
+    out = args.out or Path(f"{args.image.stem}_ground.png")
+    if out.exists():
+        logger.warning("overwriting %s", out)
+    visualize(image, args.expression, None, box, None, out)
+    pixels = None if box is None else [round(v, 1) for v in box]
+    print(
+        json.dumps(
+            {"expression": args.expression, "answer": answer, "box_pixels": pixels, "picture": str(out)}
+        )
+    )
+    return 0 if box is not None else 1

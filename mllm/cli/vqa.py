@@ -1,0 +1,76 @@
+"""`mllm eval-vqa MODEL_DIR --data test.json`: batched greedy answers to an SFT-format yes/no test set, accuracy
+overall and per category, a resumable predictions jsonl and a markdown/JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from mllm.cli.common import add_model_flags
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval-vqa",
+        help="yes/no accuracy of a model on an SFT-format test file (overall and per category)",
+        description="Answers the first user turn of every item with greedy decoding and compares the first word "
+        "with the first assistant turn. Writes predictions (resumable) and <out stem>.accuracy.md/.json.",
+    )
+    parser.add_argument("model_dir")
+    parser.add_argument("--data", required=True, help="SFT-format JSON list (e.g. data/test.json)")
+    parser.add_argument(
+        "--image-folder", default=None, help="image paths are relative to it (default: the JSON's folder)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="predictions jsonl, appended and resumed (default: eval_vqa_<model>_<data>.jsonl here)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="only the first N items")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="a yes/no answer needs only a few")
+    parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
+    add_model_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def default_out(model_dir: str, data: str) -> Path:
+    return Path(f"eval_vqa_{Path(model_dir).resolve().name}_{Path(data).stem}.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm.cli.common import load_model_and_processor
+    from mllm.eval.chair import write_json_atomic
+    from mllm.eval.vqa import (
+        load_vqa_items,
+        model_vqa_fn,
+        predict,
+        report_markdown,
+        report_paths,
+        score_predictions,
+    )
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    items = load_vqa_items(args.data, args.image_folder, args.limit)  # bad data fails before the model loads
+    out = Path(args.out) if args.out else default_out(args.model_dir, args.data)
+    model, processor = load_model_and_processor(
+        args.model_dir, args.device, args.dtype, args.attn_implementation
+    )
+    answer_fn = model_vqa_fn(model, processor, args.max_new_tokens, args.max_slice_nums)
+    model_name = str(Path(args.model_dir).resolve())
+    records = predict(items, out, answer_fn, model_name, args.batch_size)
+    report = score_predictions(records)
+    markdown = report_markdown(report, f"Yes/no accuracy of {Path(args.model_dir).name} on {args.data}")
+    md_path, json_path = report_paths(out)
+    md_path.write_text(markdown, encoding="utf-8")
+    write_json_atomic(json_path, {"model": model_name, "data": str(args.data), **report.to_json()})
+    print(markdown, end="")
+    print(f"predictions: {out}; report: {md_path} (+ {json_path.name})")
+    return 0

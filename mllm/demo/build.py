@@ -1,0 +1,90 @@
+"""Demo stages that make the inputs: the toy world, and the tokenizer + a freshly initialised tiny model.
+
+Both call the library functions behind `mllm toy make` and `mllm toy tokenizer --preset`; the model is an ordinary
+model directory (config.json, safetensors, tokenizer, preprocessor_config.json) that every command accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mllm.demo.config import DemoConfig
+
+logger = logging.getLogger(__name__)
+
+WORLD_STAGE = "world"
+MODEL_STAGE = "model"
+
+
+def world_dir(config: DemoConfig) -> Path:
+    return config.out / WORLD_STAGE
+
+
+def init_model_dir(config: DemoConfig) -> Path:
+    return config.out / MODEL_STAGE / "init"
+
+
+def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """The toy world in the real file formats; a half-written world from a killed run is replaced."""
+    from mllm.data.toy import make_toy_world
+
+    leftovers = [p for p in folder.iterdir() if p.name != "done.json"]
+    counts = make_toy_world(
+        folder,
+        seed=config.seed,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        n_preference=min(config.n_preference, config.n_train),
+        noise_rate=config.noise_rate,
+        overwrite=bool(leftovers),
+    )
+    summary = (
+        f"{counts['train_images']} train + {counts['test_images']} test images, {counts['sft_train_items']} SFT "
+        f"items ({counts['noisy_train_descriptions']} noisy descriptions), {counts['rec_train']} REC records, "
+        f"{counts['preference_pairs']} preference pairs"
+    )
+    return {**counts, "summary": summary}
+
+
+def preset_vision_config(tokenizer_dir: Path, config: DemoConfig) -> dict[str, Any]:
+    """The preset's vision_config with the demo's stem (the conv stem makes positions learnable from scratch)."""
+    from mllm.data.toy_tokenizer import ToyPresetConfig, load_tokenizer_facts, model_config
+
+    vision = dict(model_config(*load_tokenizer_facts(tokenizer_dir), ToyPresetConfig())["vision_config"])
+    if config.vision_stem != "patch":
+        vision["stem"] = config.vision_stem
+    return vision
+
+
+def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """Tokenizer trained on the world's texts, the tiny preset, and its random initialisation (seeded)."""
+    import torch
+
+    from mllm.data.toy_tokenizer import build_toy_tokenizer, toy_corpus, write_toy_preset
+    from mllm.model.config import MLLMConfig
+    from mllm.model.modeling import MLLMModel
+
+    tokenizer_dir = build_toy_tokenizer(toy_corpus(world_dir(config)), folder / "tokenizer")
+    out = init_model_dir(config)
+    write_toy_preset(out, tokenizer_dir, vision_config=preset_vision_config(tokenizer_dir, config))
+    torch.manual_seed(config.seed)
+    model = MLLMModel(MLLMConfig.from_pretrained(out))
+    model.save_pretrained(out)
+    parameters = {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("vpm", "resampler", "llm")
+    }
+    total = sum(parameters.values())
+    summary = (
+        f"vocabulary {model.config.vocab_size}, {total / 1e6:.2f}M parameters (vision {parameters['vpm'] / 1e6:.2f}M, "
+        f"resampler {parameters['resampler'] / 1e6:.2f}M, LLM {parameters['llm'] / 1e6:.2f}M), "
+        f"vision stem {model.config.vision.stem}"
+    )
+    return {
+        "vocab_size": model.config.vocab_size,
+        "parameters": parameters,
+        "model_dir": str(out),
+        "summary": summary,
+    }

@@ -1,0 +1,124 @@
+"""Sizes and knobs of `mllm demo`: one dataclass, with the full and the `--fast` settings.
+
+The full settings were sized on a shared 2-core CPU to finish in about 15 minutes; `--fast` shrinks every stage so
+the CI test (which asserts that the model learns) runs in a few minutes. Both use the same stages and code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DemoConfig:
+    """Everything that decides what the demo computes. Stored in `demo_config.json`: a re-run with other values
+    refuses to mix its results with the stored ones (pass another --out)."""
+
+    out: Path = Path("runs/demo")
+    """Output folder: one subfolder per stage, REPORT.md at the top."""
+    seed: int = 0
+    """Seed of the toy world, the model initialisation, training and sampling."""
+    fast: bool = False
+    """The CI-sized variant (recorded so a fast and a full run never share a folder)."""
+    threads: int = 2
+    """torch threads: on a shared 2-core machine more threads only add contention."""
+    # --- toy world ---
+    n_train: int = 2000
+    """Training images (each gives 2 yes/no questions, 1 description and 1-4 REC records)."""
+    n_test: int = 300
+    """Held-out images (yes/no test set, CHAIR bench, REC validation split)."""
+    n_preference: int = 1000
+    """Preference pairs (on the first training images)."""
+    noise_rate: float = 0.15
+    """Share of training descriptions that mention an absent object: the hallucination to fix."""
+    # --- model ---
+    vision_stem: str = "conv"
+    """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions."""
+    # --- SFT ---
+    sft_steps: int = 480
+    """Optimizer steps of SFT on the mixed (yes/no + descriptions + REC) data."""
+    sft_batch_size: int = 16
+    """Samples per step."""
+    sft_lr: float = 1e-3
+    """Peak learning rate (cosine schedule after warm-up); a model trained from scratch wants a large one."""
+    sft_save_steps: int = 50
+    """Checkpoint interval: an interrupted SFT resumes from the latest checkpoint."""
+    sft_interrupt_after: int | None = None
+    """Testing hook: stop the process (raise `DemoInterrupted`) right after the checkpoint of this step is saved,
+    as a kill would. Not a command-line flag."""
+    # --- evaluation ---
+    eval_yes_no: int = 600
+    """Yes/no test questions answered (greedy)."""
+    eval_chair: int = 300
+    """objhal bench images described for CHAIR."""
+    chair_samples: int = 3
+    """Sampled descriptions per image (temperature 1, fixed seeds) besides the greedy one."""
+    eval_grounding: int = 762
+    """REC validation expressions grounded (greedy)."""
+    eval_batch_size: int = 32
+    """Prompts per generate call."""
+    max_new_tokens: int = 64
+    """Longest description; toy descriptions need about 45 tokens."""
+    # --- preference ---
+    preference_steps: int = 200
+    """Optimizer steps of preference training."""
+    preference_batch_size: int = 8
+    """Pairs per step."""
+    preference_lr: float = 5e-5
+    """Learning rate (constant after warm-up)."""
+    preference_beta: float = 0.5
+    """beta of the reward; 0.1 damaged grounding in the feasibility run."""
+    preference_loss: str = "nca_pair"
+    """Pair loss (the exercise's loss is NCA)."""
+
+    def validate(self) -> None:
+        """Reject values that would fail deep inside a stage, naming the field."""
+        for name in ("n_train", "n_test", "sft_steps", "sft_batch_size", "sft_save_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_yes_no", "eval_chair", "chair_samples", "eval_grounding", "preference_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.sft_interrupt_after is not None and not 0 < self.sft_interrupt_after < self.sft_steps:
+            raise ValueError(f"sft_interrupt_after must be in 1..sft_steps-1, got {self.sft_interrupt_after}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that decide results (not where they go, how many threads compute them, or test hooks)."""
+        skip = {"out", "threads", "sft_interrupt_after"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+FAST_OVERRIDES: dict[str, Any] = {
+    "fast": True,
+    "n_train": 800,
+    "n_test": 100,
+    "n_preference": 400,
+    "sft_steps": 200,
+    "sft_save_steps": 50,
+    "eval_yes_no": 200,
+    "eval_chair": 100,
+    "chair_samples": 2,
+    "eval_grounding": 150,
+    "preference_steps": 80,
+}
+"""The `--fast` variant for CI; the thresholds of tests/test_demo.py were measured with these values."""
+
+
+def demo_config(
+    out: str | Path = "runs/demo", fast: bool = False, seed: int = 0, **overrides: Any
+) -> DemoConfig:
+    """The full (or `fast`) configuration with keyword overrides of any `DemoConfig` field."""
+    known = {f.name for f in fields(DemoConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown demo option(s) {unknown}; known: {sorted(known)}")
+    config = DemoConfig(out=Path(out), seed=seed)
+    if fast:
+        config = replace(config, **FAST_OVERRIDES)
+    config = replace(config, **overrides)
+    config.validate()
+    return config

@@ -1,0 +1,125 @@
+"""Demo stages for preference alignment: reference log-probs of the SFT model, then NCA training (resumable).
+
+They call what `mllm logp` and `mllm train preference` call (`compute_reference_logps`, `build_preference_trainer`)
+on the toy world's RLAIF-V-format pairs (chosen = a correct description, rejected = one with an absent shape).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mllm.demo.build import world_dir
+from mllm.demo.config import DemoConfig
+from mllm.demo.sft import sft_model_dir
+
+logger = logging.getLogger(__name__)
+
+LOGPS_STAGE = "logps"
+PREFERENCE_STAGE = "preference"
+
+
+def preference_data(config: DemoConfig) -> Path:
+    return world_dir(config) / "preference" / "preference_train.json"
+
+
+def logps_path(config: DemoConfig) -> Path:
+    return config.out / LOGPS_STAGE / "reference_logps.jsonl"
+
+
+def preference_model_dir(config: DemoConfig) -> Path:
+    return config.out / PREFERENCE_STAGE / "model"
+
+
+def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """Reference log-probs of every pair under the SFT model (resumable: finished pairs are kept)."""
+    import json
+
+    from mllm.cli.common import load_model_and_processor
+    from mllm.data.preference import PreferenceDataset
+    from mllm.train.logps import compute_reference_logps
+
+    model_dir = sft_model_dir(config)
+    model, processor = load_model_and_processor(str(model_dir), "cpu", "float32")
+    dataset = PreferenceDataset(preference_data(config), processor, world_dir(config), 512)
+    out = compute_reference_logps(
+        model, dataset, logps_path(config), model_dir, batch_size=8, pad_token_id=processor.pad_token_id
+    )
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    chosen = sum(r["chosen_logp"] for r in lines) / len(lines)
+    rejected = sum(r["rejected_logp"] for r in lines) / len(lines)
+    preferred = sum(r["chosen_logp"] > r["rejected_logp"] for r in lines) / len(lines)
+    return {
+        "pairs": len(lines),
+        "mean_chosen_logp": chosen,
+        "mean_rejected_logp": rejected,
+        "chosen_more_likely": preferred,
+        "summary": f"{len(lines)} pairs: mean log p(chosen) {chosen:.2f}, log p(rejected) {rejected:.2f}; "
+        f"chosen more likely in {100 * preferred:.0f}% of pairs",
+    }
+
+
+def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """NCA (the exercise's pair loss) from the SFT model; vision tower frozen, LLM and resampler trained."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mllm.train.curves import plot_curves
+    from mllm.train.preference import CURVE_KEYS, PreferenceArguments, build_preference_trainer
+    from mllm.train.runner import MLLMTrainingArguments
+    from mllm.train.sft import ModelArguments
+
+    run_dir = folder / "run"
+    args = MLLMTrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=config.preference_batch_size,
+        max_steps=config.preference_steps,
+        learning_rate=config.preference_lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=max(1, config.preference_steps // 20),
+        logging_steps=min(5, max(1, config.preference_steps // 20)),
+        save_strategy="steps",
+        save_steps=50,
+        save_total_limit=1,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+    trainer = build_preference_trainer(
+        ModelArguments(model=str(sft_model_dir(config))),
+        PreferenceArguments(
+            data=str(preference_data(config)),
+            logps=str(logps_path(config)),
+            image_folder=str(world_dir(config)),
+            max_length=512,
+            beta=config.preference_beta,
+            loss_type=config.preference_loss,
+        ),
+        args,
+    )
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(preference_model_dir(config)))
+    trainer.save_state()
+    plot_curves(run_dir, ["loss"], folder / "loss.png")
+    plot_curves(
+        run_dir,
+        [k for k in CURVE_KEYS if k.startswith("rewards/") and k != "rewards/accuracies"],
+        folder / "rewards.png",
+    )
+    logs = [row for row in trainer.state.log_history if "rewards/margins" in row]
+    first, last = (logs[0], logs[-1]) if logs else ({}, {})
+    margin0, margin1 = first.get("rewards/margins", float("nan")), last.get("rewards/margins", float("nan"))
+    return {
+        "steps": trainer.state.global_step,
+        "resumed_from": Path(resume).name if resume else None,
+        "first_loss": first.get("loss"),
+        "final_loss": last.get("loss"),
+        "first_margin": margin0,
+        "final_margin": margin1,
+        "final_reward_accuracy": last.get("rewards/accuracies"),
+        "summary": f"{trainer.state.global_step} steps, reward margin {margin0:.2f} -> {margin1:.2f}, "
+        f"loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f}",
+    }

@@ -1,0 +1,138 @@
+"""Demo stages for supervised fine-tuning: the mixed training file, then the Trainer run (resumable).
+
+The mixed file is what `mllm prepare-grounding --rec ... --mix-sft sft/train.json` writes: the REC records turned into
+conversations with boxes on the 0..1000 grid, plus every yes/no and description item of the SFT file. Training is
+`build_sft_trainer` (the code behind `mllm train sft`) with checkpoints every `sft_save_steps`; a re-run after a kill
+resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mllm.demo.build import init_model_dir, world_dir
+from mllm.demo.config import DemoConfig
+from mllm.demo.stages import DemoInterrupted
+
+logger = logging.getLogger(__name__)
+
+SFT_DATA_STAGE = "sft_data"
+SFT_STAGE = "sft"
+
+
+def sft_data_path(config: DemoConfig) -> Path:
+    return config.out / SFT_DATA_STAGE / "train_mixed.json"
+
+
+def sft_model_dir(config: DemoConfig) -> Path:
+    return config.out / SFT_STAGE / "model"
+
+
+def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """REC -> conversations, mixed with all SFT items (mix_ratio = SFT items per REC record) into one file."""
+    from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
+
+    world = world_dir(config)
+    rec = world / "grounding" / "rec_train.jsonl"
+    sft = world / "sft" / "train.json"
+    n_rec = sum(1 for line in rec.read_text(encoding="utf-8").splitlines() if line.strip())
+    n_sft = len(json.loads(sft.read_text(encoding="utf-8")))
+    stats = prepare_grounding(
+        GroundingPrepConfig(
+            out=sft_data_path(config),
+            rec_files=[rec],
+            rec_templates=world / "grounding" / "templates_rec.json",
+            image_root=world,
+            seed=config.seed,
+            mix_sft=sft,
+            mix_ratio=n_sft / n_rec,
+            mix_image_folder=world,
+            overwrite=True,
+        )
+    )
+    total = stats.items["rec"] + stats.items["sft"]
+    return {
+        "rec_items": stats.items["rec"],
+        "sft_items": stats.items["sft"],
+        "total": total,
+        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} yes/no and descriptions",
+    }
+
+
+def interrupt_callback(after_step: int):
+    """A TrainerCallback that raises right after the checkpoint of `after_step` is written (the testing hook)."""
+    from transformers import TrainerCallback
+
+    class InterruptAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= after_step:
+                raise DemoInterrupted(f"interrupted after the checkpoint of step {state.global_step}")
+            return control
+
+    return InterruptAfterSave()
+
+
+def sft_training_arguments(config: DemoConfig, run_dir: Path):
+    from mllm.train.runner import MLLMTrainingArguments
+
+    return MLLMTrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=config.sft_batch_size,
+        max_steps=config.sft_steps,
+        learning_rate=config.sft_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, config.sft_steps // 20),
+        weight_decay=0.0,
+        logging_steps=min(10, max(1, config.sft_steps // 20)),
+        save_strategy="steps",
+        save_steps=config.sft_save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+
+
+def train_sft(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """SFT of the random model on the mixed file (all parts trained: vision tower, resampler, LLM)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from mllm.train.curves import plot_curves
+    from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
+
+    run_dir = folder / "run"
+    args = sft_training_arguments(config, run_dir)
+    trainer = build_sft_trainer(
+        ModelArguments(
+            model=str(init_model_dir(config)), tune_vision=True, tune_llm=True, tune_resampler=True
+        ),
+        DataArguments(data=str(sft_data_path(config)), max_length=512),
+        args,
+    )
+    if config.sft_interrupt_after is not None:
+        trainer.add_callback(interrupt_callback(config.sft_interrupt_after))
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if resume:
+        logger.info("SFT resumes from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(sft_model_dir(config)))
+    trainer.save_state()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if losses:
+        plot_curves(run_dir, ["loss"], folder / "loss.png")
+    first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+    return {
+        "steps": trainer.state.global_step,
+        "resumed_from": Path(resume).name if resume else None,
+        "first_loss": first,
+        "final_loss": last,
+        "train_runtime": result.metrics.get("train_runtime"),
+        "loss_png": "loss.png",
+        "summary": f"{trainer.state.global_step} steps, loss {first:.3f} -> {last:.3f}"
+        + (f" (resumed from {Path(resume).name})" if resume else ""),
+    }

@@ -1,0 +1,103 @@
+"""Stage bookkeeping of `mllm demo`: one folder per stage, a `done.json` marker when it finished, skip on re-run.
+
+Why markers rather than "the output exists": a stage killed halfway leaves partial outputs (a half-trained run, an
+answers file with 40 of 300 lines). Only `done.json`, written atomically as the stage's last act, says the outputs
+are complete; a stage without it runs again and resumes from whatever its own tools can resume (Trainer
+checkpoints, answers files that skip finished items).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mllm.demo.config import DemoConfig
+
+logger = logging.getLogger(__name__)
+
+DONE = "done.json"
+CONFIG_FILE = "demo_config.json"
+
+
+class DemoInterrupted(RuntimeError):
+    """Raised by the testing hook `DemoConfig.sft_interrupt_after`: the process stops as if it had been killed."""
+
+
+@dataclass
+class StageRecord:
+    """What `done.json` holds: the stage's figures and how long it took."""
+
+    name: str
+    """Stage name (also its folder name)."""
+    seconds: float
+    """Wall time of the run that finished it (an earlier interrupted attempt is not counted)."""
+    figures: dict[str, Any]
+    """The stage's numbers; `summary` is its one-line summary."""
+    skipped: bool = False
+    """True when this run found the stage already done."""
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write through a temporary file and os.replace, so a kill never leaves half a marker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_config(config: DemoConfig) -> None:
+    """Record the settings in OUT/demo_config.json; refuse to continue a folder made with other settings."""
+    path = config.out / CONFIG_FILE
+    wanted = json.loads(json.dumps(config.fingerprint()))
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            raise ValueError(
+                f"--out {config.out} holds a demo run with other settings ({', '.join(changed)} differ); "
+                "use another --out or delete that folder"
+            )
+        return
+    write_json_atomic(path, wanted)
+
+
+def stage_dir(config: DemoConfig, name: str) -> Path:
+    return config.out / name
+
+
+def read_record(config: DemoConfig, name: str) -> StageRecord | None:
+    """The finished stage's record, or None if it has not finished."""
+    path = stage_dir(config, name) / DONE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return StageRecord(name=name, seconds=data["seconds"], figures=data["figures"], skipped=True)
+
+
+def run_stage(
+    config: DemoConfig, name: str, fn: Callable[[Path], dict[str, Any]], echo: Callable[[str], None] = print
+) -> StageRecord:
+    """Run `fn(stage_dir) -> figures` unless the stage is done; write done.json; print a one-line summary."""
+    record = read_record(config, name)
+    if record is not None:
+        echo(f"[{name}] already done ({record.seconds:.0f} s): {record.figures.get('summary', '')}")
+        return record
+    folder = stage_dir(config, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    echo(f"[{name}] running ...")
+    start = time.perf_counter()
+    figures = fn(folder)
+    seconds = time.perf_counter() - start
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(
+        folder / DONE, {"stage": name, "seconds": seconds, "finished_at": finished, "figures": figures}
+    )
+    echo(f"[{name}] done in {seconds:.0f} s: {figures.get('summary', '')}")
+    return StageRecord(name=name, seconds=seconds, figures=figures)

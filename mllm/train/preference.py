@@ -1,0 +1,249 @@
+"""Preference alignment (NCA pair loss, DPO or IPO) with `transformers.Trainer`: only `compute_loss` (and the
+public `log` hook, to add the averaged reward metrics) are overridden.
+
+    mllm logp --model SFT_DIR --data preference_train.json --out ref.jsonl          # reference log-probs, once
+    mllm train preference --model SFT_DIR --data preference_train.json --logps ref.jsonl --output-dir OUT
+
+A batch holds B pairs as 2B rows (chosen, then rejected) that go through the model in one forward; the B images
+go through the vision tower once and their resampler rows are used by both rows of their pair. The reference
+model is never loaded during training: its log-probs come from the precomputed file (checked against the data).
+Everything else (optimizer, schedule, accumulation, checkpoints, resume, DDP/DeepSpeed, TensorBoard) is Trainer's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from mllm.data.preference import PreferenceDataset, preference_collator
+from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
+from mllm.train.losses import PREFERENCE_LOSS_TYPES, preference_loss
+from mllm.train.sft import ModelArguments, load_for_training
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.jsonl"
+CURVES_PNG = "preference_curves.png"
+CURVE_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+
+
+@dataclass
+class PreferenceArguments:
+    """Preference data, reference log-probs and the loss."""
+
+    data: str = field(
+        metadata={"help": "Preference data (RLAIF-V JSON: idx, question, chosen, rejected, image)."}
+    )
+    logps: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference log-prob file from `mllm logp`. Default: computed with the initial model into "
+            f"OUTPUT_DIR/{REFERENCE_FILE} (resumable), unless every item carries inline `logps`."
+        },
+    )
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "Folder that image_path values are relative to (default: the JSON's)."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest sequence in tokens (image included)."})
+    max_slice_nums: int | None = field(
+        default=None, metadata={"help": "Override the processor's max_slice_nums."}
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "Reward scale r = beta * (log pi - log pi_ref). 0.1 (DPO's and RLAIF-V's value) suits summed "
+            "log-probs of responses of tens to hundreds of tokens: a 10-nat change moves the reward by 1, where "
+            "the sigmoids are still far from saturation. Raise it (e.g. 1-5) with --use-average-logp."
+        },
+    )
+    loss_type: str = field(
+        default="nca_pair",
+        metadata={"help": f"One of {', '.join(PREFERENCE_LOSS_TYPES)} (nca_pair: the exercise's)."},
+    )
+    use_average_logp: bool = field(
+        default=False,
+        metadata={"help": "Use per-token average log-probs instead of sums (length-normalised)."},
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an SFT term (token-mean cross-entropy on the chosen response); 0 = off."
+        },
+    )
+    logp_batch_size: int = field(
+        default=4, metadata={"help": "Pairs per batch when the reference log-probs are computed here."}
+    )
+
+    def __post_init__(self) -> None:
+        if not Path(self.data).is_file():
+            raise ValueError(f"--data: file not found: {self.data}")
+        if self.logps is not None and not Path(self.logps).is_file():
+            raise ValueError(f"--logps: file not found: {self.logps} (omit --logps to compute it)")
+        if self.loss_type not in PREFERENCE_LOSS_TYPES:
+            raise ValueError(
+                f"--loss-type must be one of {', '.join(PREFERENCE_LOSS_TYPES)}, got {self.loss_type!r}"
+            )
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be positive, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"--sft-weight must be >= 0, got {self.sft_weight}")
+        if self.max_length <= 0 or self.logp_batch_size <= 0:
+            raise ValueError("--max-length and --logp-batch-size must be positive")
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer whose loss is a preference loss over (chosen, rejected) pairs against precomputed reference
+    log-probs, plus an optional SFT term on the chosen response.
+
+    The loss is a mean over the pairs of a micro-batch, so Trainer divides it by the accumulation steps
+    (`loss_is_scaled_for_ga = False`, and no target-token counting)."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, preference_args: PreferenceArguments, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.preference_args = preference_args
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.preference_step(model, inputs)
+        if model.training:
+            for key, value in metrics.items():
+                self._metrics[key].append(value)
+        return (loss, metrics) if return_outputs else loss
+
+    def preference_step(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached batch-mean metrics) of one concatenated batch."""
+        args = self.preference_args
+        suffix = "_avg_logps" if args.use_average_logp else "_logps"
+        if "ref_chosen" + suffix not in inputs:
+            raise ValueError(f"batch {inputs.get('idx')} has no reference log-probs (see --logps)")
+        result = concatenated_forward(model, inputs, self.accelerator.unwrap_model(model))
+        n = len(inputs["idx"])
+        policy = result.averages if args.use_average_logp else result.sums  # [2B]
+        ref_chosen = inputs["ref_chosen" + suffix].to(policy.device)  # [B]
+        ref_rejected = inputs["ref_rejected" + suffix].to(policy.device)  # [B]
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy[:n], policy[n:], ref_chosen, ref_rejected, args.beta, args.loss_type
+        )
+        loss = losses.mean()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy[:n].detach().mean(),
+            "logps/rejected": policy[n:].detach().mean(),
+            "logps/ref_chosen": ref_chosen.mean(),
+            "logps/ref_rejected": ref_rejected.mean(),
+        }
+        if args.sft_weight > 0:
+            n_tokens = (inputs["labels"][:n, 1:] != -100).sum().clamp(min=1)
+            sft = -result.per_token[:n].sum() / n_tokens  # token-mean cross-entropy of the chosen responses
+            metrics["loss/preference"] = loss.detach()
+            metrics["loss/sft"] = sft.detach()
+            loss = loss + args.sft_weight * sft
+        return loss, metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the metrics averaged since the last training log (and over processes) to it."""
+        if "loss" in logs and self._metrics:
+            keys = sorted(self._metrics)
+            means = torch.stack([torch.stack(self._metrics[k]).float().mean() for k in keys])  # [K]
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs = {**logs, **{k: round(v, 6) for k, v in zip(keys, means.tolist())}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def reference_path(pref_args: PreferenceArguments, training_args: TrainingArguments) -> Path:
+    return Path(pref_args.logps) if pref_args.logps else Path(training_args.output_dir) / REFERENCE_FILE
+
+
+def attach_reference(
+    model: torch.nn.Module,
+    dataset: PreferenceDataset,
+    model_args: ModelArguments,
+    pref_args: PreferenceArguments,
+    training_args: TrainingArguments,
+    pad_token_id: int,
+) -> None:
+    """Load (or first compute, with the initial model, on every process's share) the reference log-probs."""
+    inline = all(pair.reference is not None for pair in dataset.pairs)
+    if pref_args.logps is None and inline:
+        logger.info("using the reference log-probs carried by the items of %s", pref_args.data)
+        return
+    path = reference_path(pref_args, training_args)
+    if pref_args.logps is None:
+        logger.info("no --logps: computing reference log-probs with the initial model into %s", path)
+        model.to(training_args.device)
+        compute_reference_logps(
+            model,
+            dataset,
+            path,
+            model_args.model,
+            batch_size=pref_args.logp_batch_size,
+            pad_token_id=pad_token_id,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
+        )
+    load_reference_logps(path, dataset, tokenizer_dir=model_args.model)
+
+
+def build_preference_trainer(
+    model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
+) -> PreferenceTrainer:
+    dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+    model, processor = load_for_training(model_args, dtype)
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
+            "use_reentrant": False
+        }
+    dataset = PreferenceDataset(
+        pref_args.data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
+    )
+    attach_reference(model, dataset, model_args, pref_args, training_args, processor.pad_token_id)
+    return PreferenceTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=partial(preference_collator, pad_token_id=processor.pad_token_id),
+        processing_class=processor,
+        preference_args=pref_args,
+    )
+
+
+def parse_preference_args(argv: list[str]):
+    from transformers import HfArgumentParser
+
+    from mllm.train.runner import MLLMTrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, PreferenceArguments, MLLMTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str]) -> int:
+    """`mllm train preference [flags]`: train, save the model and state, plot loss/rewards/margins vs step."""
+    from mllm.train.curves import plot_curves
+    from mllm.train.runner import resolve_resume
+
+    model_args, pref_args, training_args = parse_preference_args(argv)
+    trainer = build_preference_trainer(model_args, pref_args, training_args)
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        png = plot_curves(out, CURVE_KEYS, out / CURVES_PNG)
+        logger.info("preference training done: model in %s, curves in %s", out, png)
+    return 0

@@ -1,0 +1,282 @@
+"""The Gradio page of `mllm web`: images + multi-turn chat with streamed answers, a decoding panel, a clear
+button and a grounding picture. All inference is `mllm.web.session.stream_answer` (the CLI's `chat`).
+
+Per-session state lives in a `gr.State` (`ChatSession`); the only shared object is the lock that lets one
+answer use the model at a time (built with the page, not at import). The answer event runs concurrently so that
+a second request from a session whose answer is still streaming gets a message instead of waiting in the queue;
+requests of other sessions wait for the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mllm.web.grounding import draw_boxes, find_boxes
+from mllm.web.session import ChatSession, Decoding, open_images, stream_answer, user_turn
+
+logger = logging.getLogger(__name__)
+
+BUSY_MESSAGE = "An answer is still streaming: wait until it is finished, then ask again."
+TITLE = "mllm chat"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """What the page needs to answer: model, processor, prompt limit, slicing override and the model lock."""
+
+    model: Any
+    processor: Any
+    max_length: int | None
+    max_slice_nums: int | None
+    lock: threading.Lock
+
+
+def error_text(message: str) -> str:
+    return f"**Error:** {message}"
+
+
+def _file_paths(files: Any) -> list[str]:
+    """gr.File (multiple) values -> paths; gradio may give strings, dicts or file objects."""
+    if not files:
+        return []
+    items = files if isinstance(files, list) else [files]
+    paths = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("path") or item.get("name")
+        paths.append(str(getattr(item, "name", item)))
+    return paths
+
+
+def _user_display(question: str, paths: list[str]) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"path": path} for path in paths]
+    content.append({"type": "text", "text": question.strip()})
+    return [{"role": "user", "content": content}]
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _grounding_picture(session: ChatSession, answer: str, enabled: bool):
+    """The last image with the answer's boxes drawn (None when grounding is off or there is nothing to draw)."""
+    if not enabled or not session.images:
+        return None
+    boxes = find_boxes(answer)
+    return draw_boxes(session.images[-1], boxes) if boxes else None
+
+
+def respond(handle: ModelHandle, session: ChatSession, files, question, decoding: Decoding, grounding: bool):
+    """One question: yields (chat display, status text, grounding picture, clear inputs?) as the answer grows.
+
+    Raises nothing for bad input: a ValueError becomes the status text and the session is left unchanged.
+    """
+    if session.busy:
+        yield None, BUSY_MESSAGE, None, False
+        return
+    try:
+        paths = _file_paths(files)
+        images = open_images(paths)
+        messages = [*session.messages, user_turn(question, images)]
+        settings = decoding.kwargs()
+    except ValueError as exc:
+        yield session.display, error_text(str(exc)), None, bool(files)
+        return
+    session.busy = True
+    try:
+        yield from _answer(handle, session, messages, images, paths, question, decoding, grounding, settings)
+    finally:
+        session.busy = False
+
+
+def _answer(handle, session, messages, images, paths, question, decoding, grounding, settings):
+    shown = [*session.display, *_user_display(question, paths)]
+    label = "beam search: the answer comes in one piece" if not decoding.streams else "streaming"
+    with handle.lock:
+        try:
+            texts = stream_answer(
+                handle.model, handle.processor, messages, decoding, handle.max_length, handle.max_slice_nums
+            )
+        except ValueError as exc:
+            yield session.display, error_text(str(exc)), None, False
+            return
+        yield (
+            [*shown, _assistant("")],
+            f"Answering ({label}, {settings['max_new_tokens']} new tokens at most)…",
+            None,
+            True,
+        )
+        answer = ""
+        for answer in texts:
+            yield [*shown, _assistant(answer)], "Answering…", None, True
+    session.messages = [*messages, {"role": "assistant", "content": answer}]
+    session.display = [*shown, _assistant(answer)]
+    session.images.extend(images)
+    picture = _grounding_picture(session, answer, grounding)
+    status = "Done." if picture is None else f"Done: {len(find_boxes(answer))} box(es) drawn."
+    if grounding and picture is None:
+        status = "Done (no box in the answer)." if session.images else "Done (no image to draw boxes on)."
+    yield session.display, status, picture, True
+
+
+def build_app(handle: ModelHandle, title: str = TITLE):
+    """The page (a `gr.Blocks`); importing gradio here keeps `import mllm.web.app` cheap."""
+    import gradio as gr
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        session = gr.State(ChatSession())
+        gr.Markdown(f"## {title}\nUpload image(s), ask a question; answers stream as they are generated.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Images", file_count="multiple", elem_id="images")
+                boxes = gr.Image(label="Grounding: boxes in the answer", type="pil", interactive=False)
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", height=420, render_markdown=False, elem_id="chatbot")
+                question = gr.Textbox(
+                    label="Question", placeholder="Ask about the image(s)…", elem_id="question"
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear = gr.Button("Clear", elem_id="clear")
+                status = gr.Markdown("Ready.", elem_id="status")
+        panel = _decoding_panel(gr)
+
+        def on_question(state, file_value, text, *knobs):
+            grounding = knobs[-1]
+            decoding = Decoding(*knobs[:-1])
+            for shown, note, picture, consumed in respond(
+                handle, state, file_value, text, decoding, grounding
+            ):
+                yield _outputs(gr, shown, note, picture, consumed, state)
+
+        inputs = [session, files, question, *panel]
+        outputs = [chatbot, status, boxes, question, files, session]
+        common = {"concurrency_limit": None, "trigger_mode": "multiple", "show_progress": "minimal"}
+        events = [
+            send.click(on_question, inputs, outputs, api_name="ask", **common),
+            question.submit(
+                on_question, inputs, outputs, api_name="ask_enter", api_visibility="private", **common
+            ),
+        ]
+        clear.click(
+            _cleared,
+            None,
+            [chatbot, status, boxes, question, files, session],
+            cancels=events,
+            api_name="clear",
+        )
+    return app
+
+
+def _outputs(gr, shown, note, picture, consumed, state):
+    """Map one step of `respond` to the page's outputs; parts left alone are gr.skip()."""
+    skip = gr.skip()
+    return (
+        skip if shown is None else shown,
+        note,
+        skip if picture is None else picture,
+        "" if consumed else skip,
+        None if consumed else skip,
+        state,
+    )
+
+
+def _cleared():
+    """A fresh conversation: empty chat, no images, no picture."""
+    return [], "Cleared.", None, "", None, ChatSession()
+
+
+def _decoding_panel(gr) -> list:
+    """The decoding controls, in `Decoding`'s field order, then the grounding checkbox."""
+    preset = Decoding()
+    with gr.Accordion("Decoding", open=True):
+        with gr.Row():
+            strategy = gr.Radio(["greedy", "sampling", "beam"], value=preset.strategy, label="Strategy")
+            max_new = gr.Slider(
+                1, 2048, value=preset.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new-tokens"
+            )
+            repetition = gr.Slider(
+                0.5, 2.0, value=preset.repetition_penalty, step=0.01, label="Repetition penalty"
+            )
+        with gr.Row():
+            temperature = gr.Slider(
+                0.05, 2.0, value=preset.temperature, step=0.05, label="Temperature (sampling)"
+            )
+            top_p = gr.Slider(0.05, 1.0, value=preset.top_p, step=0.01, label="Top-p (sampling)")
+            top_k = gr.Slider(1, 500, value=preset.top_k, step=1, label="Top-k (sampling)")
+            beams = gr.Slider(1, 8, value=preset.num_beams, step=1, label="Beams (beam search)")
+        grounding = gr.Checkbox(
+            value=True, label="Grounding mode: draw the boxes of an answer on the last image"
+        )
+    strategy.change(_preset_penalty, strategy, repetition, api_visibility="private")
+    return [strategy, temperature, top_p, top_k, beams, repetition, max_new, grounding]
+
+
+def _preset_penalty(strategy: str) -> float:
+    """Switching strategy loads that strategy's repetition penalty preset (1.0 for greedy)."""
+    from mllm.model.chat import decoding_kwargs
+
+    return decoding_kwargs(strategy).get("repetition_penalty", 1.0)
+
+
+def model_max_length(model) -> int | None:
+    """The longest prompt the model's positions cover (its config's max_position_embeddings)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(
+        getattr(config, "llm_config", None), "max_position_embeddings", None
+    )
+
+
+def quiet_gradio_env() -> None:
+    """No analytics, no update check, no share tunnel, no node server: the page works without the internet."""
+    for key, value in (
+        ("GRADIO_ANALYTICS_ENABLED", "False"),
+        ("GRADIO_SHARE", "False"),
+        ("GRADIO_SSR_MODE", "False"),
+        ("HF_HUB_OFFLINE", "1"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def launch(app, host: str, port: int, block: bool = True):
+    """Serve `app` on host:port, never through a share link. Without `block` it returns at once with the running
+    app (its `local_url` set; `close()` stops it)."""
+    app.queue().launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        show_error=False,
+        quiet=True,
+        prevent_thread_lock=not block,
+        max_file_size="50mb",
+    )
+    return app
+
+
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    max_length: int | None = None,
+    max_slice_nums: int | None = None,
+    block: bool = True,
+):
+    """Load the model directory and serve the page (the body of `mllm web`)."""
+    from mllm.cli.common import load_model_and_processor
+
+    quiet_gradio_env()
+    model, processor = load_model_and_processor(str(model_dir), device, dtype, attn_implementation)
+    handle = ModelHandle(
+        model, processor, max_length or model_max_length(model), max_slice_nums, threading.Lock()
+    )
+    logger.info("serving %s on http://%s:%d", model_dir, host, port)
+    return launch(build_app(handle, title=f"{TITLE}: {Path(model_dir).name}"), host, port, block)

@@ -1,0 +1,136 @@
+"""The page's logic without Gradio: one conversation, the decoding panel's settings, one streamed answer.
+
+Inference goes through `mllm.model.chat.chat` (processor -> `MLLMModel.generate`) exactly as `mllm chat` does;
+this module only turns page inputs into its arguments. Every bad input is a `ValueError` whose message the page
+shows as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
+
+
+@dataclass
+class ChatSession:
+    """One browser session's conversation: what the model sees (`messages`, images inside the user turns), what
+    the chat box shows (`display`), every image given so far (the last one is used for grounding pictures), and
+    whether an answer is being streamed right now."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    display: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The decoding panel: a strategy and its knobs (the knobs of other strategies are ignored)."""
+
+    strategy: str = "greedy"
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 100
+    num_beams: int = 3
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+
+    def kwargs(self) -> dict[str, Any]:
+        """transformers generation kwargs: the strategy's preset (`decoding_kwargs`, as the CLI) with the panel's
+        values for that strategy's own knobs. The repetition penalty is passed only where it differs from the
+        preset, as the CLI passes it only when given: an explicit 1.0 changes transformers' greedy decoding."""
+        self._check()
+        overrides: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
+        if float(self.repetition_penalty) != decoding_kwargs(self.strategy).get("repetition_penalty", 1.0):
+            overrides["repetition_penalty"] = float(self.repetition_penalty)
+        if self.strategy == "sampling":
+            overrides.update(
+                temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k)
+            )
+        if self.strategy == "beam":
+            overrides["num_beams"] = int(self.num_beams)
+        return decoding_kwargs(self.strategy, **overrides)
+
+    @property
+    def streams(self) -> bool:
+        """Beam search keeps several candidates until the end, so it cannot stream: it answers in one piece."""
+        return not (self.strategy == "beam" and int(self.num_beams) > 1)
+
+    def _check(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Decoding strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}."
+            )
+        checks = [
+            (self.max_new_tokens >= 1, "Max new tokens must be at least 1."),
+            (self.repetition_penalty > 0, "Repetition penalty must be positive."),
+        ]
+        if self.strategy == "sampling":
+            checks += [
+                (self.temperature > 0, "Temperature must be positive (use greedy for temperature 0)."),
+                (0 < self.top_p <= 1, "Top-p must be in (0, 1]."),
+                (self.top_k >= 1, "Top-k must be at least 1."),
+            ]
+        if self.strategy == "beam":
+            checks.append((self.num_beams >= 1, "The number of beams must be at least 1."))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def open_images(paths: Sequence[str | Path] | None) -> list[Image.Image]:
+    """Uploaded files -> RGB images; a file that is not an image is a ValueError naming it."""
+    images = []
+    for path in paths or []:
+        name = Path(path).name
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{name} is not an image that can be read ({type(exc).__name__}).") from exc
+    return images
+
+
+def user_turn(question: str | None, images: list[Image.Image]) -> dict[str, Any]:
+    """The user message for the model: images first, then the question (the layout `mllm chat` uses)."""
+    question = (question or "").strip()
+    if not question:
+        raise ValueError("Type a question first" + (" about the image(s)." if images else "."))
+    return {"role": "user", "content": [*images, question] if images else question}
+
+
+def stream_answer(
+    model,
+    processor,
+    messages: list[dict[str, Any]],
+    decoding: Decoding,
+    max_length: int | None = None,
+    max_slice_nums: int | None = None,
+) -> Iterator[str]:
+    """The answer to `messages` as it grows (each item is the whole text so far).
+
+    The prompt is built and checked (a prompt over `max_length` is a ValueError) before the first item, so a
+    caller can report it before changing anything. Beam search yields once, with the finished answer.
+    """
+    kwargs = decoding.kwargs()
+    common = {"max_slice_nums": max_slice_nums, "max_length": max_length, **kwargs}
+    if not decoding.streams:
+        answer = chat(model, None, messages, processor.tokenizer, processor, **common)
+        return iter([answer])
+    streamer = chat(model, None, messages, processor.tokenizer, processor, stream=True, **common)
+    return _accumulate(streamer)
+
+
+def _accumulate(pieces: Iterator[str]) -> Iterator[str]:
+    """Text pieces -> the growing text; the last item is stripped like the non-streamed answer."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        yield text
+    yield text.strip()
