@@ -25,10 +25,37 @@ def free_port() -> int:
 
 def _sft_argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "sft", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
-        "--output-dir", str(out), "--max-steps", "4", "--per-device-train-batch-size", "2",
-        "--learning-rate", "1e-3", "--eval-strategy", "steps", "--eval-steps", "2", "--logging-steps", "1",
-        "--save-strategy", "steps", "--save-steps", "2", "--use-cpu", "true", "--report-to", "none", *extra,
+        "train",
+        "sft",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--save-strategy",
+        "steps",
+        "--save-steps",
+        "2",
+        "--use-cpu",
+        "true",
+        "--report-to",
+        "none",
+        *extra,
     ]
 
 
@@ -52,8 +79,18 @@ def test_train_sft_cli_writes_model_curves_and_resumes(tmp_path: Path, small_mod
 
 
 def test_train_sft_reports_bad_flags_clearly(tmp_path: Path, small_model_dir: Path, capsys) -> None:
-    code = main(["train", "sft", "--model", str(small_model_dir), "--data", str(tmp_path / "none.json"),
-                 "--output-dir", str(tmp_path / "o")])
+    code = main(
+        [
+            "train",
+            "sft",
+            "--model",
+            str(small_model_dir),
+            "--data",
+            str(tmp_path / "none.json"),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "--data: file not found" in capsys.readouterr().err
 
@@ -65,7 +102,15 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, small_model_dir: Path) -> No
     out = tmp_path / "ddp"
     argv = _sft_argv(small_model_dir, data, out, "--ddp-backend", "gloo")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
     result = subprocess.run(
         [*torchrun, "-m", "mllm", *argv], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
     )

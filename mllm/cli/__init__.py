@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds an optional positional before the options that follow it (`chat DIR --image X "question"`
+    # leaves "question" over); a command that names `extra_positional` takes such leftovers.
+    target = getattr(args, "extra_positional", None)
+    if extra and target and getattr(args, target) is None and not any(e.startswith("-") for e in extra):
+        setattr(args, target, " ".join(extra))
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

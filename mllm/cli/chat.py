@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_flags(chat)
     add_decoding_flags(chat)
     add_fast_flag(chat)
-    chat.set_defaults(func=run_chat)
+    chat.set_defaults(func=run_chat, extra_positional="question")
 
     answer = subparsers.add_parser(
         "answer", help="answer every question of an objhal_bench-format jsonl (resumable)"

@@ -16,10 +16,13 @@ STRATEGIES = ("greedy", "sampling", "beam")
 
 def decoding_kwargs(strategy: str, **overrides: Any) -> dict[str, Any]:
     """transformers generation kwargs for a strategy; `overrides` with value None are ignored."""
+    # Every preset sets the same keys, so that a preset applied over another (chat()'s default, then the
+    # caller's choice) leaves nothing of the first behind.
     presets = {
-        "greedy": {"do_sample": False, "num_beams": 1},
+        "greedy": {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0},
         "sampling": {
             "do_sample": True,
+            "num_beams": 1,
             "top_p": 0.8,
             "top_k": 100,
             "temperature": 0.7,
