@@ -7,17 +7,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint demo clean-venv
 
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,web]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The toy-world demo: a tiny model trained from scratch, evaluated, preference-aligned; see runs/demo/REPORT.md.
+demo: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/mllm demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mllm tests benchmarks

@@ -12,7 +12,14 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mllm.eval.answer import QuestionItem, bucketed, generate_answers, merge_parts, part_files
+from mllm.eval.answer import (
+    QuestionItem,
+    bucketed,
+    generate_answers,
+    merge_parts,
+    part_files,
+    prefetched,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 23
@@ -204,3 +211,20 @@ def test_cli_under_torchrun_with_fast_generate(small_model_dir, tiny_model_dir, 
     assert sorted(r["idx"] for r in records) == [0, 1, 2]
     assert all(isinstance(r["answer"], str) for r in records)
     assert part_files(out) == []
+
+
+def test_prefetched_pairs_each_batch_with_its_prepared_inputs(tmp_path):
+    batches = [[QuestionItem(i, "q", None, i)] for i in range(4)]
+    pairs = list(prefetched(iter(batches), lambda batch: [item.idx * 10 for item in batch]))
+    assert [(b[0].idx, inputs) for b, inputs in pairs] == [(0, [0]), (1, [10]), (2, [20]), (3, [30])]
+    assert list(prefetched(iter([]), lambda batch: 1)) == []
+    questions = write_questions(tmp_path / "q.jsonl")
+    calls = []
+
+    def answer(batch, inputs=None):
+        calls.append(inputs)
+        return fake_answer(batch)
+
+    answer.prepare = lambda batch: len(batch)
+    generate_answers(questions, tmp_path / "a.jsonl", answer, "m", batch_size=10)
+    assert calls == [10, 10, 2]  # generate_answers hands every batch its prepared inputs

@@ -89,6 +89,17 @@ def test_streamed_answer_equals_chat_and_second_turn_keeps_history(
     assert text_of(chat2[3]) != without_history, "the second answer does not depend on the first turn"
 
 
+def test_several_images_in_one_turn(client, model_and_processor, tiny_model_dir):
+    model, processor = model_and_processor
+    paths = [tiny_model_dir / "images" / "img_90x60.png", tiny_model_dir / "images" / "img_300x1000.png"]
+    chat, status, *_ = ask(client, "Compare the two images.", paths, max_new_tokens=8).result()
+    images = [Image.open(path).convert("RGB") for path in paths]
+    msgs = [{"role": "user", "content": [*images, "Compare the two images."]}]
+    assert status.startswith("Done")
+    assert sum(part.get("type") == "file" for part in chat[0]["content"]) == 2
+    assert text_of(chat[-1]) == chat_greedy(model, processor, msgs, 8)
+
+
 def test_non_image_upload_gets_a_message_and_the_next_request_works(client, model_and_processor, tmp_path):
     model, processor = model_and_processor
     bogus = tmp_path / "notes.png"
@@ -163,14 +174,52 @@ def test_request_while_streaming_gets_a_message(client):
     from mllm.web.app import BUSY_MESSAGE
 
     long_job = ask(client, "Tell me a long story.", max_new_tokens=300)
-    deadline = time.monotonic() + 60
-    while not answers(long_job) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not long_job.done(), "the first answer finished before the second request could be sent"
+    wait_for_first_piece(long_job)
     chat, status, *_ = ask(client, QUESTION).result()
     assert status == BUSY_MESSAGE
     chat, status, *_ = long_job.result()
     assert status.startswith("Done") and [m["role"] for m in chat] == ["user", "assistant"]
+
+
+def wait_for_first_piece(job, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not answers(job) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not job.done(), "the long answer finished before the test could interrupt it"
+
+
+def test_clear_stops_the_answer_and_starts_a_new_conversation(client):
+    long_job = ask(client, "Tell me a long story.", max_new_tokens=2000)
+    wait_for_first_piece(long_job)
+    chat, status, picture, question_box, files_box = client.predict(api_name="/clear")
+    assert (chat, status, question_box) == ([], "Cleared.", "")
+    deadline = time.monotonic() + 30
+    while not long_job.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert long_job.done(), "the cleared answer is still streaming"
+    chat, status, *_ = ask(client, "Hello?", max_new_tokens=2).result()
+    assert status.startswith("Done") and [m["role"] for m in chat] == ["user", "assistant"]
+
+
+def test_closing_an_answer_stops_generation(model_and_processor):
+    """An answer nobody reads (cleared page, closed tab) stops: its generation thread ends long before
+    max_new_tokens (2000 tokens take minutes on the fixture)."""
+    import threading
+
+    from mllm.web.session import Decoding, stream_answer
+
+    model, processor = model_and_processor
+    before = set(threading.enumerate())
+    texts = stream_answer(
+        model, processor, [{"role": "user", "content": "Hi"}], Decoding(max_new_tokens=2000)
+    )
+    next(texts)
+    # MLLMModel._stream's thread (its target is `run`, so Python names it "Thread-N (run)")
+    generating = [t for t in set(threading.enumerate()) - before if t.name.endswith("(run)")]
+    assert len(generating) == 1 and generating[0].is_alive()
+    texts.close()
+    generating[0].join(timeout=20)
+    assert not generating[0].is_alive()
 
 
 def test_beam_search_answers_in_one_piece(client, model_and_processor):
@@ -193,6 +242,19 @@ def test_cli_listens_on_localhost_unless_told():
     args = build_parser().parse_args(["web", "some/model"])
     assert (args.host, args.port, args.func.__name__) == ("127.0.0.1", 7860, "run_web")
     assert build_parser().parse_args(["web", "m", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+def test_port_in_use_is_a_clear_error(tiny_model_dir):
+    import socket
+
+    from mllm.web.app import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(tiny_model_dir, port=port, device="cpu", block=False)
 
 
 def test_find_boxes_reads_every_syntax_with_labels():

@@ -112,6 +112,11 @@ def test_browser_uploads_asks_and_sees_the_answer(server, browser, tiny_model_di
     if os.environ.get("MLLM_WEB_SCREENSHOT"):
         Path(os.environ["MLLM_WEB_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, os.environ["MLLM_WEB_SCREENSHOT"])
+    origin = server.local_url.rstrip("/")
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(url.startswith(origin) for url in loaded), loaded
+    outside = [url for url in loaded if not url.startswith((origin, "data:", "blob:"))]
+    assert not outside, f"the page loaded resources from elsewhere than the server: {outside}"
     assert _visible(expected) in page_answer, (
         f"answer not on the page after {time.monotonic() - started:.0f}s"
     )

@@ -68,7 +68,12 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
     tokenizer_dir = build_toy_tokenizer(toy_corpus(world_dir(config)), folder / "tokenizer")
     out = init_model_dir(config)
-    write_toy_preset(out, tokenizer_dir, vision_config=preset_vision_config(tokenizer_dir, config))
+    write_toy_preset(
+        out,
+        tokenizer_dir,
+        vision_config=preset_vision_config(tokenizer_dir, config),
+        projector=config.projector,
+    )
     torch.manual_seed(config.seed)
     model = MLLMModel(MLLMConfig.from_pretrained(out))
     model.save_pretrained(out)
@@ -80,7 +85,7 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
     summary = (
         f"vocabulary {model.config.vocab_size}, {total / 1e6:.2f}M parameters (vision {parameters['vpm'] / 1e6:.2f}M, "
         f"resampler {parameters['resampler'] / 1e6:.2f}M, LLM {parameters['llm'] / 1e6:.2f}M), "
-        f"vision stem {model.config.vision.stem}"
+        f"vision stem {model.config.vision.stem}, projector {model.config.projector}"
     )
     return {
         "vocab_size": model.config.vocab_size,

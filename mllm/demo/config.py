@@ -36,6 +36,9 @@ class DemoConfig:
     # --- model ---
     vision_stem: str = "conv"
     """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions."""
+    projector: str = "merge"
+    """`projector` of the preset: "merge" (2x2 patch merge) keeps image rows tied to regions from the first step;
+    the resampler's queries collapse to one average when trained from scratch at this size (see mllm.model.merger)."""
     # --- SFT ---
     sft_steps: int = 480
     """Optimizer steps of SFT on the mixed (yes/no + descriptions + REC) data."""

@@ -171,6 +171,28 @@ def bucketed(
     yield from flush()
 
 
+def prefetched(
+    batches: Iterator[list[QuestionItem]], prepare: Callable[[list[QuestionItem]], Any] | None
+) -> Iterator[tuple[list[QuestionItem], Any]]:
+    """(batch, prepare(batch)) pairs, the next batch prepared in a worker thread while the caller works on this one
+    (image slicing and tokenizing on the CPU overlap generation on the GPU). Without `prepare`: (batch, None)."""
+    if prepare is None:
+        for batch in batches:
+            yield batch, None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        batch = next(batches, None)
+        pending = pool.submit(prepare, batch) if batch is not None else None
+        while batch is not None:
+            following = next(batches, None)
+            ready = pending.result()
+            pending = pool.submit(prepare, following) if following is not None else None
+            yield batch, ready
+            batch = following
+
+
 def part_path(out_path: Path, rank: int) -> Path:
     """Where rank `rank` of a data-parallel run writes its answers before the merge."""
     return out_path.with_name(f"{out_path.stem}.part{rank}.jsonl")
@@ -269,8 +291,8 @@ def generate_answers(
             desc=f"answers[{rank}]" if world_size > 1 else "answers", unit="item", position=bar_position
         ) as bar,
     ):
-        for batch in batches:
-            answers, n_tokens = answer_fn(batch)
+        for batch, inputs in prefetched(batches, getattr(answer_fn, "prepare", None)):
+            answers, n_tokens = answer_fn(batch) if inputs is None else answer_fn(batch, inputs)
             for item, answer in zip(batch, answers):
                 record = {
                     "idx": item.idx,
@@ -324,13 +346,20 @@ def prompt_length_fn(processor, max_slice_nums: int | None = None) -> Callable[[
 def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_slice_nums: int | None = None):
     """A batch of items -> greedy/sampled/beam answers from an MLLMModel (one generate call per batch).
 
-    The returned function carries `prompt_length` (see `prompt_length_fn`) for `generate_answers(length_fn=...)`."""
+    The returned function carries `prompt_length` (see `prompt_length_fn`) for `generate_answers(length_fn=...)`,
+    and `prepare` (a batch -> processor inputs, CPU work) so that `generate_answers` can build the next batch's
+    inputs in a thread while this one generates; `answer(batch, inputs)` then skips the processor."""
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
 
-    def answer(batch: list[QuestionItem]) -> tuple[list[str], int]:
-        conversations = [item_conversation(item) for item in batch]
-        inputs = processor.chat_batch(conversations, max_slice_nums=max_slice_nums)
+    def prepare(batch: list[QuestionItem]) -> dict[str, Any]:
+        return processor.chat_batch(
+            [item_conversation(item) for item in batch], max_slice_nums=max_slice_nums
+        )
+
+    def answer(batch: list[QuestionItem], inputs: dict[str, Any] | None = None) -> tuple[list[str], int]:
+        if inputs is None:
+            inputs = prepare(batch)
         tokens = model.generate(
             input_ids=inputs["input_ids"].to(device),
             pixel_values=inputs["pixel_values"],
@@ -346,4 +375,5 @@ def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_sli
         return texts, n_new
 
     answer.prompt_length = prompt_length_fn(processor, max_slice_nums)
+    answer.prepare = prepare
     return answer

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 MODEL_TYPES = ("mllm", "minicpmv")
+PROJECTORS = ("resampler", "merge")
 VISION_STEMS = ("patch", "conv")
 
 
@@ -104,6 +105,9 @@ class MLLMConfig(PretrainedConfig):
     vision_batch_size: int = 16
     slice_mode: bool = True
     version: float | str | None = None
+    projector: str = "resampler"
+    """Vision tokens -> LLM rows: "resampler" (MiniCPM-V's perceiver, every real checkpoint) or "merge" (a 2x2
+    patch merge, `mllm.model.merger`, for tiny models trained from scratch)."""
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -168,6 +172,8 @@ class MLLMConfig(PretrainedConfig):
             raise ValueError(f"MLLMConfig.query_num must be positive, got {self.query_num}")
         if self.vision_batch_size <= 0:
             raise ValueError(f"MLLMConfig.vision_batch_size must be positive, got {self.vision_batch_size}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"MLLMConfig.projector must be one of {PROJECTORS}, got {self.projector!r}")
         vision = self.vision
         if vision.stem not in VISION_STEMS:
             raise ValueError(

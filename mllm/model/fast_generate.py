@@ -35,7 +35,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mllm.model.llm import LLMForCausalLM, causal_bias
+from mllm.model.llm import (
+    Attention,
+    DecoderLayer,
+    LLMForCausalLM,
+    apply_rotary,
+    causal_bias,
+    eager_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,18 +155,54 @@ def run_layers(
     position_ids: torch.Tensor,
     bias: torch.Tensor,
     cache: StaticKVCache,
+    decode: bool = False,
 ) -> torch.Tensor:
     """The decoder on [R, T, D] embeddings writing into the static cache; returns last-position logits [R, V] fp32.
 
     Goes around `LLMModel.forward` on purpose: that one asks the cache for its length (a Python int that changes every
-    step and would recompile a captured graph) and builds its own mask; here the caller passes both.
+    step and would recompile a captured graph) and builds its own mask; here the caller passes both. `decode` (T = 1)
+    runs `decode_layer`, which attends without copying the grouped key/value heads.
     """
     model = llm.model
     rope = model.rotary_emb(position_ids, embeds.dtype)  # 2 x [R, T, d]
     x = embeds
     for layer in model.layers:
-        x = layer(x, rope, bias, None, cache)
+        x = decode_layer(layer, x, rope, bias, cache) if decode else layer(x, rope, bias, None, cache)
     return llm.lm_head(model.norm(x[:, -1])).float()  # [R, V]
+
+
+def decode_layer(
+    layer: DecoderLayer, x: torch.Tensor, rope, bias: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """`DecoderLayer.forward` for one new token per row, with `decode_attention` in place of the module's attention."""
+    x = x + decode_attention(layer.self_attn, layer.input_layernorm(x), rope, bias, cache)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def decode_attention(
+    attn: Attention, x: torch.Tensor, rope, bias: torch.Tensor, cache: StaticKVCache
+) -> torch.Tensor:
+    """Attention of one new token per row [R, 1, D] over the cache, grouped-query style without `repeat_kv`.
+
+    `repeat_kv` would copy every cached key/value head H/K times each step (7x the cache's bytes for Qwen2-7B, the
+    dominant memory traffic at batch 48). With one query position, the n_rep = H/K query heads that share key/value
+    head k can instead stand in the query-length slot: q [R, K, n_rep, d] against k, v [R, K, S, d], the mask
+    [R, 1, 1, S] broadcast over them. Same numbers per head, no copy.
+    """
+    rows = x.shape[0]
+    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = apply_rotary(attn._split_heads(attn.q_proj(x), heads), *rope)  # [R, H, 1, d]
+    k = apply_rotary(attn._split_heads(attn.k_proj(x), kv_heads), *rope)  # [R, K, 1, d]
+    v = attn._split_heads(attn.v_proj(x), kv_heads)  # [R, K, 1, d]
+    keys, values = cache.update(k, v, attn.layer_idx)  # [R, K, S, d]
+    q = q.reshape(
+        rows, kv_heads, heads // kv_heads, head_dim
+    )  # head h = k * n_rep + j, as repeat_kv orders them
+    if (attn.config._attn_implementation or "sdpa") == "eager":
+        out = eager_attention(q, keys, values, bias, 0.0)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)  # [R, K, n_rep, d]
+    return attn.o_proj(out.reshape(rows, 1, heads * head_dim))
 
 
 class DecodeStep:
@@ -177,7 +220,7 @@ class DecodeStep:
         cache = StaticKVCache(keys, values)
         cache.positions = slot
         embeds = self.llm.model.embed_tokens(ids[:, None])  # [R, 1, D]
-        return run_layers(self.llm, embeds, position_ids[:, None], bias, cache)
+        return run_layers(self.llm, embeds, position_ids[:, None], bias, cache, decode=True)
 
     def __call__(
         self,
@@ -193,6 +236,8 @@ class DecodeStep:
         if self.compiled is not None:
             bias = additive_bias(key_valid, dtype)[:, None, None, :]  # [R, 1, 1, S]
             try:
+                # The last step's logits are no longer read: CUDA graphs may reuse their memory for this replay.
+                torch.compiler.cudagraph_mark_step_begin()
                 return self.compiled(ids, position_ids, bias, slot_t, cache.keys, cache.values)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager step
                 logger.warning("torch.compile of the decode step failed (%s); decoding eagerly", exc)
@@ -201,12 +246,14 @@ class DecodeStep:
         cache.positions = slot_t
         bias = additive_bias(key_valid[:, : slot + 1], dtype)[:, None, None, :]  # [R, 1, 1, slot+1]
         embeds = self.llm.model.embed_tokens(ids[:, None])
-        return run_layers(self.llm, embeds, position_ids[:, None], bias, cache)
+        return run_layers(self.llm, embeds, position_ids[:, None], bias, cache, decode=True)
 
 
 def default_compile(fn: Callable) -> Callable:
-    """CUDA graphs through inductor: the step's shapes never change, so one capture is replayed every token."""
-    return torch.compile(fn, mode="reduce-overhead", dynamic=False, fullgraph=True)
+    """CUDA graphs through inductor: within a call the step's shapes never change, so one capture is replayed every
+    token. `dynamic=None`: the first shape compiles static, a second one (other rows or slots) recompiles once with
+    symbolic sizes, after which new shapes only record a new CUDA graph instead of compiling again."""
+    return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
 
 
 def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -271,8 +318,9 @@ class FastGenerator:
 
     def decode_cache(self, rows: int, slots: int, dtype: torch.dtype) -> StaticKVCache:
         """The kept cache when it fits (same rows and dtype, enough slots), else a new one (the old one is freed)."""
-        cache = self._cache
-        if cache is None or cache.shape[0] != rows or cache.shape[2] < slots or cache.keys[0].dtype != dtype:
+        cache, device = self._cache, self.llm.lm_head.weight.device
+        stale = cache is None or cache.keys[0].dtype != dtype or cache.keys[0].device != device
+        if stale or cache.shape[0] != rows or cache.shape[2] < slots:
             self._cache = None  # free the old buffers before allocating the new ones
             cache = StaticKVCache.allocate(self.llm, rows, slots, dtype)
             if self.step.compiled is not None:
@@ -425,7 +473,8 @@ class BeamState:
         beam_of = from_beam.gather(1, pick)  # [B, N]: which old beam each new one extends
         source_rows = (beam_of + torch.arange(self.batch, device=pick.device)[:, None] * self.n).reshape(-1)
         self._update_improvable(step + 1)
-        go_on = bool(self.improvable.any()) and not bool(ends.all()) and not last_step
+        all_full = self.options.early_stopping is True and bool(self.is_finished.all())
+        go_on = bool(self.improvable.any()) and not bool(ends.all()) and not last_step and not all_full
         return source_rows, tokens.gather(1, pick).reshape(-1), go_on
 
     def _collect_finished(self, candidates, top_scores, ends, step) -> None:

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mllm.model.config import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.loading import load_pretrained, save_pretrained
+from mllm.model.merger import PatchMerger
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
 
@@ -104,7 +105,9 @@ class MLLMModel(PreTrainedModel):
         super().__init__(config)
         self.llm = LLMForCausalLM(config)
         self.vpm = VisionTransformer(config.vision, config.num_vision_layers)
-        self.resampler = Resampler(config.query_num, config.hidden_size, config.vision.hidden_size)
+        # "merge" (a 2x2 patch merge for tiny models trained from scratch): see mllm.model.merger
+        projector = PatchMerger if config.projector == "merge" else Resampler
+        self.resampler = projector(config.query_num, config.hidden_size, config.vision.hidden_size)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

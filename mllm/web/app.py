@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "An answer is still streaming: wait until it is finished, then ask again."
 TITLE = "mllm chat"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ def _grounding_picture(session: ChatSession, answer: str, enabled: bool):
 
 
 def respond(handle: ModelHandle, session: ChatSession, files, question, decoding: Decoding, grounding: bool):
-    """One question: yields (chat display, status text, grounding picture, clear inputs?) as the answer grows.
+    """One question: yields (chat display, status text, grounding picture, inputs consumed?) as the answer
+    grows. A display of None leaves the chat as it is; the picture is None until the last step, which always
+    sets it (None there clears an earlier picture). Consumed inputs (question, files) are emptied.
 
     Raises nothing for bad input: a ValueError becomes the status text and the session is left unchanged.
     """
@@ -84,44 +87,65 @@ def respond(handle: ModelHandle, session: ChatSession, files, question, decoding
         images = open_images(paths)
         messages = [*session.messages, user_turn(question, images)]
         settings = decoding.kwargs()
-    except ValueError as exc:
-        yield session.display, error_text(str(exc)), None, bool(files)
+    except ValueError as exc:  # inputs stay as they are, to be corrected
+        yield session.display, error_text(str(exc)), None, False
         return
     session.busy = True
+    epoch = session.epoch
     try:
         yield from _answer(handle, session, messages, images, paths, question, decoding, grounding, settings)
     finally:
-        session.busy = False
+        if session.epoch == epoch:  # after a Clear, `busy` belongs to the new conversation
+            session.busy = False
 
 
 def _answer(handle, session, messages, images, paths, question, decoding, grounding, settings):
+    """Stream one answer under the model lock, then add the turn to the session. An answer whose session was
+    cleared meanwhile stops at its next piece and is dropped."""
+    epoch = session.epoch
     shown = [*session.display, *_user_display(question, paths)]
     label = "beam search: the answer comes in one piece" if not decoding.streams else "streaming"
     with handle.lock:
+        if session.epoch != epoch:
+            return
         try:
             texts = stream_answer(
                 handle.model, handle.processor, messages, decoding, handle.max_length, handle.max_slice_nums
             )
-        except ValueError as exc:
+        except ValueError as exc:  # the prompt is too long, or the messages are malformed
+            hint = " Clear starts a new conversation." if session.messages else ""
+            yield session.display, error_text(f"{str(exc).rstrip('.')}.{hint}"), None, False
+            return
+        note = f"Answering ({label}, {settings['max_new_tokens']} new tokens at most)…"
+        answer = ""
+        try:
+            yield [*shown, _assistant(answer)], note, None, True
+            for answer in texts:
+                if session.epoch != epoch:
+                    return
+                yield [*shown, _assistant(answer)], note, None, True
+        except (ValueError, RuntimeError) as exc:  # generation itself failed (e.g. out of memory)
+            logger.warning("generation failed", exc_info=True)
             yield session.display, error_text(str(exc)), None, False
             return
-        yield (
-            [*shown, _assistant("")],
-            f"Answering ({label}, {settings['max_new_tokens']} new tokens at most)…",
-            None,
-            True,
-        )
-        answer = ""
-        for answer in texts:
-            yield [*shown, _assistant(answer)], "Answering…", None, True
+        finally:
+            getattr(texts, "close", lambda: None)()  # an abandoned answer stops generating
+    if session.epoch != epoch:
+        return
     session.messages = [*messages, {"role": "assistant", "content": answer}]
     session.display = [*shown, _assistant(answer)]
     session.images.extend(images)
+    yield session.display, *_finished(session, answer, grounding), True
+
+
+def _finished(session: ChatSession, answer: str, grounding: bool):
+    """The status line and grounding picture once an answer is complete."""
     picture = _grounding_picture(session, answer, grounding)
-    status = "Done." if picture is None else f"Done: {len(find_boxes(answer))} box(es) drawn."
-    if grounding and picture is None:
-        status = "Done (no box in the answer)." if session.images else "Done (no image to draw boxes on)."
-    yield session.display, status, picture, True
+    if picture is not None:
+        return f"Done: {len(find_boxes(answer))} box(es) drawn.", picture
+    if not grounding:
+        return "Done.", None
+    return ("Done (no box in the answer)." if session.images else "Done (no image to draw boxes on)."), None
 
 
 def build_app(handle: ModelHandle, title: str = TITLE):
@@ -149,13 +173,13 @@ def build_app(handle: ModelHandle, title: str = TITLE):
         def on_question(state, file_value, text, *knobs):
             grounding = knobs[-1]
             decoding = Decoding(*knobs[:-1])
-            for shown, note, picture, consumed in respond(
-                handle, state, file_value, text, decoding, grounding
-            ):
-                yield _outputs(gr, shown, note, picture, consumed, state)
+            steps = respond(handle, state, file_value, text, decoding, grounding)
+            for shown, note, picture, consumed in steps:
+                yield _outputs(gr, shown, note, picture, consumed, final=note.startswith("Done"))
 
         inputs = [session, files, question, *panel]
-        outputs = [chatbot, status, boxes, question, files, session]
+        # The session is changed in place and never output: a late step of an answer cannot undo a Clear.
+        outputs = [chatbot, status, boxes, question, files]
         common = {"concurrency_limit": None, "trigger_mode": "multiple", "show_progress": "minimal"}
         events = [
             send.click(on_question, inputs, outputs, api_name="ask", **common),
@@ -164,31 +188,28 @@ def build_app(handle: ModelHandle, title: str = TITLE):
             ),
         ]
         clear.click(
-            _cleared,
-            None,
-            [chatbot, status, boxes, question, files, session],
-            cancels=events,
-            api_name="clear",
+            _cleared, session, [chatbot, status, boxes, question, files], cancels=events, api_name="clear"
         )
     return app
 
 
-def _outputs(gr, shown, note, picture, consumed, state):
+def _outputs(gr, shown, note, picture, consumed, final: bool):
     """Map one step of `respond` to the page's outputs; parts left alone are gr.skip()."""
     skip = gr.skip()
     return (
         skip if shown is None else shown,
         note,
-        skip if picture is None else picture,
+        picture if final else skip,
         "" if consumed else skip,
         None if consumed else skip,
-        state,
     )
 
 
-def _cleared():
-    """A fresh conversation: empty chat, no images, no picture."""
-    return [], "Cleared.", None, "", None, ChatSession()
+def _cleared(session: ChatSession):
+    """A fresh conversation: empty chat, no images, no picture; an answer still streaming stops (through the
+    session's epoch; the browser also cancels it, an API client cannot)."""
+    session.clear()
+    return [], "Cleared.", None, "", None
 
 
 def _decoding_panel(gr) -> list:
@@ -233,14 +254,8 @@ def model_max_length(model) -> int | None:
 
 
 def quiet_gradio_env() -> None:
-    """No analytics, no update check, no share tunnel, no node server: the page works without the internet."""
-    for key, value in (
-        ("GRADIO_ANALYTICS_ENABLED", "False"),
-        ("GRADIO_SHARE", "False"),
-        ("GRADIO_SSR_MODE", "False"),
-        ("HF_HUB_OFFLINE", "1"),
-    ):
-        os.environ.setdefault(key, value)
+    """Gradio's telemetry calls read this variable (not only the Blocks flag): off, unless the user set it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def launch(app, host: str, port: int, block: bool = True):
@@ -279,4 +294,10 @@ def serve(
         model, processor, max_length or model_max_length(model), max_slice_nums, threading.Lock()
     )
     logger.info("serving %s on http://%s:%d", model_dir, host, port)
-    return launch(build_app(handle, title=f"{TITLE}: {Path(model_dir).name}"), host, port, block)
+    if host not in LOOPBACK_HOSTS:
+        logger.warning("--host %s: the page is reachable from other machines and has no login", host)
+    app = build_app(handle, title=f"{TITLE}: {Path(model_dir).name}")
+    try:
+        return launch(app, host, port, block)
+    except OSError as exc:  # port taken, address not on this machine
+        raise ValueError(f"cannot listen on {host}:{port}: {exc}") from exc

@@ -7,12 +7,15 @@ shows as it is.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
 
@@ -21,12 +24,20 @@ from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
 class ChatSession:
     """One browser session's conversation: what the model sees (`messages`, images inside the user turns), what
     the chat box shows (`display`), every image given so far (the last one is used for grounding pictures), and
-    whether an answer is being streamed right now."""
+    whether an answer is being streamed right now. `epoch` counts Clears: an answer started before a Clear sees
+    it changed, stops and is not added to the new conversation."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     display: list[dict[str, Any]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     busy: bool = False
+    epoch: int = 0
+
+    def clear(self) -> None:
+        """Start a new conversation in place (the page's State keeps pointing at this object)."""
+        self.messages, self.display, self.images = [], [], []
+        self.busy = False
+        self.epoch += 1
 
 
 @dataclass(frozen=True)
@@ -43,12 +54,12 @@ class Decoding:
 
     def kwargs(self) -> dict[str, Any]:
         """transformers generation kwargs: the strategy's preset (`decoding_kwargs`, as the CLI) with the panel's
-        values for that strategy's own knobs. The repetition penalty is passed only where it differs from the
-        preset, as the CLI passes it only when given: an explicit 1.0 changes transformers' greedy decoding."""
+        values for that strategy's own knobs."""
         self._check()
-        overrides: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
-        if float(self.repetition_penalty) != decoding_kwargs(self.strategy).get("repetition_penalty", 1.0):
-            overrides["repetition_penalty"] = float(self.repetition_penalty)
+        overrides: dict[str, Any] = {
+            "max_new_tokens": int(self.max_new_tokens),
+            "repetition_penalty": float(self.repetition_penalty),
+        }
         if self.strategy == "sampling":
             overrides.update(
                 temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k)
@@ -123,14 +134,42 @@ def stream_answer(
     if not decoding.streams:
         answer = chat(model, None, messages, processor.tokenizer, processor, **common)
         return iter([answer])
-    streamer = chat(model, None, messages, processor.tokenizer, processor, stream=True, **common)
-    return _accumulate(streamer)
+    stop = threading.Event()
+    stopping = StoppingCriteriaList([_StopWhenSet(stop)])
+    streamer = chat(
+        model,
+        None,
+        messages,
+        processor.tokenizer,
+        processor,
+        stream=True,
+        stopping_criteria=stopping,
+        **common,
+    )
+    return _accumulate(streamer, stop)
 
 
-def _accumulate(pieces: Iterator[str]) -> Iterator[str]:
-    """Text pieces -> the growing text; the last item is stripped like the non-streamed answer."""
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once `event` is set: an answer nobody reads any more (page cleared, tab closed) stops
+    using the model instead of running to max_new_tokens."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def _accumulate(pieces: Iterator[str], stop: threading.Event) -> Iterator[str]:
+    """Text pieces -> the growing text; the last item is stripped like the non-streamed answer. Closing the
+    iterator early stops the generation."""
     text = ""
-    for piece in pieces:
-        text += piece
-        yield text
-    yield text.strip()
+    try:
+        for piece in pieces:
+            text += piece
+            yield text
+        yield text.strip()
+    finally:
+        stop.set()

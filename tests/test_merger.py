@@ -1,0 +1,85 @@
+"""The `projector="merge"` option (mllm.model.merger): one row per 2x2 block of patches, any grid pooled to fit, and
+a model that builds, runs, saves and loads with it while the default stays the resampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm.model.config import MLLMConfig
+from mllm.model.merger import PatchMerger
+from mllm.model.modeling import MLLMModel
+from mllm.model.resampler import Resampler
+
+
+def test_each_row_reads_only_its_own_2x2_block() -> None:
+    torch.manual_seed(0)
+    merger = PatchMerger(num_queries=16, embed_dim=32, kv_dim=8).eval()
+    x = torch.randn(1, 64, 8)
+    sizes = torch.tensor([[8, 8]])
+    base = merger(x, sizes)
+    assert base.shape == (1, 16, 32)
+    # Patch (row 5, col 2) lies in block (2, 1), i.e. output row 2 * 4 + 1 = 9.
+    changed = x.clone()
+    changed[0, 5 * 8 + 2] += 1.0
+    moved = (merger(changed, sizes) - base).abs().amax(dim=-1)[0]
+    assert moved[9] > 1e-4
+    assert torch.all(moved[torch.arange(16) != 9] == 0)
+
+
+def test_other_grids_are_pooled_and_padding_is_ignored() -> None:
+    merger = PatchMerger(num_queries=16, embed_dim=16, kv_dim=4)
+    x = torch.randn(2, 60, 4)
+    x[1, 4:] = 1e6  # padding after a 2x2 slice must not leak in
+    out = merger(x, torch.tensor([[6, 10], [2, 2]]))
+    assert out.shape == (2, 16, 16)
+    assert torch.isfinite(out).all() and out[1].abs().max() < 1e3
+
+
+def test_query_num_must_be_a_square() -> None:
+    with pytest.raises(ValueError, match="query_num must be a perfect square"):
+        PatchMerger(num_queries=12, embed_dim=16, kv_dim=4)
+
+
+def tiny_config(**overrides) -> MLLMConfig:
+    fields = dict(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        query_num=4,
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "image_size": 56,
+        },
+        drop_vision_last_layer=False,
+    )
+    fields.update(overrides)
+    return MLLMConfig(**fields)
+
+
+def test_model_with_merge_projector_runs_saves_and_loads(tmp_path: Path) -> None:
+    assert isinstance(MLLMModel(tiny_config()).resampler, Resampler)  # the default is MiniCPM-V's
+    torch.manual_seed(0)
+    model = MLLMModel(tiny_config(projector="merge")).eval()
+    assert isinstance(model.resampler, PatchMerger)
+    strips = [torch.randn(3, 14, 16 * 14)]
+    data = {"pixel_values": [strips], "tgt_sizes": [torch.tensor([[4, 4]])]}
+    rows = model.get_vision_hidden_states(data)[0]
+    assert rows.shape == (1, 4, 128)
+    model.save_pretrained(tmp_path)
+    loaded = MLLMModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector == "merge"
+    assert torch.allclose(loaded.get_vision_hidden_states(data)[0], rows)
+
+
+def test_unknown_projector_is_refused() -> None:
+    with pytest.raises(ValueError, match="MLLMConfig.projector must be one of"):
+        tiny_config(projector="mlp")
