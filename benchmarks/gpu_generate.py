@@ -145,11 +145,9 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def decode_table(model, args, device: torch.device) -> list[dict]:
     """Both paths, batch 1 and 16 (or --batch-sizes), greedy and beam 3."""
-    from mllm.model.fast_generate import FastGenerator
-
     llm = model.llm
     never = llm.config.vocab_size - 1  # the random model's chance of picking it is ~1/vocab per step
-    fast = FastGenerator(llm, compile=None if not args.no_compile else False)
+    fast = model.fast_generator(compile=False if args.no_compile else None)  # the one the answer job reuses
     rows = []
     for batch in args.batch_sizes:
         g = torch.Generator().manual_seed(batch)

@@ -84,9 +84,10 @@ def test_fixture_beam_batch_equals_plain_and_each_row_alone(model, data, tokeniz
     kwargs = dict(max_new_tokens=16, num_beams=3)
     fast = run(model, data, tokenizer, fast=True, **kwargs)
     assert torch.equal(fast, run(model, data, tokenizer, **kwargs))
-    # With a repetition penalty transformers' batched call ignores the first n_pad new tokens of a padded row
-    # (module docstring); ours counts them all, so each row equals that prompt generated alone.
+    # With a repetition penalty, transformers' own processor would skip the first n_pad new tokens of a padded row
+    # (`penalty_over_new_tokens`); both paths count them all, so each row equals its prompt generated alone.
     penalised = run(model, data, tokenizer, fast=True, repetition_penalty=1.2, **kwargs)
+    assert torch.equal(penalised, run(model, data, tokenizer, repetition_penalty=1.2, **kwargs))
     for index in (0, 1):
         alone = run(model, single_sample(data, index), tokenizer, repetition_penalty=1.2, **kwargs)
         assert torch.equal(penalised[index, : alone.shape[1]], alone[0])
@@ -227,6 +228,6 @@ def test_decode_cache_is_kept_between_calls(llm):
     embeds = llm.get_input_embeddings()(ids)
     gen = FastGenerator(llm)
     gen.generate(embeds, mask, max_new_tokens=3, pad_token_id=PAD, eos_token_id=[1])
-    kept = gen._cache.keys[0]
+    kept = gen._cache.storage
     gen.generate(embeds[:, 2:], mask[:, 2:], max_new_tokens=3, pad_token_id=PAD, eos_token_id=[1])
-    assert gen._cache.keys[0] is kept  # same rows, fewer slots: no new allocation (no new CUDA graph)
+    assert gen._cache.storage is kept  # same rows, fewer slots: no new allocation (no new CUDA graph)

@@ -8,9 +8,8 @@ shapes (one new token, an additive mask over all S_max slots), so on CUDA it is 
 the filled prefix of the buffers, which is also what makes it numerically the plain path.
 
 The decoding rules are transformers' own (same logits processors, same beam bookkeeping, same padding of finished
-rows), so the tokens equal `MLLMModel.generate(..., fast=False)`. One deliberate difference: transformers ignores the
-first `n_pad` generated tokens of a left-padded row for the repetition penalty when generating from `inputs_embeds`
-(it treats the padding length as a prompt length); here every generated token counts, as in an unpadded call.
+rows), so the tokens equal `MLLMModel.generate(..., fast=False)`. The repetition penalty counts every generated token
+of a row, as in an unpadded call (the plain path does the same through `modeling.penalty_over_new_tokens`).
 
 Shapes: B = prompts, N = beams, R = rows = B x N, T = prompt length (left-padded), S = cache slots (T + new tokens,
 rounded up), D = hidden size, V = vocabulary.
@@ -101,52 +100,54 @@ class DecodeOptions:
 
 
 class StaticKVCache:
-    """Per layer a key and a value buffer [R, K, S, d], written in place at `positions`.
+    """All layers' keys and values in one buffer [2L, R, K, S, d] (layer i: keys 2i, values 2i+1), written in place.
 
-    It speaks the one method our `Attention` uses (`update`), and returns the buffers cut to `attend_len` slots:
-    all S slots in the compiled step (fixed shapes), only the filled prefix in eager decoding and prefill.
+    One tensor rather than 2L: the compiled step takes a single static input, and a beam reorder or a prompt copy is
+    one kernel instead of 2L. It speaks the one method our `Attention` uses (`update`), and returns the buffers cut to
+    `attend_len` slots: all S slots in the compiled step (fixed shapes), only the filled prefix in eager decoding and
+    prefill.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.keys, self.values = keys, values
+    def __init__(self, storage: torch.Tensor):
+        self.storage = storage  # [2L, R, K, S, d]
         self.positions: torch.Tensor | None = None  # [T] slots written by the current forward
-        self.attend_len = keys[0].shape[2]
+        self.attend_len = storage.shape[3]
 
     @classmethod
     def allocate(cls, llm: LLMForCausalLM, rows: int, slots: int, dtype: torch.dtype) -> StaticKVCache:
         cfg = llm.config
-        shape = (rows, cfg.num_key_value_heads, slots, cfg.head_dim)
-        device = llm.lm_head.weight.device
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        return cls(keys, values)
+        shape = (2 * cfg.num_hidden_layers, rows, cfg.num_key_value_heads, slots, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=llm.lm_head.weight.device))
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.keys[0].shape)
+    def rows(self) -> int:
+        return self.storage.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.storage.shape[3]
 
     def mark_static(self) -> None:
-        """Tell the compiler the buffers keep their address (CUDA graphs then write into them in place)."""
-        for buf in (*self.keys, *self.values):
-            torch._dynamo.mark_static_address(buf)
+        """Tell the compiler the buffer keeps its address (CUDA graphs then write into it in place)."""
+        torch._dynamo.mark_static_address(self.storage)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.storage[2 * layer_idx], self.storage[2 * layer_idx + 1]  # [R, K, S, d] views
         keys.index_copy_(2, self.positions, k)  # k: [R, K, T, d] into slots `positions`
         values.index_copy_(2, self.positions, v)
         return keys[:, :, : self.attend_len], values[:, :, : self.attend_len]
 
     def load_prefix(self, prompt: StaticKVCache, times: int) -> None:
         """Slots 0..T-1 of every row from a prompt cache of B rows, each repeated `times` times (one per beam)."""
-        for mine, theirs in zip((*self.keys, *self.values), (*prompt.keys, *prompt.values)):
-            length = theirs.shape[2]
-            mine[:, :, :length] = theirs.repeat_interleave(times, dim=0) if times > 1 else theirs
+        length = prompt.slots
+        source = prompt.storage.repeat_interleave(times, dim=1) if times > 1 else prompt.storage
+        self.storage[:, :, :, :length] = source
 
     def reorder(self, rows: torch.Tensor, start: int, end: int) -> None:
         """Beam search: row r takes the cache of row rows[r] in slots start..end-1. The beams of one prompt share
         its prompt slots, so only the generated ones (start = prompt length) need copying."""
-        for buf in (*self.keys, *self.values):
-            buf[:, :, start:end] = buf[:, :, start:end].index_select(0, rows)
+        window = self.storage[:, :, :, start:end]
+        window.copy_(window.index_select(1, rows))
 
 
 def run_layers(
@@ -216,8 +217,8 @@ class DecodeStep:
             compile_fn = compile_fn or default_compile
             self.compiled = compile_fn(self._step_full)
 
-    def _step_full(self, ids, position_ids, bias, slot, keys, values):
-        cache = StaticKVCache(keys, values)
+    def _step_full(self, ids, position_ids, bias, slot, storage):
+        cache = StaticKVCache(storage)
         cache.positions = slot
         embeds = self.llm.model.embed_tokens(ids[:, None])  # [R, 1, D]
         return run_layers(self.llm, embeds, position_ids[:, None], bias, cache, decode=True)
@@ -231,14 +232,14 @@ class DecodeStep:
         cache: StaticKVCache,
     ) -> torch.Tensor:
         """key_valid [R, S] bool: the slots each row may attend to (its prompt without padding, its new tokens)."""
-        dtype = cache.keys[0].dtype
+        dtype = cache.storage.dtype
         slot_t = torch.tensor([slot], device=ids.device)
         if self.compiled is not None:
             bias = additive_bias(key_valid, dtype)[:, None, None, :]  # [R, 1, 1, S]
             try:
                 # The last step's logits are no longer read: CUDA graphs may reuse their memory for this replay.
                 torch.compiler.cudagraph_mark_step_begin()
-                return self.compiled(ids, position_ids, bias, slot_t, cache.keys, cache.values)
+                return self.compiled(ids, position_ids, bias, slot_t, cache.storage)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager step
                 logger.warning("torch.compile of the decode step failed (%s); decoding eagerly", exc)
                 self.compiled = None
@@ -319,14 +320,14 @@ class FastGenerator:
     def decode_cache(self, rows: int, slots: int, dtype: torch.dtype) -> StaticKVCache:
         """The kept cache when it fits (same rows and dtype, enough slots), else a new one (the old one is freed)."""
         cache, device = self._cache, self.llm.lm_head.weight.device
-        stale = cache is None or cache.keys[0].dtype != dtype or cache.keys[0].device != device
-        if stale or cache.shape[0] != rows or cache.shape[2] < slots:
+        stale = cache is None or cache.storage.dtype != dtype or cache.storage.device != device
+        if stale or cache.rows != rows or cache.slots < slots:
             self._cache = None  # free the old buffers before allocating the new ones
             cache = StaticKVCache.allocate(self.llm, rows, slots, dtype)
             if self.step.compiled is not None:
                 cache.mark_static()
             self._cache = cache
-        cache.attend_len = cache.shape[2]
+        cache.attend_len = cache.slots
         return cache
 
     @torch.inference_mode()
@@ -350,7 +351,7 @@ class FastGenerator:
         cache = self.decode_cache(batch * beams, slots, dtype)
         cache.load_prefix(prompt_cache, beams)
         del prompt_cache
-        key_valid = torch.zeros(batch, cache.shape[2], dtype=torch.bool, device=device)  # [B, S]
+        key_valid = torch.zeros(batch, cache.slots, dtype=torch.bool, device=device)  # [B, S]
         key_valid[:, :length] = attention_mask
         state = _Rows(key_valid, attention_mask.sum(-1), length).repeat(beams)
         processors = build_processors(options, eos)
@@ -473,8 +474,10 @@ class BeamState:
         beam_of = from_beam.gather(1, pick)  # [B, N]: which old beam each new one extends
         source_rows = (beam_of + torch.arange(self.batch, device=pick.device)[:, None] * self.n).reshape(-1)
         self._update_improvable(step + 1)
-        all_full = self.options.early_stopping is True and bool(self.is_finished.all())
-        go_on = bool(self.improvable.any()) and not bool(ends.all()) and not last_step and not all_full
+        go_on = self.improvable.any() & ~ends.all()
+        if self.options.early_stopping is True:
+            go_on &= ~self.is_finished.all()
+        go_on = not last_step and bool(go_on)  # one host sync per step
         return source_rows, tokens.gather(1, pick).reshape(-1), go_on
 
     def _collect_finished(self, candidates, top_scores, ends, step) -> None:

@@ -72,6 +72,24 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
+def penalty_over_new_tokens(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Generation kwargs with `repetition_penalty` passed as our own processor over every new token.
+
+    From `inputs_embeds`, transformers hands its repetition-penalty processor each row's left-padding length as a
+    prompt length to skip, but the token ids it sees are only the new ones: a row padded by n would ignore its first n
+    new tokens, so a prompt's answer would depend on the batch it sits in. The processor is given without that skip
+    (and the built-in one switched off with penalty 1.0), which is what an unpadded, one-at-a-time call does.
+    """
+    from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    penalty = kwargs.get("repetition_penalty")
+    if penalty is None or penalty == 1.0:
+        return kwargs
+    processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
+    processors.insert(0, RepetitionPenaltyLogitsProcessor(float(penalty)))
+    return {**kwargs, "repetition_penalty": 1.0, "logits_processor": processors}
+
+
 def image_row_index(
     image_bound: list[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,14 +324,20 @@ class MLLMModel(PreTrainedModel):
 
         return chat(self, image, msgs, tokenizer, processor, **kwargs)
 
-    def _fast_generate(self, kwargs: dict[str, Any], compile: bool | None) -> torch.Tensor:
-        """Static-cache decoding; the generator (its compiled step and decode cache) is kept on the model."""
+    def fast_generator(self, compile: bool | None = None):
+        """The model's `FastGenerator` (static-cache decoding), kept so that its compiled step and decode cache serve
+        every later call; a new one when `compile` asks for the other setting."""
         from mllm.model.fast_generate import FastGenerator
 
         generator = self.__dict__.get("_fast_generator")
         if generator is None or (compile is not None and generator.step.enabled_compile != compile):
             generator = FastGenerator(self.llm, compile=compile)
+            # A plain attribute (not a submodule): it stays out of state_dict and module traversal.
             self.__dict__["_fast_generator"] = generator
+        return generator
+
+    def _fast_generate(self, kwargs: dict[str, Any], compile: bool | None) -> torch.Tensor:
+        generator = self.fast_generator(compile)
         return generator.generate(kwargs.pop("inputs_embeds"), kwargs.pop("attention_mask"), **kwargs)
 
     def _llm_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -321,7 +345,7 @@ class MLLMModel(PreTrainedModel):
         tokens is silenced: that is exactly the reference's behaviour (the prompt holds image placeholders)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-            return self.llm.generate(**kwargs)
+            return self.llm.generate(**penalty_over_new_tokens(kwargs))
 
     def _stream(self, tokenizer, kwargs: dict[str, Any]):
         """Start generation in a thread feeding a TextIteratorStreamer (batch size 1)."""
