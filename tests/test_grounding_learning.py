@@ -1,11 +1,13 @@
 """Grounding learns: a tiny model trained from scratch, through the real commands, finds a shape on held-out images.
 
-Data: 64x64 images with one coloured shape (3 shapes x 4 colours = 12 expressions such as "the red circle") of
-random size (30-55% of the side) at a random place on a white background, as Shikra REC jsonl. Pipeline, all of it
+Data: 56x56 images with one coloured shape (3 shapes x 4 colours = 12 expressions such as "the red circle") of
+random size (35-65% of the side) at a random place on a white background, as Shikra REC jsonl. Pipeline, all of it
 the user-facing one: `prepare_grounding` (what `mllm prepare-grounding` runs) -> `mllm train grounding` ->
 `mllm eval grounding` on held-out images. The model is a configuration of the same classes as MiniCPM-V (LLM width
-128, 2 layers; vision width 64, 2 layers) with the two options a from-scratch model needs: `vision_config.stem =
-"conv"` and `projector = "merge"`. The answer must beat the best constant box (the mean training box) clearly.
+128, 2 layers; vision width 64, 2 layers; 16 image rows) with the from-scratch options: `vision_config.stem = "conv"`,
+`vision_config.position_init_std = 0.5`, `projector = "merge"` and `initializer_range = 0.08`. Budget: 1000 steps
+of 8 samples, about 70 s on one idle core. The answer must beat the best constant box (the mean training box)
+clearly. Measured figures and what did not work: see the test's log line and the grounding section of the README.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ logger = logging.getLogger(__name__)
 SIZE = 56
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (225, 195, 20)}
-N_TRAIN, N_VAL = 1200, 120
-STEPS, BATCH, LR = 300, 16, 3e-3
-BUDGET_S = 90  # stated CPU budget of the training run on one core (measured: see the report / README)
+N_TRAIN, N_VAL = 2000, 100
+STEPS, BATCH, LR = 1000, 8, 2e-3
+MIN_SIDE, MAX_SIDE = 0.35, 0.65  # object side as a share of the image side
+TEMPLATE = "<image>\n<expr>"  # the expression alone: short prompts train faster; `--prompt` gives it to eval
 
 
 def draw_item(rng: np.random.Generator) -> tuple[Image.Image, str, list[int]]:
     """One image with one shape; its expression and pixel box [x0, y0, x1, y1] (x1, y1 exclusive)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
-    side = int(rng.integers(int(0.30 * SIZE), int(0.55 * SIZE) + 1))
+    side = int(rng.integers(int(MIN_SIDE * SIZE), int(MAX_SIDE * SIZE) + 1))
     x0, y0 = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
     image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -92,6 +95,7 @@ def make_scratch_model(tokenizer_dir: Path, out: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        initializer_range=0.08,  # larger than 0.02: the image is used after ~300 steps instead of ~600+
         query_num=16,
         projector="merge",
         drop_vision_last_layer=False,
@@ -105,6 +109,7 @@ def make_scratch_model(tokenizer_dir: Path, out: Path) -> Path:
             "stem": "conv",
             "stem_channels": 32,
             "stem_layers": 2,
+            "position_init_std": 0.5,
         },
     )
     torch.manual_seed(0)
@@ -128,7 +133,11 @@ def test_tiny_model_learns_to_ground_shapes(tmp_path: Path, tiny_model_dir: Path
     train_rec = write_rec(tmp_path, "train", N_TRAIN, seed=1)
     val_rec = write_rec(tmp_path, "val", N_VAL, seed=2)
     prepared = tmp_path / "grounding_train.json"
-    stats = prepare_grounding(GroundingPrepConfig(out=prepared, rec_files=[train_rec], image_root=tmp_path))
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps([TEMPLATE]))
+    stats = prepare_grounding(
+        GroundingPrepConfig(out=prepared, rec_files=[train_rec], rec_templates=templates, image_root=tmp_path)
+    )
     assert stats.items["rec"] == N_TRAIN
     model_dir = make_scratch_model(tiny_model_dir, tmp_path / "scratch")
     run_dir = tmp_path / "run"
@@ -153,7 +162,8 @@ def test_tiny_model_learns_to_ground_shapes(tmp_path: Path, tiny_model_dir: Path
 
     eval_dir = tmp_path / "eval"
     argv = ["eval", "grounding", str(run_dir), "--data", str(val_rec), "--out-dir", str(eval_dir)]
-    assert main([*argv, "--batch-size", "40", "--max-new-tokens", "24", "--vis", "4", "--device", "cpu"]) == 0
+    argv += ["--prompt", TEMPLATE.replace("<image>\n", "").replace("<expr>", "{expr}")]
+    assert main([*argv, "--batch-size", "50", "--max-new-tokens", "24", "--vis", "4", "--device", "cpu"]) == 0
     summary = json.loads((eval_dir / "summary.json").read_text())
     accuracy = summary["overall"]["acc"]
     baseline = constant_box_accuracy(train_rec, val_rec)

@@ -63,3 +63,26 @@ def test_config_checks_the_stem() -> None:
         _config(stem="conv", patch_size=7)
     config = _config(stem="conv")
     assert config.vision.stem == "conv" and config.vision.stem_channels == 32
+
+
+def test_position_init_std_only_changes_a_fresh_model() -> None:
+    from mllm.model.modeling import MLLMModel
+
+    def fresh(**vision) -> MLLMModel:
+        torch.manual_seed(0)
+        config = MLLMConfig(
+            hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=50,
+            query_num=4,
+            vision_config={**VISION, **vision},
+        )
+        return MLLMModel(config)
+
+    default = fresh().vpm.embeddings.position_embedding.weight
+    wide = fresh(position_init_std=0.5).vpm.embeddings.position_embedding.weight
+    assert default.std().item() == pytest.approx(0.02, rel=0.05)
+    assert wide.std().item() == pytest.approx(0.5, rel=0.05)

@@ -115,6 +115,9 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
         box_format=args.box_format,
     )
     if args.predictions:
+        for path in args.predictions:
+            if not path.is_file():
+                raise ValueError(f"--predictions: file not found: {path}")
         config.validate()
         result = score_and_report([(p, args.image_root) for p in args.predictions], config)
     else:

@@ -37,16 +37,16 @@ class DemoConfig:
     vision_stem: str = "conv"
     """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions."""
     projector: str = "merge"
-    """`projector` of the preset: "merge" (2x2 patch merge) keeps image rows tied to regions from the first step;
-    the resampler's queries collapse to one average when trained from scratch at this size (see mllm.model.merger)."""
+    """`projector` of the preset: "merge" (2x2 patch merge, what the from-scratch prototype used) keeps each image
+    row tied to one region from the first step; at random init the resampler's queries read nearly one average."""
     # --- SFT ---
-    sft_steps: int = 480
+    sft_steps: int = 800
     """Optimizer steps of SFT on the mixed (yes/no + descriptions + REC) data."""
-    sft_batch_size: int = 16
+    sft_batch_size: int = 8
     """Samples per step."""
     sft_lr: float = 1e-3
     """Peak learning rate (cosine schedule after warm-up); a model trained from scratch wants a large one."""
-    sft_save_steps: int = 50
+    sft_save_steps: int = 100
     """Checkpoint interval: an interrupted SFT resumes from the latest checkpoint."""
     sft_interrupt_after: int | None = None
     """Testing hook: stop the process (raise `DemoInterrupted`) right after the checkpoint of this step is saved,
@@ -56,16 +56,16 @@ class DemoConfig:
     """Yes/no test questions answered (greedy)."""
     eval_chair: int = 300
     """objhal bench images described for CHAIR."""
-    chair_samples: int = 3
+    chair_samples: int = 2
     """Sampled descriptions per image (temperature 1, fixed seeds) besides the greedy one."""
-    eval_grounding: int = 762
+    eval_grounding: int = 400
     """REC validation expressions grounded (greedy)."""
     eval_batch_size: int = 32
     """Prompts per generate call."""
     max_new_tokens: int = 64
     """Longest description; toy descriptions need about 45 tokens."""
     # --- preference ---
-    preference_steps: int = 200
+    preference_steps: int = 120
     """Optimizer steps of preference training."""
     preference_batch_size: int = 8
     """Pairs per step."""
@@ -99,14 +99,14 @@ FAST_OVERRIDES: dict[str, Any] = {
     "fast": True,
     "n_train": 800,
     "n_test": 100,
-    "n_preference": 400,
-    "sft_steps": 200,
+    "n_preference": 320,
+    "sft_steps": 250,
     "sft_save_steps": 50,
     "eval_yes_no": 200,
     "eval_chair": 100,
     "chair_samples": 2,
     "eval_grounding": 150,
-    "preference_steps": 80,
+    "preference_steps": 40,
 }
 """The `--fast` variant for CI; the thresholds of tests/test_demo.py were measured with these values."""
 

@@ -50,6 +50,10 @@ class VisionConfig:
     """Channels of the "conv" stem's 3x3 convolutions (unused by "patch")."""
     stem_layers: int = 2
     """Number of 3x3 convolutions in the "conv" stem (unused by "patch")."""
+    position_init_std: float | None = None
+    """Std of the learned position table when a model is initialised from scratch (None: `initializer_range`, 0.02).
+    Only matters for training from scratch: a tiny tower found object positions sooner with 0.5, where the patch
+    features start at about that scale (loading a checkpoint overwrites the table anyway)."""
 
     @property
     def num_patches_per_side(self) -> int:

@@ -1,11 +1,10 @@
 """`PatchMerger`: the `projector="merge"` alternative to the perceiver resampler, for tiny models trained from scratch.
 
-Why it exists: in the toy-world preset (16 image rows, LLM width 256) trained from random weights, the resampler's
-16 learned queries start out reading nearly the same average of the mostly-background patches (their outputs differ
-by ~6% across queries), so the language model learns to ignore the image rows and SFT drives the vision path to a
-constant (measured: the loss with shuffled images equalled the loss with the right ones after 200 steps). A 2x2
-patch merge keeps each row tied to one region of the image from the first step, which is what made a from-scratch
-prototype learn shapes and positions. Real MiniCPM-V checkpoints keep `projector="resampler"`.
+Why it exists: a from-scratch toy prototype (issue 9's feasibility note) learned shapes and positions with a 2x2
+patch merge into 16 image rows; whether the resampler can do the same at that size is open. Measured here on the
+randomly initialised toy preset: the resampler's 16 learned queries all read nearly the same average of the
+mostly-background patches (their outputs differ by ~6% across queries), whereas each merged row is tied to one region
+of the image from the first step. Real MiniCPM-V checkpoints keep `projector="resampler"`.
 
 Each slice's (h, w) token grid is average-pooled to (2s, 2s) when it is not already that size (s = sqrt(query_num)),
 then each 2x2 block of tokens is concatenated and projected: LayerNorm -> Linear -> GELU -> Linear.

@@ -133,6 +133,9 @@ class MLLMModel(PreTrainedModel):
         if isinstance(module, Resampler):
             torch.nn.init.trunc_normal_(module.query, std=0.02)
             module.reset_buffers(module.query.device)
+        std = getattr(module, "position_init_std", None)  # the vision position table, see VisionConfig
+        if isinstance(module, torch.nn.Embedding) and std is not None:
+            module.weight.data.normal_(0.0, std)
 
     # -- transformers plumbing ------------------------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class VisionEmbeddings(nn.Module):
             in_channels, kernel = config.num_channels, config.patch_size
         self.patch_embedding = nn.Conv2d(in_channels, config.hidden_size, kernel_size=kernel, stride=kernel)
         self.position_embedding = nn.Embedding(self.side**2, config.hidden_size)
+        # read by MLLMModel._init_weights (None: the usual initializer_range)
+        self.position_embedding.position_init_std = config.position_init_std
 
     def forward(
         self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor
