@@ -10,7 +10,6 @@ The model-driven generation loop writes such a file and calls `score_predictions
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mllm.data.grounding import read_jsonl
 from mllm.eval.boxes import iou as box_iou
 from mllm.eval.boxes import parse_box, to_pixels
 
@@ -127,17 +127,8 @@ def score_item(
 
 def _records(paths: Sequence[Path]) -> Iterable[tuple[Path, int, dict]]:
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {lineno}: expected a JSON object")
-                yield path, lineno, record
+        for lineno, record in read_jsonl(path):
+            yield path, lineno, record
 
 
 def _split_key(name: str) -> tuple[int, str]:
