@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
+from test_sft import make_sft_files
 
 from mllm.cli import main
-from test_sft import make_sft_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

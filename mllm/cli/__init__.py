@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except ValueError as exc:  # bad input: a clear message naming the file/record/field, not a traceback
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as exc:  # bad input: a clear message naming the file/record/field, not a traceback
         logging.getLogger("mllm").debug("bad input", exc_info=True)
         print(f"mllm {args.command}: error: {exc}", file=sys.stderr)
         return 2

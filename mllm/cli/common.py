@@ -48,7 +48,13 @@ def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
 def load_model_and_processor(
     model_dir: str, device: str | None, dtype: str, attn_implementation: str = "sdpa"
 ):
-    """MLLMModel (eval mode, on device) and MLLMProcessor from a model directory."""
+    """MLLMModel (eval mode, on device) and MLLMProcessor from a model directory.
+
+    A LoRA checkpoint directory (adapter_config.json) works too: its base model (recorded by peft when it was
+    trained) is loaded and the adapter merged in memory, with the processor files saved beside the adapter."""
+    import json
+    from pathlib import Path
+
     import torch
 
     from mllm.model.modeling import MLLMModel
@@ -59,8 +65,21 @@ def load_model_and_processor(
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    adapter_config = Path(model_dir) / "adapter_config.json"
+    base_dir = model_dir
+    if adapter_config.is_file():
+        base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_dir or not (Path(base_dir) / "config.json").is_file():
+            raise ValueError(
+                f"{model_dir} is a LoRA checkpoint whose base model ({base_dir!r}) is not a model directory here: "
+                f"merge it first with `mllm merge-lora BASE {model_dir} OUT`"
+            )
     model = MLLMModel.from_pretrained(
-        model_dir, torch_dtype=torch_dtype, device=device, attn_implementation=attn_implementation
+        base_dir, torch_dtype=torch_dtype, device=device, attn_implementation=attn_implementation
     )
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     model.eval()
     return model, MLLMProcessor.from_pretrained(model_dir)

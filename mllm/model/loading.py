@@ -124,6 +124,7 @@ def load_pretrained(
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     config = MLLMConfig.from_pretrained(model_dir, **config_kwargs)
+    config._name_or_path = str(model_dir)  # recorded by peft as the base of an adapter trained on this model
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     if dtype in (None, "auto"):
