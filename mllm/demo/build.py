@@ -55,6 +55,7 @@ def preset_vision_config(tokenizer_dir: Path, config: DemoConfig) -> dict[str, A
     vision = dict(model_config(*load_tokenizer_facts(tokenizer_dir), ToyPresetConfig())["vision_config"])
     if config.vision_stem != "patch":
         vision["stem"] = config.vision_stem
+    vision["position_init_std"] = config.position_init_std
     return vision
 
 
@@ -73,6 +74,7 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
         tokenizer_dir,
         vision_config=preset_vision_config(tokenizer_dir, config),
         projector=config.projector,
+        initializer_range=config.initializer_range,
     )
     torch.manual_seed(config.seed)
     model = MLLMModel(MLLMConfig.from_pretrained(out))

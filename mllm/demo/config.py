@@ -39,12 +39,17 @@ class DemoConfig:
     projector: str = "merge"
     """`projector` of the preset: "merge" (2x2 patch merge, what the from-scratch prototype used) keeps each image
     row tied to one region from the first step; at random init the resampler's queries read nearly one average."""
+    initializer_range: float = 0.08
+    """Std of the random initial weights (the preset's `initializer_range`): 0.08 left the loss plateau where the
+    model ignores the image sooner than 0.02 in the grounding engineer's from-scratch runs (docs/LOG.md)."""
+    position_init_std: float = 0.5
+    """`vision_config.position_init_std`: a position table at the scale of the patch features finds places sooner."""
     # --- SFT ---
     sft_steps: int = 800
     """Optimizer steps of SFT on the mixed (yes/no + descriptions + REC) data."""
     sft_batch_size: int = 8
     """Samples per step."""
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     """Peak learning rate (cosine schedule after warm-up); a model trained from scratch wants a large one."""
     sft_save_steps: int = 100
     """Checkpoint interval: an interrupted SFT resumes from the latest checkpoint."""
