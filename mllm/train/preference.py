@@ -203,12 +203,7 @@ def attach_reference(
 def build_preference_trainer(
     model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreferenceTrainer:
-    dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
-    model, processor = load_for_training(model_args, dtype)
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False
-        }
+    model, processor = load_for_training(model_args, training_args)
     dataset = PreferenceDataset(
         pref_args.data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
     )

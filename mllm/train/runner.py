@@ -59,7 +59,9 @@ def run_sft(argv: list[str], task: str = "sft") -> int:
     if trainer.is_world_process_zero():
         try:
             png = plot_curves(training_args.output_dir)
-        except ValueError as exc:  # e.g. fewer steps than --logging-steps: nothing to plot, the model is saved
+        except (
+            ValueError
+        ) as exc:  # e.g. fewer steps than --logging-steps: nothing to plot, the model is saved
             logger.warning("no loss curve: %s", exc)
             png = None
         logger.info("%s done: model in %s, curves in %s", task, training_args.output_dir, png)

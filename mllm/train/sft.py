@@ -1,6 +1,6 @@
 """Supervised fine-tuning with `transformers.Trainer`: the only override is `compute_loss`.
 
-    model, processor = load_for_training(model_args)              # freeze flags, LoRA
+    model, processor = load_for_training(model_args, training_args)  # freeze flags, LoRA
     dataset = SupervisedDataset(data_args.data, processor, ...)   # labels on answer tokens only
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset,
                          data_collator=make_collator(processor, data_args), processing_class=processor)
@@ -135,11 +135,15 @@ def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def load_for_training(args: ModelArguments, torch_dtype: torch.dtype | None = None):
-    """Model (with freeze flags and optional LoRA) and processor from a model directory."""
+def load_for_training(args: ModelArguments, training_args: TrainingArguments):
+    """Model (with freeze flags and optional LoRA) and processor from a model directory, in the dtype the
+    training arguments ask for (bf16/fp16 weights, else float32); gradient checkpointing non-reentrant by default."""
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
+    torch_dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model = MLLMModel.from_pretrained(
         args.model, torch_dtype=torch_dtype, attn_implementation=args.attn_implementation
     )
@@ -163,12 +167,7 @@ def build_sft_trainer(
     training_args: TrainingArguments,
     trainer_cls: type[Trainer] = SFTTrainer,
 ) -> Trainer:
-    dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
-    model, processor = load_for_training(model_args, dtype)
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs or {
-            "use_reentrant": False
-        }
+    model, processor = load_for_training(model_args, training_args)
     train = SupervisedDataset(
         data_args.data, processor, data_args.image_folder, data_args.max_length, data_args.max_slice_nums
     )
