@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev,web]"
 	# Gradio caps Pillow below 13, but pixel parity with the reference needs Pillow 13's bicubic resize
 	# (tests/test_image_processing.py); the page works with 13. pip prints the conflict and goes on.
