@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from training_helpers import cpu_training_args
 
 from mllm.data.preference import PreferenceDataset, preference_collator
 from mllm.data.sft import IGNORE_INDEX, SupervisedDataset
@@ -166,25 +167,9 @@ def test_concatenated_forward_matches_separate_forwards_and_encodes_each_image_o
 
 
 def _train_args(out: Path, **kw):
-    from mllm.train.runner import MLLMTrainingArguments
-
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        max_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
+    return cpu_training_args(
+        out, **{"per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_steps": 1, **kw}
     )
-    base.update(kw)
-    return MLLMTrainingArguments(**base)
 
 
 def test_trainer_step0_reproduces_precomputed_reference(tmp_path: Path, small_model_dir: Path, model) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from training_helpers import cpu_training_args
 
 from mllm.data.sft import IGNORE_INDEX, SupervisedDataset, data_collator
 from mllm.processing.processor import MLLMProcessor
@@ -159,28 +160,6 @@ def test_collator_pads_right_and_never_cuts_an_image(tmp_path: Path, processor: 
     assert (cut["labels"] == IGNORE_INDEX).all()
 
 
-def _train_args(out: Path, **kw):
-    from mllm.train.runner import MLLMTrainingArguments
-
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-    )
-    base.update(kw)
-    return MLLMTrainingArguments(**base)
-
-
 def _trainer(model_dir: Path, data: Path, out: Path, model_kw=None, **kw):
     from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
 
@@ -188,7 +167,7 @@ def _trainer(model_dir: Path, data: Path, out: Path, model_kw=None, **kw):
     return build_sft_trainer(
         ModelArguments(model=str(model_dir), **(model_kw or {})),
         DataArguments(data=str(data)),
-        _train_args(out, **kw),
+        cpu_training_args(out, **kw),
     )
 
 
