@@ -49,3 +49,16 @@ def single_sample(data: dict, index: int) -> dict:
         "tgt_sizes": [data["tgt_sizes"][index]],
         "pixel_values": [data["pixel_values"][index]],
     }
+
+
+def generate_on(model, data: dict, tokenizer, **kwargs):
+    """`MLLMModel.generate` on a fixture data dict (as built by batch_data / single_sample)."""
+    return model.generate(
+        data["input_ids"],
+        data["pixel_values"],
+        data["tgt_sizes"],
+        data["image_bound"],
+        data["attention_mask"],
+        tokenizer,
+        **kwargs,
+    )

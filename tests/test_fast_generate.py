@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixture_data import batch_data, expected, single_sample
+from fixture_data import generate_on as run
 from transformers import AutoTokenizer
 
 from mllm.model.config import MLLMConfig
@@ -51,18 +52,6 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def data(tiny_model_dir):
     return batch_data(tiny_model_dir)
-
-
-def run(model, data, tokenizer, **kwargs):
-    return model.generate(
-        data["input_ids"],
-        data["pixel_values"],
-        data["tgt_sizes"],
-        data["image_bound"],
-        data["attention_mask"],
-        tokenizer,
-        **kwargs,
-    )
 
 
 def test_fixture_greedy_batch_gives_the_reference_tokens(model, data, tokenizer, tiny_model_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixture_data import batch_data, expected, single_sample
+from fixture_data import generate_on as run
 from transformers import AutoTokenizer, TextIteratorStreamer
 
 from mllm.model.modeling import MLLMModel
@@ -25,18 +26,6 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def data(tiny_model_dir):
     return batch_data(tiny_model_dir)
-
-
-def run(model, data, tokenizer, **kwargs):
-    return model.generate(
-        data["input_ids"],
-        data["pixel_values"],
-        data["tgt_sizes"],
-        data["image_bound"],
-        data["attention_mask"],
-        tokenizer,
-        **kwargs,
-    )
 
 
 def test_terminators_resolved_by_token_name(model, tokenizer):
