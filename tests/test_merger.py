@@ -83,3 +83,23 @@ def test_model_with_merge_projector_runs_saves_and_loads(tmp_path: Path) -> None
 def test_unknown_projector_is_refused() -> None:
     with pytest.raises(ValueError, match="MLLMConfig.projector must be one of"):
         tiny_config(projector="mlp")
+
+
+def test_normalized_image_rows_are_centred_unit_rms_and_survive_a_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLLMModel(tiny_config(projector="merge", normalize_image_rows=True)).eval()
+    strips = [torch.randn(3, 14, 16 * 14), torch.randn(3, 14, 16 * 14)]
+    data = {"pixel_values": [strips], "tgt_sizes": [torch.tensor([[4, 4], [4, 4]])]}
+    rows = model.get_vision_hidden_states(data)[0]  # [2 slices, 4, 128]
+    assert torch.allclose(
+        rows.mean(dim=1), torch.zeros(2, 128), atol=1e-5
+    )  # each slice centred over its rows
+    assert torch.allclose(rows.pow(2).mean(dim=(1, 2)), torch.ones(2), atol=1e-4)
+    model.config.normalize_image_rows = False
+    raw = model.get_vision_hidden_states(data)[0]
+    assert not torch.allclose(raw, rows)  # the option is what changed them
+    model.config.normalize_image_rows = True
+    model.save_pretrained(tmp_path)
+    loaded = MLLMModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.normalize_image_rows is True
+    assert torch.allclose(loaded.get_vision_hidden_states(data)[0], rows)

@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="train a tiny model from scratch on the toy world and evaluate it (SFT, CHAIR, grounding, NCA)",
-        description="Makes the toy world, a tokenizer and a random tiny model, runs SFT, evaluates (yes/no, CHAIR "
+        description="Makes the toy world, a tokenizer and a random tiny model, runs SFT (descriptions alone first, then the mixed data), evaluates (yes/no, CHAIR "
         "greedy and sampled, grounding Acc@0.5), computes reference log-probs, runs preference training, evaluates "
         "again and writes OUT/REPORT.md. Finished stages (OUT/<stage>/done.json) are skipped on a re-run; an "
         "interrupted training resumes from its last checkpoint.",

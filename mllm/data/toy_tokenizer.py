@@ -256,6 +256,8 @@ class ToyPresetConfig:
     """Vision MLP hidden width."""
     image_size: int = 112
     """Side of the toy images; also the slice scale resolution and the vision position grid (112/14 = 8x8)."""
+    patch_size: int = 14
+    """Vision patch side in pixels (MiniCPM-V's 14; 8 suits the "cnn" vision stem: a 14x14 token grid)."""
     query_num: int = 16
     """Image tokens per image in the LLM prompt (image_feature_size)."""
     max_position_embeddings: int = 2048
@@ -296,14 +298,14 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int, cfg: ToyPresetConfig
         "num_attention_heads": cfg.llm_heads,
         "num_hidden_layers": cfg.llm_layers,
         "num_key_value_heads": cfg.llm_kv_heads,
-        "patch_size": 14,
+        "patch_size": cfg.patch_size,
         "query_num": cfg.query_num,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
         "slice_config": {
             "max_slice_nums": 1,
             "model_type": "mllm",
-            "patch_size": 14,
+            "patch_size": cfg.patch_size,
             "scale_resolution": cfg.image_size,
         },
         "slice_mode": True,
@@ -322,7 +324,7 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int, cfg: ToyPresetConfig
             "model_type": "siglip",
             "num_attention_heads": cfg.vision_heads,
             "num_hidden_layers": cfg.vision_layers,
-            "patch_size": 14,
+            "patch_size": cfg.patch_size,
         },
         "vocab_size": vocab_size,
     }
@@ -335,7 +337,7 @@ def preprocessor_config(cfg: ToyPresetConfig) -> dict[str, Any]:
         "processor_class": "ModelProcessor",
         "max_slice_nums": 1,
         "scale_resolution": cfg.image_size,
-        "patch_size": 14,
+        "patch_size": cfg.patch_size,
         "use_image_id": True,
         "image_feature_size": cfg.query_num,
         "im_start": "<image>",
@@ -362,9 +364,9 @@ def write_toy_preset(
     written later by whoever initialises the model. `extra_config` keys are added to config.json as they are (for
     config options of the model classes that the toy preset turns on). Returns `out_dir`."""
     cfg = config or ToyPresetConfig()
-    if cfg.image_size % 14:
+    if cfg.patch_size < 1 or cfg.image_size % cfg.patch_size:
         raise ValueError(
-            f"ToyPresetConfig.image_size must be a multiple of the patch size 14, got {cfg.image_size}"
+            f"ToyPresetConfig.image_size must be a multiple of patch_size, got {cfg.image_size} and {cfg.patch_size}"
         )
     tok_dir, out = Path(tokenizer_dir), Path(out_dir)
     vocab_size, bos_id, eos_id = load_tokenizer_facts(tok_dir)

@@ -49,14 +49,21 @@ def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def preset_vision_config(tokenizer_dir: Path, config: DemoConfig) -> dict[str, Any]:
-    """The preset's vision_config with the demo's stem (the conv stem makes positions learnable from scratch)."""
-    from mllm.data.toy_tokenizer import ToyPresetConfig, load_tokenizer_facts, model_config
+    """The preset's vision_config with the demo's stem (see DemoConfig.vision_stem)."""
+    from mllm.data.toy_tokenizer import load_tokenizer_facts, model_config
 
-    vision = dict(model_config(*load_tokenizer_facts(tokenizer_dir), ToyPresetConfig())["vision_config"])
+    vision = dict(model_config(*load_tokenizer_facts(tokenizer_dir), preset_config(config))["vision_config"])
     if config.vision_stem != "patch":
-        vision["stem"] = config.vision_stem
+        vision.update(stem=config.vision_stem, stem_layers=3 if config.vision_stem == "cnn" else 2)
     vision["position_init_std"] = config.position_init_std
     return vision
+
+
+def preset_config(config: DemoConfig):
+    """The tiny preset's sizes with the demo's vision choices."""
+    from mllm.data.toy_tokenizer import ToyPresetConfig
+
+    return ToyPresetConfig(patch_size=config.patch_size, vision_layers=config.vision_layers)
 
 
 def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
@@ -72,8 +79,10 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
     write_toy_preset(
         out,
         tokenizer_dir,
+        preset_config(config),
         vision_config=preset_vision_config(tokenizer_dir, config),
         projector=config.projector,
+        normalize_image_rows=config.normalize_image_rows,
         initializer_range=config.initializer_range,
     )
     torch.manual_seed(config.seed)

@@ -1,6 +1,7 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
-world -> model (tokenizer + random tiny model) -> sft_data (REC converted and mixed) -> sft -> eval_sft ->
+world -> model (tokenizer + random tiny model) -> sft_data (REC converted and mixed) -> align (SFT on the
+descriptions alone) -> sft -> eval_sft ->
 logps (reference log-probs) -> preference (NCA) -> eval_preference -> REPORT.md.
 """
 
@@ -23,7 +24,15 @@ from mllm.demo.preference import (
     train_preference,
 )
 from mllm.demo.report import build_report
-from mllm.demo.sft import SFT_DATA_STAGE, SFT_STAGE, make_sft_data, sft_model_dir, train_sft
+from mllm.demo.sft import (
+    ALIGN_STAGE,
+    SFT_DATA_STAGE,
+    SFT_STAGE,
+    make_sft_data,
+    sft_model_dir,
+    train_align,
+    train_sft,
+)
 from mllm.demo.stages import StageRecord, check_config, run_stage
 
 logger = logging.getLogger(__name__)
@@ -38,6 +47,10 @@ def stage_functions(config: DemoConfig) -> list[tuple[str, Callable[[Path], dict
         (WORLD_STAGE, partial(make_world, config)),
         (MODEL_STAGE, partial(make_model, config)),
         (SFT_DATA_STAGE, partial(make_sft_data, config)),
+    ]
+    if config.align_steps > 0:
+        stages.append((ALIGN_STAGE, partial(train_align, config)))
+    stages += [
         (SFT_STAGE, partial(train_sft, config)),
         (EVAL_SFT_STAGE, lambda folder: evaluate_model(config, folder, sft_model_dir(config))),
     ]
@@ -57,6 +70,7 @@ STAGES = (
     WORLD_STAGE,
     MODEL_STAGE,
     SFT_DATA_STAGE,
+    ALIGN_STAGE,
     SFT_STAGE,
     EVAL_SFT_STAGE,
     LOGPS_STAGE,

@@ -20,6 +20,7 @@ from mllm.demo.stages import DemoInterrupted
 logger = logging.getLogger(__name__)
 
 SFT_DATA_STAGE = "sft_data"
+ALIGN_STAGE = "align"
 SFT_STAGE = "sft"
 
 
@@ -27,8 +28,35 @@ def sft_data_path(config: DemoConfig) -> Path:
     return config.out / SFT_DATA_STAGE / "train_mixed.json"
 
 
+def align_data_path(config: DemoConfig) -> Path:
+    return config.out / SFT_DATA_STAGE / "align.json"
+
+
 def sft_model_dir(config: DemoConfig) -> Path:
     return config.out / SFT_STAGE / "model"
+
+
+def align_model_dir(config: DemoConfig) -> Path:
+    return config.out / ALIGN_STAGE / "model"
+
+
+def sft_start_model_dir(config: DemoConfig) -> Path:
+    """Where the mixed SFT starts: the aligned model, or the random one when the alignment stage is off."""
+    return align_model_dir(config) if config.align_steps > 0 else init_model_dir(config)
+
+
+def write_align_data(config: DemoConfig, out: Path) -> int:
+    """The descriptions of the SFT file (image paths made absolute), the alignment stage's data; returns the count."""
+    from mllm.data.toy import DESCRIBE_QUESTION
+
+    world = world_dir(config)
+    items = [
+        {**item, "image": str(world / item["image"])}
+        for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
+        if item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)
+    ]
+    out.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    return len(items)
 
 
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
@@ -54,11 +82,14 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
         )
     )
     total = stats.items["rec"] + stats.items["sft"]
+    n_align = write_align_data(config, align_data_path(config))
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
         "total": total,
-        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} yes/no and descriptions",
+        "align_items": n_align,
+        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} yes/no and descriptions"
+        f"; {n_align} descriptions for the alignment stage",
     }
 
 
@@ -75,18 +106,21 @@ def interrupt_callback(after_step: int):
     return InterruptAfterSave()
 
 
-def sft_training_arguments(config: DemoConfig, run_dir: Path):
+def sft_training_arguments(
+    config: DemoConfig, run_dir: Path, steps: int | None = None, lr: float | None = None
+):
     from mllm.train.runner import MLLMTrainingArguments
 
+    steps = config.sft_steps if steps is None else steps
     return MLLMTrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=config.sft_batch_size,
-        max_steps=config.sft_steps,
-        learning_rate=config.sft_lr,
+        max_steps=steps,
+        learning_rate=config.sft_lr if lr is None else lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, config.sft_steps // 20),
+        warmup_steps=max(1, steps // 20),
         weight_decay=0.0,
-        logging_steps=min(10, max(1, config.sft_steps // 20)),
+        logging_steps=min(10, max(1, steps // 20)),
         save_strategy="steps",
         save_steps=config.sft_save_steps,
         save_total_limit=2,
@@ -98,29 +132,62 @@ def sft_training_arguments(config: DemoConfig, run_dir: Path):
     )
 
 
+def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """The alignment stage: SFT of the random model on the descriptions alone (all parts trained)."""
+    return run_training(
+        config,
+        folder,
+        init_model_dir(config),
+        align_data_path(config),
+        config.align_steps,
+        align_model_dir(config),
+        lr=config.align_lr,
+    )
+
+
 def train_sft(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """SFT of the random model on the mixed file (all parts trained: vision tower, resampler, LLM)."""
+    """SFT on the mixed file (all parts trained: vision tower, resampler, LLM), from the aligned model."""
+    return run_training(
+        config,
+        folder,
+        sft_start_model_dir(config),
+        sft_data_path(config),
+        config.sft_steps,
+        sft_model_dir(config),
+        config.sft_interrupt_after,
+    )
+
+
+def run_training(
+    config: DemoConfig,
+    folder: Path,
+    start: Path,
+    data: Path,
+    steps: int,
+    model_out: Path,
+    interrupt_after: int | None = None,
+    lr: float | None = None,
+) -> dict[str, Any]:
+    """`steps` optimizer steps from the model in `start` on `data`, resumable from the checkpoints in folder/run."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from mllm.train.curves import plot_curves
     from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
 
     run_dir = folder / "run"
-    args = sft_training_arguments(config, run_dir)
+    args = sft_training_arguments(config, run_dir, steps, lr)
     trainer = build_sft_trainer(
-        ModelArguments(
-            model=str(init_model_dir(config)), tune_vision=True, tune_llm=True, tune_resampler=True
-        ),
-        DataArguments(data=str(sft_data_path(config)), max_length=512),
+        ModelArguments(model=str(start), tune_vision=True, tune_llm=True, tune_resampler=True),
+        DataArguments(data=str(data), max_length=512),
         args,
     )
-    if config.sft_interrupt_after is not None:
-        trainer.add_callback(interrupt_callback(config.sft_interrupt_after))
+    if interrupt_after is not None:
+        trainer.add_callback(interrupt_callback(interrupt_after))
     resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
     if resume:
         logger.info("SFT resumes from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(sft_model_dir(config)))
+    trainer.save_model(str(model_out))
     trainer.save_state()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     if losses:

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 MODEL_TYPES = ("mllm", "minicpmv")
 PROJECTORS = ("resampler", "merge")
-VISION_STEMS = ("patch", "conv")
+VISION_STEMS = ("patch", "conv", "cnn")
 
 
 @dataclass
@@ -45,11 +45,15 @@ class VisionConfig:
     """How pixels become patch tokens. "patch" (SigLIP, every real checkpoint): one linear patch_size x patch_size
     convolution. "conv" (an option for small models trained from scratch): a stride-2 3x3 convolution, then
     `stem_layers - 1` stride-1 3x3 convolutions (each with GroupNorm and GELU), then the patch convolution of
-    side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch."""
+    side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch. "cnn" (another option for
+    tiny models trained from scratch): a small CNN over each slice's whole image (`stem_layers` stride-2 3x3
+    convolutions, channels doubling from `stem_channels`), then the patch convolution of side
+    patch_size / 2**stem_layers, so every token already sees the shape around it across patch borders; needs
+    patch_size divisible by 2**stem_layers (8 with 3 layers)."""
     stem_channels: int = 32
-    """Channels of the "conv" stem's 3x3 convolutions (unused by "patch")."""
+    """Channels of the first 3x3 convolution of the "conv"/"cnn" stems (unused by "patch")."""
     stem_layers: int = 2
-    """Number of 3x3 convolutions in the "conv" stem (unused by "patch")."""
+    """Number of 3x3 convolutions in the "conv"/"cnn" stems (unused by "patch")."""
     position_init_std: float | None = None
     """Std of the learned position table when a model is initialised from scratch (None: `initializer_range`, 0.02).
     Only matters for training from scratch: a tiny tower found object positions sooner with 0.5, where the patch
@@ -112,6 +116,10 @@ class MLLMConfig(PretrainedConfig):
     projector: str = "resampler"
     """Vision tokens -> LLM rows: "resampler" (MiniCPM-V's perceiver, every real checkpoint) or "merge" (a 2x2
     patch merge, `mllm.model.merger`, for tiny models trained from scratch)."""
+    normalize_image_rows: bool = False
+    """Normalise each slice's query rows after the projector: subtract their mean over the rows and divide by their
+    RMS (real checkpoints: false). For tiny models trained from scratch: without it the rows of the toy demo grew
+    to ~100x the text embeddings' scale and became nearly the same for every image (docs/LOG.md)."""
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -182,6 +190,14 @@ class MLLMConfig(PretrainedConfig):
         if vision.stem not in VISION_STEMS:
             raise ValueError(
                 f"MLLMConfig.vision_config.stem must be one of {VISION_STEMS}, got {vision.stem!r}"
+            )
+        if vision.stem == "cnn" and (
+            vision.stem_layers < 1 or vision.stem_channels < 1 or vision.patch_size % 2**vision.stem_layers
+        ):
+            raise ValueError(
+                "MLLMConfig.vision_config: the cnn stem needs patch_size divisible by 2**stem_layers and positive "
+                f"stem_channels, got patch_size={vision.patch_size}, stem_layers={vision.stem_layers}, "
+                f"stem_channels={vision.stem_channels}"
             )
         if vision.stem == "conv" and (
             vision.patch_size % 2 or vision.stem_layers < 1 or vision.stem_channels < 1

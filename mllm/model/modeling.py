@@ -107,6 +107,12 @@ def image_row_index(
     return torch.repeat_interleave(samples, lengths), torch.repeat_interleave(starts, lengths) + offsets
 
 
+def normalize_rows(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[N, Q, D] -> the same with each slice's rows centred over Q and scaled to RMS 1 (`normalize_image_rows`)."""
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    return centred / (centred.float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().to(rows.dtype) + eps)
+
+
 class MLLMModel(PreTrainedModel):
     """MiniCPM-V 2.6-compatible multimodal model. Submodules `llm`, `vpm`, `resampler` match the checkpoint's keys."""
 
@@ -133,6 +139,8 @@ class MLLMModel(PreTrainedModel):
         if isinstance(module, Resampler):
             torch.nn.init.trunc_normal_(module.query, std=0.02)
             module.reset_buffers(module.query.device)
+        if getattr(module, "torch_default_init", False):  # the "cnn" vision stem, see VisionConfig.stem
+            module.reset_parameters()
         std = getattr(module, "position_init_std", None)  # the vision position table, see VisionConfig
         if isinstance(module, torch.nn.Embedding) and std is not None:
             module.weight.data.normal_(0.0, std)
@@ -186,7 +194,8 @@ class MLLMModel(PreTrainedModel):
             for i in range(0, len(pixels), step)
         ]
         hidden = torch.cat(chunks)  # [N, L, vision_dim]
-        return self.resampler(hidden, tgt_sizes)
+        rows = self.resampler(hidden, tgt_sizes)  # [N, Q, D]
+        return normalize_rows(rows) if self.config.normalize_image_rows else rows
 
     def get_vision_hidden_states(self, data: dict[str, Any]) -> list[torch.Tensor]:
         """Per sample the resampler rows of its slices [n_i, query_num, D] (an empty [0, Q, D] for no image)."""
