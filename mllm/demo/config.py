@@ -37,7 +37,7 @@ class DemoConfig:
     vision_stem: str = "conv"
     """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions. "cnn" (with
     patch_size 8, vision_layers 0, position_init_std 0) is the only tower here that learned the toy shapes under
-    direct supervision, and halves the SFT time, but the LLM still ignored the image with it (docs/LOG.md)."""
+    direct supervision, and trains faster, but behind the LLM it was read worse than "conv" (docs/LOG.md)."""
     patch_size: int = 14
     """Vision patch side (MiniCPM-V's 14); the "cnn" stem with 3 layers needs a multiple of 8."""
     vision_layers: int = 4
@@ -56,11 +56,11 @@ class DemoConfig:
     cannot turn them into one large constant vector (what it did in every from-scratch run here, docs/LOG.md)."""
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
     align_steps: int = 400
+    """Optimizer steps of a first SFT stage on the image descriptions alone (0 skips it; same batch size as SFT),
+    LLaVA's caption-first curriculum. On the mixed data the random LLM learns within ~20 steps to ignore the image;
+    on descriptions alone it starts reading it after ~100 steps (docs/LOG.md)."""
     align_lr: float = 2e-3
     """Peak learning rate of the `align` stage (cosine schedule after warm-up)."""
-    """Optimizer steps of a first SFT stage on the image descriptions alone (0 skips it; same batch size and lr as
-    SFT), LLaVA's caption-first curriculum. On the mixed data the random LLM learns within ~20 steps to ignore the
-    image; on descriptions alone it starts reading it after ~100 steps (docs/LOG.md)."""
     # --- SFT ---
     sft_steps: int = 800
     """Optimizer steps of SFT on the mixed (yes/no + descriptions + REC) data."""
