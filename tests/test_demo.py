@@ -52,7 +52,13 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
         "## Example answers",
     ):
         assert heading in report
-    for link in ("sft/loss.png", "preference/loss.png", "preference/rewards.png", "report/grounding.png"):
+    for link in (
+        "align/loss.png",
+        "sft/loss.png",
+        "preference/loss.png",
+        "preference/rewards.png",
+        "report/grounding.png",
+    ):
         assert f"]({link})" in report and (fast_demo / link).is_file()
     # The trained models are ordinary model directories that every command accepts.
     for model_dir in (fast_demo / "sft" / "model", fast_demo / "preference" / "model"):

@@ -172,6 +172,7 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
 def curves_section(config: DemoConfig) -> list[str]:
     lines = []
     pictures = [
+        ("Alignment loss (descriptions only)", "align/loss.png"),
         ("SFT loss", "sft/loss.png"),
         ("Preference loss", "preference/loss.png"),
         ("Preference rewards and margin", "preference/rewards.png"),
