@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +23,9 @@ DEFAULT_MODEL = ROOT.parent / "shared" / "fixtures" / "minicpmv26_tiny"
 
 def small_copy(model_dir: Path, out: Path) -> Path:
     """The checkpoint with a processor for 56-px images (16 patches per image)."""
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ):
-        shutil.copy(model_dir / name, out / name)
-    pre = json.loads((model_dir / "preprocessor_config.json").read_text())
-    pre.update(scale_resolution=56, max_slice_nums=1)
-    (out / "preprocessor_config.json").write_text(json.dumps(pre))
-    return out
+    from mllm.model.loading import copy_model_dir
+
+    return copy_model_dir(model_dir, out, scale_resolution=56, max_slice_nums=1)
 
 
 def sft_file(root: Path, n: int) -> Path:

@@ -41,19 +41,8 @@ def nltk_data_dir() -> Path:
 def small_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture checkpoint with a processor that keeps small images small (56 px, one slice), for fast
     training tests: a 56x56 image becomes 16 patches instead of being upscaled to 448 px."""
-    import json
-    import shutil
+    from mllm.model.loading import copy_model_dir
 
-    out = tmp_path_factory.mktemp("small_model")
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ):
-        shutil.copy(tiny_model_dir / name, out / name)
-    pre = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
-    pre.update(scale_resolution=56, max_slice_nums=1)
-    (out / "preprocessor_config.json").write_text(json.dumps(pre))
-    return out
+    return copy_model_dir(
+        tiny_model_dir, tmp_path_factory.mktemp("small_model"), scale_resolution=56, max_slice_nums=1
+    )

@@ -197,3 +197,26 @@ def save_pretrained(model: torch.nn.Module, save_directory, max_shard_size: int 
     (out / SAFE_INDEX).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
+
+
+MODEL_DIR_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""What `copy_model_dir` copies: a single-file checkpoint with its tokenizer."""
+
+
+def copy_model_dir(model_dir: str | Path, out: str | Path, **preprocessor_overrides) -> Path:
+    """A copy of a single-file model directory whose preprocessor_config.json has `preprocessor_overrides` applied
+    (e.g. scale_resolution=56, max_slice_nums=1: small images stay one small slice, for fast training runs)."""
+    model_dir, out = Path(model_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_DIR_FILES:
+        (out / name).write_bytes((model_dir / name).read_bytes())
+    pre = json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
+    pre.update(preprocessor_overrides)
+    (out / "preprocessor_config.json").write_text(json.dumps(pre), encoding="utf-8")
+    return out
