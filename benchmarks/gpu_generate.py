@@ -71,22 +71,14 @@ QUESTION = "Describe this image in detail."
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """MLLMModel of `shape` with random weights: built on meta (no host memory), materialised on `device`."""
     from mllm.model.config import MLLMConfig
-    from mllm.model.loading import reset_buffers
+    from mllm.model.loading import fill_random_, reset_buffers
     from mllm.model.modeling import MLLMModel
 
     config = MLLMConfig(**shape, attn_implementation="sdpa")
     with torch.device("meta"):
         model = MLLMModel(config)
     model = model.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.zero_()
+    fill_random_(model, device, seed)
     reset_buffers(model, device)
     return model.eval()
 

@@ -50,28 +50,15 @@ SHAPE_TINY = dict(
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def random_fill(model: torch.nn.Module, device: torch.device, seed: int) -> None:
-    """Matrices ~ N(0, 0.02), norms 1, biases 0 (random weights in a realistic scale)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.zero_()
-
-
 def build_ours(shape: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from mllm.model.config import MLLMConfig
     from mllm.model.llm import LLMForCausalLM
-    from mllm.model.loading import reset_buffers
+    from mllm.model.loading import fill_random_, reset_buffers
 
     with torch.device("meta"):
         model = LLMForCausalLM(MLLMConfig(**shape, attn_implementation="sdpa"))
     model = model.to(dtype).to_empty(device=device)
-    random_fill(model, device, seed=0)
+    fill_random_(model, device, seed=0)
     reset_buffers(model, device)
     return model
 
@@ -79,10 +66,12 @@ def build_ours(shape: dict, device: torch.device, dtype: torch.dtype) -> torch.n
 def build_transformers(shape: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from mllm.model.loading import fill_random_
+
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**shape, attn_implementation="sdpa"))
     model = model.to(dtype).to_empty(device=device)
-    random_fill(model, device, seed=0)
+    fill_random_(model, device, seed=0)
     rotary = (
         model.model.rotary_emb
     )  # its inv_freq buffers are not persistent: rebuild them (fp32) on the device

@@ -111,6 +111,20 @@ def reset_buffers(model: torch.nn.Module, device: torch.device) -> None:
             module.reset_buffers(device)
 
 
+def fill_random_(model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
+    """Random weights at a realistic scale for shape-only runs (benchmarks): matrices ~ N(0, 0.02), norm weights 1,
+    biases 0. Fills parameters only; see `reset_buffers` for the non-persistent buffers."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+
 def load_pretrained(
     cls, model_dir, dtype=None, device_map=None, device=None, attn_implementation=None, **config_kwargs
 ):
