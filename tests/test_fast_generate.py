@@ -7,6 +7,7 @@ import pytest
 import torch
 from fixture_data import batch_data, expected, single_sample
 from fixture_data import generate_on as run
+from tiny_llm import TINY_LLM
 from transformers import AutoTokenizer
 
 from mllm.model.config import MLLMConfig
@@ -14,19 +15,7 @@ from mllm.model.fast_generate import FastGenerator
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.modeling import MLLMModel
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    attention_bias=True,
-)
+TINY = dict(TINY_LLM, max_position_embeddings=512, attention_bias=True)
 PAD = 0
 
 

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llm import TINY_LLM
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.model.config import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+TINY = dict(TINY_LLM, max_position_embeddings=256)
 TOL = 1e-5
 
 
