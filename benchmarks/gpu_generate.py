@@ -31,21 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SHAPE_8B = dict(
-    vocab_size=151666,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=32768,
-    query_num=64,
-    vision_config=dict(
-        hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27, patch_size=14
-    ),
-)
+SHAPE_8B: dict = {}
+"""MiniCPM-V 2.6's shape (Qwen2-7B LLM, SigLIP-400M tower, 64 queries) is `MLLMConfig`'s default."""
 SHAPE_TINY = dict(
     vocab_size=1024,
     hidden_size=128,
