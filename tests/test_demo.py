@@ -162,3 +162,27 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
     run_demo(tiny_config(out), until="world", echo=lambda line: None)
     with pytest.raises(ValueError, match="other settings .*n_train"):
         run_demo(tiny_config(out, n_train=41), until="world", echo=lambda line: None)
+
+
+def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
+    """The `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
+    image with no lookup by the question's words."""
+    from mllm.demo.build import make_world, world_dir
+    from mllm.demo.sft import align_data_path, make_sft_data
+
+    config = demo_config(tmp_path / "demo", fast=True, n_train=40, n_test=10, n_preference=10)
+    world_dir(config).mkdir(parents=True)
+    make_world(config, world_dir(config))
+    (config.out / "sft_data").mkdir()
+    stats = make_sft_data(config, config.out / "sft_data")
+    items = json.loads(align_data_path(config).read_text())
+    assert stats["align_items"] == len(items) == 40  # one description per training image
+    train_images = {
+        str(world_dir(config) / s["image"])
+        for s in json.loads((world_dir(config) / "scenes.json").read_text())["scenes"]
+        if s["split"] == "train"
+    }
+    assert {item["image"] for item in items} == train_images
+    assert all(
+        item["conversations"][0]["content"].endswith("Describe this image in detail.") for item in items
+    )

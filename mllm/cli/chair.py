@@ -49,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm.eval.chair import evaluate_chair, format_metrics, write_json_atomic
+    from mllm.eval.chair import evaluate_chair, format_metrics
     from mllm.eval.chair_nlp import MissingNLTKResourceError
+    from mllm.files import write_json_atomic
 
     if args.save_path and Path(args.save_path).exists() and not args.overwrite:
         print(

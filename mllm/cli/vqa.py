@@ -43,7 +43,6 @@ def default_out(model_dir: str, data: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from mllm.cli.common import load_model_and_processor
-    from mllm.eval.chair import write_json_atomic
     from mllm.eval.vqa import (
         load_vqa_items,
         model_vqa_fn,
@@ -52,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         report_paths,
         score_predictions,
     )
+    from mllm.files import write_json_atomic
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:

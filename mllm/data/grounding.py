@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from mllm.eval.boxes import OUTPUT_BOX_FORMATS, format_boxes, wrap_ref
+from mllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -425,20 +425,14 @@ def build_grounding_items(config: GroundingPrepConfig) -> tuple[list[dict], Grou
     return items, ctx.stats
 
 
-def write_json_atomic(items: list[dict], out: Path, overwrite: bool) -> None:
-    """Write a JSON list (one item per line) through a temporary file and os.replace, so readers never see half."""
+def write_items(items: list[dict], out: Path, overwrite: bool) -> None:
+    """Write a JSON list, one item per line, atomically; refuses an existing file without `overwrite`."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write("[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in items) + "\n]\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(
+        out, "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in items) + "\n]\n"
+    )
 
 
 def prepare_grounding(config: GroundingPrepConfig) -> GroundingPrepStats:
@@ -446,5 +440,5 @@ def prepare_grounding(config: GroundingPrepConfig) -> GroundingPrepStats:
     if Path(config.out).exists() and not config.overwrite:
         raise FileExistsError(f"{config.out} exists; pass --overwrite to replace it")
     items, stats = build_grounding_items(config)
-    write_json_atomic(items, config.out, config.overwrite)
+    write_items(items, config.out, config.overwrite)
     return stats

@@ -16,6 +16,7 @@ from typing import Any
 from mllm.demo.build import init_model_dir, world_dir
 from mllm.demo.config import DemoConfig
 from mllm.demo.stages import DemoInterrupted
+from mllm.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
         for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
         if item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)
     ]
-    out.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(out, items, indent=None)
     return len(items)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.demo.config import DemoConfig
+from mllm.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ class StageRecord:
     """The stage's numbers; `summary` is its one-line summary."""
     skipped: bool = False
     """True when this run found the stage already done."""
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write through a temporary file and os.replace, so a kill never leaves half a marker."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_config(config: DemoConfig) -> None:

@@ -19,13 +19,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from mllm.eval.chair_nlp import CaptionLemmatizer, make_lemmatizer
+from mllm.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -350,20 +350,6 @@ def save_ground_truth_cache(
         "imid_to_objects": {str(imid): sorted(objects) for imid, objects in sorted(imid_to_objects.items())},
     }
     write_json_atomic(path, payload, indent=None)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any, indent: int | None = 2) -> None:
-    """Write JSON so that readers never see a half-written file, even if the process dies mid-write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=indent)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
 
 
 def load_ground_truth_cache(path: Path, vocabulary: Vocabulary, backend: str) -> dict[int, set[str]]:

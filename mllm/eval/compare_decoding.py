@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mllm.eval.answer import QuestionItem, generate_answers
-from mllm.eval.chair import CHAIREvaluator, read_answers, score_answers, write_json_atomic
+from mllm.eval.chair import CHAIREvaluator, read_answers, score_answers
+from mllm.files import write_json_atomic
 from mllm.model.chat import STRATEGIES, decoding_kwargs
 
 logger = logging.getLogger(__name__)

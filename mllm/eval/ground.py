@@ -31,6 +31,7 @@ from mllm.eval.grounding import (
     summarize,
     visualize_items,
 )
+from mllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -264,18 +265,12 @@ def score_and_report(
     public = {k: v for k, v in summary.items() if k != "items"}
     public["runs"] = [asdict(r) for r in runs or []]
     public["failed_lines"] = sum(r.failed for r in runs or [])
-    _write_atomic(out_dir / "summary.json", json.dumps(public, indent=2) + "\n")
-    _write_atomic(out_dir / "summary.md", table + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(public, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.md", table + "\n")
     pictures: list[Path] = []
     if config.vis:
         pictures = visualize_items(spread(summary["items"], config.vis), out_dir / "vis")
     return GroundingEvalResult(runs or [], public, table, pictures)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def evaluate_grounding(
