@@ -1,11 +1,11 @@
 """`mllm demo`: the --fast demo runs every stage through the CLI and writes its report; an interrupted SFT resumes from
 its checkpoint while finished stages are skipped; a folder made with other settings is refused.
 
-What the fast demo learns today (measured, seed 0): the answer formats (every yes/no answer is "Yes" or "No", 77% of
-grounding answers parse as boxes, descriptions name shapes), preference training widens the reward margin and lowers
-sampled CHAIRi (63.1 -> 58.7). Learning *from the image* (yes/no above chance, Acc@0.5 above the constant box) does
-not yet happen within the CI budget; `test_fast_demo_learns_from_the_image` states those thresholds as a strict
-expected failure.
+What the fast demo learns today (seed 0): the answer formats (every yes/no answer is "Yes" or "No", most grounding
+answers parse as boxes), descriptions that differ with the image, and preference training widens the reward margin and
+lowers sampled CHAIRi (measured figures: the README's demo section and docs/LOG.md). Learning to answer questions
+*about* the image (yes/no above chance, Acc@0.5 above the constant box) does not yet happen within the CI budget;
+`test_fast_demo_learns_from_the_image` states those thresholds as a strict expected failure.
 
 Budget: about 3 minutes on 2 cores (measured 2 min 39 s at load 3-4) for this file (one --fast demo, shared by the tests; the resume test is a 40-image
 run).
