@@ -159,6 +159,25 @@ def test_several_turns_and_images(processor, images):
     assert (ids == sp.unk).sum().item() == 9 * 64
 
 
+def test_image_tags_in_an_earlier_answer_do_not_break_the_next_turn(processor, images):
+    """An undertrained model can generate `<image>` or `</slice>`; fed back as history they would open bogus image
+    ranges. They are dropped from assistant turns (and only there: the caller's messages are not modified)."""
+    msgs = [
+        {"role": "user", "content": [images["90x60"], "What is this?"]},
+        {"role": "assistant", "content": "A <image>red</slice> square (<image>./</image>)."},
+        {"role": "user", "content": "Are you sure?"},
+    ]
+    before = [dict(m) for m in msgs]
+    prompt, prompt_images = processor.prepare_chat_inputs(msgs)
+    assert msgs == before
+    assert "<|im_start|>assistant\nA red square (./).<|im_end|>" in prompt
+    encoded = processor.encode(prompt, prompt_images)
+    assert len(encoded["image_bound"]) == len(encoded["tgt_sizes"])  # only the real image's ranges
+    with pytest.raises(ValueError, match="unbalanced image tags"):
+        user_tag = processor.prepare_chat_inputs([{"role": "user", "content": "a literal <image> tag"}])[0]
+        processor.encode(user_tag, [])
+
+
 def test_left_padding_and_exclamation_not_masked(processor, images):
     short = processor.prepare_chat_inputs([{"role": "user", "content": "Hi!"}])[0]
     long = processor.prepare_chat_inputs(

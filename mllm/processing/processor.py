@@ -100,9 +100,24 @@ def resolve_special_tokens(
     return SpecialTokenIds(**ids)
 
 
+IMAGE_TAGS: tuple[str, ...] = ("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>")
+"""The tags that frame image features in a prompt; they are input-only and never belong in an answer."""
+
+
+def without_image_tags(text: str) -> str:
+    """`text` with every IMAGE_TAGS string removed (an undertrained model may have generated some)."""
+    for tag in IMAGE_TAGS:
+        text = text.replace(tag, "")
+    return text
+
+
 def build_chat_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[Image.Image]]:
     """Messages whose content mixes strings and PIL images -> text-only messages (images as IMAGE_MARKER) and
-    the images in order of appearance. The input is not modified."""
+    the images in order of appearance. The input is not modified.
+
+    Earlier assistant answers are put in the prompt without IMAGE_TAGS: a tag the model once generated would
+    otherwise open a bogus image range and make every later turn of the conversation fail. In user and system
+    text such a tag is still an error (the processor names it), since it would silently stand for an image."""
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise ValueError(f"msgs: expected a non-empty list of messages, got {msgs!r:.80}")
     messages, images = [], []
@@ -121,7 +136,7 @@ def build_chat_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, str]
                 images.append(item)
                 parts.append(IMAGE_MARKER)
             elif isinstance(item, str):
-                parts.append(item)
+                parts.append(without_image_tags(item) if role == "assistant" else item)
             else:
                 raise ValueError(
                     f"msgs[{i}].content[{j}]: expected a str or a PIL image, got {type(item).__name__}"
