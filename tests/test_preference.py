@@ -244,6 +244,43 @@ def test_lora_training_resumes_without_recomputing_the_reference(
     assert steps == [1, 2, 3]
 
 
+def test_eval_data_is_scored_with_the_preference_loss(tmp_path: Path, small_model_dir: Path) -> None:
+    """--eval-data: held-out pairs get their own reference file (computed once, with the initial model) and every
+    evaluation logs eval_loss and eval_rewards/*; the eval reference is not recomputed on resume."""
+    from mllm.train.curves import read_log_history
+    from mllm.train.preference import EVAL_REFERENCE_FILE, PreferenceArguments, main
+
+    data_path = make_preference_file(tmp_path, 4)
+    eval_path = make_preference_file(tmp_path / "held_out", 3)
+    out = tmp_path / "out"
+    argv = [
+        "--model", str(small_model_dir), "--data", str(data_path), "--eval-data", str(eval_path),
+        "--output-dir", str(out), "--per-device-train-batch-size", "2", "--per-device-eval-batch-size", "2",
+        "--eval-strategy", "steps", "--eval-steps", "1", "--logging-steps", "1", "--learning-rate", "1e-3",
+        "--save-strategy", "steps", "--save-steps", "2", "--use-cpu", "true", "--report-to", "none",
+        "--resume-from-checkpoint", "auto",
+    ]  # fmt: skip
+    assert main([*argv, "--max-steps", "2"]) == 0
+    reference = out / EVAL_REFERENCE_FILE
+    assert len(reference.read_text().splitlines()) == 1 + 3  # a header, then one line per held-out pair
+    stamp = reference.stat().st_mtime_ns
+    assert main([*argv, "--max-steps", "3"]) == 0
+    assert reference.stat().st_mtime_ns == stamp
+    evals = [row for row in read_log_history(out) if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [1, 2, 3]
+    for row in evals:
+        assert math.isfinite(row["eval_loss"]) and 0.0 <= row["eval_rewards/accuracies"] <= 1.0
+        # the logged margin is the mean chosen reward minus the mean rejected reward of the same pairs
+        assert row["eval_rewards/margins"] == pytest.approx(
+            row["eval_rewards/chosen"] - row["eval_rewards/rejected"], abs=1e-5
+        )
+    assert evals[-1]["eval_rewards/margins"] != 0.0  # the policy has moved away from the reference
+    with pytest.raises(ValueError, match="--eval-logps needs --eval-data"):
+        PreferenceArguments(data=str(data_path), eval_logps=str(reference))
+    with pytest.raises(ValueError, match="--eval-data: file not found"):
+        PreferenceArguments(data=str(data_path), eval_data=str(tmp_path / "missing.json"))
+
+
 def test_mismatched_logps_are_refused(tmp_path: Path, processor, model, small_model_dir: Path) -> None:
     from mllm.train.logps import compute_reference_logps, load_reference_logps
 

@@ -1,5 +1,6 @@
-"""Preference alignment (NCA pair loss, DPO or IPO) with `transformers.Trainer`: only `compute_loss` (and the
-public `log` hook, to add the averaged reward metrics) are overridden.
+"""Preference alignment (NCA pair loss, DPO or IPO) with `transformers.Trainer`: only `compute_loss`,
+`prediction_step` (evaluation scores held-out pairs with the same loss) and the public `log` hook (to add the
+averaged reward metrics) are overridden.
 
     mllm logp --model SFT_DIR --data preference_train.json --out ref.jsonl          # reference log-probs, once
     mllm train preference --model SFT_DIR --data preference_train.json --logps ref.jsonl --output-dir OUT
@@ -30,8 +31,18 @@ from mllm.train.sft import ModelArguments, load_for_training
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_logps.jsonl"
+EVAL_REFERENCE_FILE = "eval_reference_logps.jsonl"
 CURVES_PNG = "preference_curves.png"
-CURVE_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+CURVE_KEYS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "eval_loss",
+    "eval_rewards/margins",
+]
+"""What the curves PNG shows (the eval_ ones only when --eval-data was given)."""
 
 
 @dataclass
@@ -46,6 +57,20 @@ class PreferenceArguments:
         metadata={
             "help": "Reference log-prob file from `mllm logp`. Default: computed with the initial model into "
             f"OUTPUT_DIR/{REFERENCE_FILE} (resumable), unless every item carries inline `logps`."
+        },
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out preference pairs in the same format, scored with the same loss at each evaluation "
+            "(--eval-strategy steps --eval-steps N): eval_loss and eval_rewards/* in the log and the curves."
+        },
+    )
+    eval_logps: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference log-prob file for --eval-data. Default: computed with the initial model into "
+            f"OUTPUT_DIR/{EVAL_REFERENCE_FILE} (resumable), unless every item carries inline `logps`."
         },
     )
     image_folder: str | None = field(
@@ -87,6 +112,12 @@ class PreferenceArguments:
             raise ValueError(f"--data: file not found: {self.data}")
         if self.logps is not None and not Path(self.logps).is_file():
             raise ValueError(f"--logps: file not found: {self.logps} (omit --logps to compute it)")
+        if self.eval_data is not None and not Path(self.eval_data).is_file():
+            raise ValueError(f"--eval-data: file not found: {self.eval_data}")
+        if self.eval_logps is not None and self.eval_data is None:
+            raise ValueError("--eval-logps needs --eval-data (the pairs it belongs to)")
+        if self.eval_logps is not None and not Path(self.eval_logps).is_file():
+            raise ValueError(f"--eval-logps: file not found: {self.eval_logps} (omit it to compute it)")
         if self.loss_type not in PREFERENCE_LOSS_TYPES:
             raise ValueError(
                 f"--loss-type must be one of {', '.join(PREFERENCE_LOSS_TYPES)}, got {self.loss_type!r}"
@@ -113,6 +144,7 @@ class PreferenceTrainer(Trainer):
         self.preference_args = preference_args
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._eval_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.preference_step(model, inputs)
@@ -120,6 +152,15 @@ class PreferenceTrainer(Trainer):
             for key, value in metrics.items():
                 self._metrics[key].append(value)
         return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss of a held-out batch (no logits); its reward metrics go to the next eval log."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.preference_step(model, inputs)
+        for key, value in metrics.items():
+            self._eval_metrics[key].append(value)
+        return loss.detach(), None, None
 
     def preference_step(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, detached batch-mean metrics) of one concatenated batch."""
@@ -155,37 +196,46 @@ class PreferenceTrainer(Trainer):
         return loss, metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the metrics averaged since the last training log (and over processes) to it."""
+        """Add the metrics averaged since the last training log (or over the evaluation), and over processes."""
         if "loss" in logs and self._metrics:
-            keys = sorted(self._metrics)
-            means = torch.stack([torch.stack(self._metrics[k]).float().mean() for k in keys])  # [K]
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
-            logs = {**logs, **{k: round(v, 6) for k, v in zip(keys, means.tolist())}}
-            self._metrics.clear()
+            logs = {**logs, **self._averaged(self._metrics, "")}
+        if "eval_loss" in logs and self._eval_metrics:
+            logs = {**logs, **self._averaged(self._eval_metrics, "eval_")}
         super().log(logs, start_time)
 
-
-def reference_path(pref_args: PreferenceArguments, training_args: TrainingArguments) -> Path:
-    return Path(pref_args.logps) if pref_args.logps else Path(training_args.output_dir) / REFERENCE_FILE
+    def _averaged(self, store: dict[str, list[torch.Tensor]], prefix: str) -> dict[str, float]:
+        """Means of the stored batch metrics (emptying the store), named prefix + key."""
+        keys = sorted(store)
+        means = torch.stack([torch.stack(store[k]).float().mean() for k in keys])  # [K]
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        store.clear()
+        return {prefix + k: round(v, 6) for k, v in zip(keys, means.tolist())}
 
 
 def attach_reference(
     model: torch.nn.Module,
     dataset: PreferenceDataset,
+    logps: str | None,
+    default_file: str,
     model_args: ModelArguments,
     pref_args: PreferenceArguments,
     training_args: TrainingArguments,
     pad_token_id: int,
 ) -> None:
-    """Load (or first compute, with the initial model, on every process's share) the reference log-probs."""
+    """Load the reference log-probs from `logps`, or first compute them with the initial model (each process its
+    share) into OUTPUT_DIR/default_file; items that all carry inline log-probs need neither."""
     inline = all(pair.reference is not None for pair in dataset.pairs)
-    if pref_args.logps is None and inline:
-        logger.info("using the reference log-probs carried by the items of %s", pref_args.data)
+    if logps is None and inline:
+        logger.info("using the reference log-probs carried by the items of %s", dataset.data_path)
         return
-    path = reference_path(pref_args, training_args)
-    if pref_args.logps is None:
-        logger.info("no --logps: computing reference log-probs with the initial model into %s", path)
+    path = Path(logps) if logps else Path(training_args.output_dir) / default_file
+    if logps is None:
+        logger.info(
+            "no reference log-probs given for %s: computing them with the initial model into %s",
+            dataset.data_path,
+            path,
+        )
         model.to(training_args.device)
         compute_reference_logps(
             model,
@@ -204,14 +254,25 @@ def build_preference_trainer(
     model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreferenceTrainer:
     model, processor = load_for_training(model_args, training_args)
-    dataset = PreferenceDataset(
-        pref_args.data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
-    )
-    attach_reference(model, dataset, model_args, pref_args, training_args, processor.pad_token_id)
+    datasets = {}
+    for data, logps, default_file in (
+        (pref_args.data, pref_args.logps, REFERENCE_FILE),
+        (pref_args.eval_data, pref_args.eval_logps, EVAL_REFERENCE_FILE),
+    ):
+        if data is None:
+            continue
+        dataset = PreferenceDataset(
+            data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
+        )
+        attach_reference(
+            model, dataset, logps, default_file, model_args, pref_args, training_args, processor.pad_token_id
+        )
+        datasets[default_file] = dataset
     return PreferenceTrainer(
         model=model,
         args=training_args,
-        train_dataset=dataset,
+        train_dataset=datasets[REFERENCE_FILE],
+        eval_dataset=datasets.get(EVAL_REFERENCE_FILE),
         data_collator=partial(preference_collator, pad_token_id=processor.pad_token_id),
         processing_class=processor,
         preference_args=pref_args,
