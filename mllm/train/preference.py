@@ -254,25 +254,25 @@ def build_preference_trainer(
     model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreferenceTrainer:
     model, processor = load_for_training(model_args, training_args)
-    datasets = {}
-    for data, logps, default_file in (
-        (pref_args.data, pref_args.logps, REFERENCE_FILE),
-        (pref_args.eval_data, pref_args.eval_logps, EVAL_REFERENCE_FILE),
-    ):
-        if data is None:
-            continue
+
+    def pairs(data: str, logps: str | None, default_file: str) -> PreferenceDataset:
         dataset = PreferenceDataset(
             data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
         )
         attach_reference(
             model, dataset, logps, default_file, model_args, pref_args, training_args, processor.pad_token_id
         )
-        datasets[default_file] = dataset
+        return dataset
+
+    train = pairs(pref_args.data, pref_args.logps, REFERENCE_FILE)
+    held_out = (
+        pairs(pref_args.eval_data, pref_args.eval_logps, EVAL_REFERENCE_FILE) if pref_args.eval_data else None
+    )
     return PreferenceTrainer(
         model=model,
         args=training_args,
-        train_dataset=datasets[REFERENCE_FILE],
-        eval_dataset=datasets.get(EVAL_REFERENCE_FILE),
+        train_dataset=train,
+        eval_dataset=held_out,
         data_collator=partial(preference_collator, pad_token_id=processor.pad_token_id),
         processing_class=processor,
         preference_args=pref_args,
