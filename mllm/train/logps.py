@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mllm.data.preference import PreferenceDataset, ReferenceLogps, preference_collator
+from mllm.files import write_text_atomic
 from mllm.train.losses import get_batch_logps
 
 logger = logging.getLogger(__name__)
@@ -351,14 +352,8 @@ def merge_parts(out_path: Path, dataset: PreferenceDataset, header: dict[str, An
         raise ValueError(
             f"{out_path}: {len(missing)} pairs have no log-probs yet (first idx: {missing[:5]}); rerun to finish"
         )
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"header": header}) + "\n")
-        for idx in dataset.ids:
-            handle.write(json.dumps(by_idx[idx]) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out_path)
+    lines = [json.dumps({"header": header}), *(json.dumps(by_idx[idx]) for idx in dataset.ids)]
+    write_text_atomic(out_path, "\n".join(lines) + "\n")
     for part in parts:
         part.unlink()
     logger.info("reference log-probs of %d pairs written to %s", len(dataset), out_path)
