@@ -23,14 +23,20 @@ def test_default_is_the_siglip_patch_conv() -> None:
     assert not any(name.startswith("embeddings.stem") for name in tower.state_dict())
 
 
+def two_slices(patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random strips of two slices (slice 0: 2x3 patches; slice 1: 2x2 patches + 2 padded), their sizes and mask."""
+    strips = torch.randn(2, 3, patch, 6 * patch)
+    sizes = torch.tensor([[2, 3], [2, 2]], dtype=torch.int32)
+    mask = torch.tensor([[[True] * 6], [[True] * 4 + [False] * 2]])
+    return strips, sizes, mask
+
+
 def test_conv_stem_keeps_one_token_per_patch_and_masks_nothing_else() -> None:
     tower = _tower(stem="conv", stem_channels=8, stem_layers=3)
     assert isinstance(tower.embeddings.stem, ConvStem)
     assert tower.embeddings.patch_embedding.kernel_size == (7, 7)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in tower.embeddings.stem.modules()) == 3
-    strips = torch.randn(2, 3, 14, 6 * 14)  # slice 0: 2x3 patches; slice 1: 2x2 patches + 2 padded
-    sizes = torch.tensor([[2, 3], [2, 2]], dtype=torch.int32)
-    mask = torch.tensor([[[True] * 6], [[True] * 4 + [False] * 2]])
+    strips, sizes, mask = two_slices(patch=14)
     out = tower(strips, mask, sizes)
     assert out.shape == (2, 6, 32)
     # A patch's token depends on its own pixels: changing the last patch of slice 0 changes its token.
@@ -62,9 +68,7 @@ def test_cnn_stem_sees_across_patch_borders_and_keeps_slices_apart() -> None:
     tower = _tower(stem="cnn", patch_size=8, stem_channels=4, stem_layers=3)
     assert isinstance(tower.embeddings.stem, ImageCNNStem)
     assert tower.embeddings.patch_embedding.kernel_size == (1, 1)
-    strips = torch.randn(2, 3, 8, 6 * 8)  # slice 0: 2x3 patches; slice 1: 2x2 patches + 2 padded
-    sizes = torch.tensor([[2, 3], [2, 2]], dtype=torch.int32)
-    mask = torch.tensor([[[True] * 6], [[True] * 4 + [False] * 2]])
+    strips, sizes, mask = two_slices(patch=8)
     out = tower(strips, mask, sizes)
     assert out.shape == (2, 6, 32)
     # Patch 4 of slice 0 is the one below patch 1: its pixels change patch 1's token (the "conv" stem's cannot).
