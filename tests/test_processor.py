@@ -173,8 +173,8 @@ def test_image_tags_in_an_earlier_answer_do_not_break_the_next_turn(processor, i
     assert "<|im_start|>assistant\nA red square (./).<|im_end|>" in prompt
     encoded = processor.encode(prompt, prompt_images)
     assert len(encoded["image_bound"]) == len(encoded["tgt_sizes"])  # only the real image's ranges
+    user_tag = processor.prepare_chat_inputs([{"role": "user", "content": "a literal <image> tag"}])[0]
     with pytest.raises(ValueError, match="unbalanced image tags"):
-        user_tag = processor.prepare_chat_inputs([{"role": "user", "content": "a literal <image> tag"}])[0]
         processor.encode(user_tag, [])
 
 
