@@ -4,10 +4,11 @@ its checkpoint while finished stages are skipped; a folder made with other setti
 What the fast demo learns today (seed 0): the answer formats (every yes/no answer is "Yes" or "No", most grounding
 answers parse as boxes), descriptions that differ with the image, and preference training widens the reward margin and
 lowers sampled CHAIRi (measured figures: the README's demo section and docs/LOG.md). Learning to answer questions
-*about* the image (yes/no above chance, Acc@0.5 above the constant box) does not yet happen within the CI budget;
+*about* the image (yes/no clearly above chance, Acc@0.5 above the constant box) does not yet happen within the CI
+budget (measured: yes/no 54.0% on 200 questions, count questions 60%, Acc@0.5 1.3% against 2.0%);
 `test_fast_demo_learns_from_the_image` states those thresholds as a strict expected failure.
 
-Budget: about 3 minutes on 2 cores (measured 2 min 39 s at load 3-4) for this file (one --fast demo, shared by the tests; the resume test is a 40-image
+Budget: about 5 minutes on 2 cores for this file (one --fast demo, shared by the tests; the resume test is a 40-image
 run).
 """
 
@@ -52,8 +53,8 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
         "## Example answers",
     ):
         assert heading in report
+    assert "align/loss.png" not in report  # the `align` stage is off by default
     for link in (
-        "align/loss.png",
         "sft/loss.png",
         "preference/loss.png",
         "preference/rewards.png",
@@ -86,11 +87,11 @@ def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo
 
 
 def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
-    """Before the `align` stage and `normalize_image_rows` every test image got one and the same description."""
+    """Before `normalize_image_rows` every test image got one and the same description."""
     lines = (fast_demo / "eval_sft" / "answers_greedy.jsonl").read_text(encoding="utf-8").splitlines()
     answers = [json.loads(line)["answer"] for line in lines if line.strip()]
     assert len(answers) == 100
-    assert len(set(answers)) >= 10  # measured 20 (2 threads) and 29 (1 thread); 1 before
+    assert len(set(answers)) >= 10  # measured 15 (1 thread); 1 before the image rows were normalised
 
 
 @pytest.mark.xfail(
@@ -186,3 +187,29 @@ def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
     assert all(
         item["conversations"][0]["content"].endswith("Describe this image in detail.") for item in items
     )
+
+
+def test_sft_data_repeats_one_object_boxes_and_keeps_a_share_of_the_others(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from mllm.demo.build import make_world, world_dir
+    from mllm.demo.sft import make_sft_data
+
+    config = demo_config(tmp_path / "demo", fast=True, n_train=60, n_test=10, n_preference=10)
+    world_dir(config).mkdir(parents=True)
+    make_world(config, world_dir(config))
+    (config.out / "sft_data").mkdir()
+    stats = make_sft_data(config, config.out / "sft_data")
+    records = [json.loads(line) for line in (world_dir(config) / "grounding" / "rec_train.jsonl").open()]
+    objects = Counter(r["img_path"] for r in records)
+    single = sum(1 for r in records if objects[r["img_path"]] == 1)
+    assert 0 < single < len(records)
+    expected = single * config.rec_single_repeats + round(config.rec_fraction * (len(records) - single))
+    assert stats["rec_items"] == expected
+    chosen = [json.loads(line) for line in (config.out / "sft_data" / "rec_train.jsonl").open()]
+    per_image = Counter(r["img_path"] for r in chosen)
+    assert all(
+        per_image[r["img_path"]] == config.rec_single_repeats for r in records if objects[r["img_path"]] == 1
+    )
+    with pytest.raises(ValueError, match="rec_fraction"):
+        demo_config(tmp_path / "x", rec_fraction=1.5)

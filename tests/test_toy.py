@@ -77,10 +77,29 @@ def test_refuses_non_empty_folder_unless_overwrite(world, tmp_path):
         make_toy_world(tmp_path / "y", noise_rate=1.5)
 
 
+OPEN_QUESTIONS = (
+    "What colours are in the image?",
+    "How many objects are in the image?",
+    "What colour is the ",
+)
+
+
+def turns(item: dict) -> list[tuple[str, str]]:
+    """(question without the image tag, answer) per turn."""
+    conversation = item["conversations"]
+    return [
+        (user["content"].removeprefix("<image>\n"), assistant["content"])
+        for user, assistant in zip(conversation[::2], conversation[1::2])
+    ]
+
+
 def test_sft_format_images_and_yes_no_balance(world, scenes):
     for split, n_images in (("train", SMALL["n_train"]), ("test", SMALL["n_test"])):
         items = json.loads((world / "sft" / f"{split}.json").read_text())
-        assert len(items) == 3 * n_images
+        # Held-out images: one yes/no pair and a description (MME). Training images: two pairs (existence and count
+        # fit every scene), the description and 2-3 short-answer questions.
+        per_image = Counter(item["image"] for item in items)
+        assert len(per_image) == n_images and set(per_image.values()) == ({3} if split == "test" else {7, 8})
         assert sorted(item["id"] for item in items) == list(range(len(items)))
         answers = Counter()
         for item in items:
@@ -90,35 +109,59 @@ def test_sft_format_images_and_yes_no_balance(world, scenes):
             user, assistant = item["conversations"]
             assert user["role"] == "user" and assistant["role"] == "assistant"
             assert user["content"].startswith("<image>\n")
-            question = user["content"][len("<image>\n") :]
+            ((question, answer),) = turns(item)
             if question == DESCRIBE_QUESTION:
-                assert assistant["content"].startswith("There ")
+                assert answer.startswith("There ")
+            elif question.startswith(OPEN_QUESTIONS):
+                assert split == "train" and answer.endswith(".")
             else:
-                assert question.endswith(YES_NO_SUFFIX)
-                assert assistant["content"] in ("Yes", "No")
-                answers[assistant["content"]] += 1
+                assert question.endswith(YES_NO_SUFFIX) and answer in ("Yes", "No")
+                answers[answer] += 1
             assert item["image"] in scenes
-        assert answers["Yes"] == answers["No"] == n_images
+        assert answers["Yes"] == answers["No"] == n_images * (1 if split == "test" else 2)
     for path in list(scenes)[:: max(1, len(scenes) // 20)]:
         with Image.open(world / path) as image:
             assert image.format == "PNG" and image.size == (112, 112) and image.mode == "RGB"
 
 
 def test_yes_no_answers_are_true_for_the_scene(world, scenes):
-    """Existence and colour answers checked against the ground truth, independently of the generator's logic."""
-    checked = 0
+    """Existence and count answers checked against the ground truth, independently of the generator's logic."""
+    checked = Counter()
+    for split in ("train", "test"):
+        for item in json.loads((world / "sft" / f"{split}.json").read_text()):
+            objects = scenes[item["image"]]["objects"]
+            for question, answer in turns(item):
+                words = question.rstrip("?.").split()
+                if words[:3] == ["Is", "there", "a"] and words[3] in SHAPES:
+                    assert (answer == "Yes") == any(o["shape"] == words[3] for o in objects)
+                    checked["shape"] += 1
+                elif words[:2] == ["Is", "there"] and words[3] in COLORS and words[4] == "object":
+                    assert (answer == "Yes") == any(o["color"] == words[3] for o in objects)
+                    checked["colour"] += 1
+                elif "Are there exactly" in question or "Is there exactly" in question:
+                    n = int(next(w for w in words if w.isdigit()))
+                    assert (answer == "Yes") == (n == len(objects))
+                    checked["count"] += 1
+    assert min(checked.values()) > 50 and len(checked) == 3
+
+
+def test_short_answers_are_true_for_the_scene(world, scenes):
+    seen = Counter()
     for item in json.loads((world / "sft" / "train.json").read_text()):
-        question, answer = item["conversations"][0]["content"], item["conversations"][1]["content"]
         objects = scenes[item["image"]]["objects"]
-        if question.startswith("<image>\nIs there a "):
-            shape = question.split("Is there a ")[1].split(" ")[0]
-            assert (answer == "Yes") == any(o["shape"] == shape for o in objects)
-            checked += 1
-        elif "Are there exactly" in question or "Is there exactly" in question:
-            n = int(next(w for w in question.split() if w.isdigit()))
-            assert (answer == "Yes") == (n == len(objects))
-            checked += 1
-    assert checked > 50
+        for question, answer in turns(item):
+            if question == "What colours are in the image?":
+                assert set(answer.rstrip(".").split(", ")) == {o["color"] for o in objects}
+            elif question == "How many objects are in the image?":
+                assert answer == f"{len(objects)}."
+            elif question.startswith("What colour is the "):
+                shape = question.removeprefix("What colour is the ").rstrip("?")
+                (obj,) = [o for o in objects if o["shape"] == shape]
+                assert answer == f"{obj['color']}."
+            else:
+                continue
+            seen[question.split()[1]] += 1
+    assert seen["colours"] == seen["many"] == SMALL["n_train"] and seen["colour"] > SMALL["n_train"] // 2
 
 
 def test_noise_rate_close_to_requested(tmp_path):

@@ -72,9 +72,17 @@ class ToyWorldConfig:
     seed: int = 0
     """Master seed: the same seed gives byte-identical files."""
     n_train: int = 2000
-    """Training images; each gives one yes/no pair, one description and its REC records."""
+    """Training images; each gives yes/no pairs, open questions, one description and its REC records."""
     n_test: int = 300
     """Held-out images (SFT test set, objhal bench, COCO val annotations, REC val)."""
+    train_yes_no_pairs: int = 2
+    """Yes/no pairs per training image: its own category's, then pairs of other categories the scene supports
+    (held-out images keep one pair, as in MME)."""
+    open_questions: bool = True
+    """Per training image, open questions whose answers name what the yes/no questions ask about: the colours present,
+    the number of objects, the colour of a shape that is unique in the image. A model trained from scratch on
+    MME-paired yes/no alone stays at chance (neither the question nor the image alone predicts the answer); with these
+    beside them it learns colour and count questions (docs/LOG.md, 2026-11-26)."""
     noise_rate: float = 0.15
     """Share of TRAIN descriptions that mention an object absent from the image."""
     n_preference: int = 1000
@@ -104,6 +112,10 @@ class ToyWorldConfig:
             raise ValueError(f"n_train and n_test must be in 1..999999, got {self.n_train} and {self.n_test}")
         if not 0.0 <= self.noise_rate <= 1.0:
             raise ValueError(f"noise_rate must be in [0, 1], got {self.noise_rate}")
+        if not 1 <= self.train_yes_no_pairs <= len(QUESTION_TYPES):
+            raise ValueError(
+                f"train_yes_no_pairs must be in 1..{len(QUESTION_TYPES)}, got {self.train_yes_no_pairs}"
+            )
         if self.n_preference < 0:
             raise ValueError(f"n_preference must be >= 0, got {self.n_preference}")
         if self.preference_image not in ("path", "base64"):
@@ -157,6 +169,8 @@ class Scene:
     clean_description: str = ""
     qa: list[tuple[str, str]] = field(default_factory=list)
     """The yes/no pair: (question without suffix, "Yes"/"No")."""
+    extra_qa: list[tuple[str, str]] = field(default_factory=list)
+    """Training images only: more (question, answer) items, yes/no questions with their suffix and open questions."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,6 +272,14 @@ def yes_no_pair(
     Returns None when this scene cannot support the category (the caller draws another scene).
     """
     if category == "existence":
+        if rng.random() < 0.5:
+            present = sorted({o.color for o in objects})
+            absent = [c for c in COLORS if c not in present]
+            yes_color, no_color = rng.choice(present).item(), rng.choice(absent).item()
+            return [
+                (f"Is there {article(yes_color).lower()} {yes_color} object in the image?", "Yes"),
+                (f"Is there {article(no_color).lower()} {no_color} object in the image?", "No"),
+            ]
         present = sorted({o.shape for o in objects})
         yes_shape = rng.choice(present).item()
         no_shape = rng.choice(absent_shapes(objects)).item()
@@ -306,6 +328,41 @@ def yes_no_pair(
             (f"Is {name} {words[opposite[side]]} of the image?", "No"),
         ]
     raise ValueError(f"unknown question category {category!r}")
+
+
+def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Short-answer questions about what the yes/no questions test: colours present, count, a unique shape's colour."""
+    colors = [c for c in COLORS if any(o.color == c for o in objects)]
+    n = len(objects)
+    qa = [
+        ("What colours are in the image?", ", ".join(colors) + "."),
+        ("How many objects are in the image?", f"{n}."),
+    ]
+    unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+    if unique:
+        obj = unique[int(rng.integers(len(unique)))]
+        qa.append((f"What colour is the {obj.shape}?", f"{obj.color}."))
+    return qa
+
+
+def training_questions(scene: Scene, cfg: ToyWorldConfig, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """The extra training questions of one image: yes/no pairs of other categories the scene supports (random
+    categories, up to `train_yes_no_pairs` pairs with the image's own), then the open questions if on. Each becomes
+    its own single-turn item: multi-turn conversations of the same questions (more answers per image token) stayed
+    at chance in the demo (docs/LOG.md)."""
+    qa = []
+    others = [c for c in QUESTION_TYPES if c != scene.category]
+    pairs = 1
+    for k in rng.permutation(len(others)):
+        if pairs >= cfg.train_yes_no_pairs:
+            break
+        pair = yes_no_pair(others[int(k)], scene.objects, cfg.image_size, rng)
+        if pair is not None:
+            qa += [(question + YES_NO_SUFFIX, answer) for question, answer in pair]
+            pairs += 1
+    if cfg.open_questions:
+        qa += open_questions(scene.objects, rng)
+    return qa
 
 
 def referring_expression(
@@ -463,6 +520,8 @@ def build_scene(cfg: ToyWorldConfig, split: str, index: int) -> Scene:
     scene.png = encode_png(draw_scene(objects, rng, cfg))
     scene.clean_description = describe(objects, cfg.image_size)
     scene.description = scene.clean_description
+    if split == "train":
+        scene.extra_qa = training_questions(scene, cfg, rng)
     return scene
 
 
@@ -492,12 +551,14 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def sft_items(scenes: list[Scene], seed: int, split: str) -> list[dict]:
-    """Per image: its yes/no pair and its description, shuffled (fixed order per seed), ids 0..N-1."""
+    """Per image: its yes/no pair, its description and (training images) the extra questions, one single-turn item
+    each, shuffled (fixed order per seed), ids 0..N-1."""
     items = []
     for scene in scenes:
         for question, answer in scene.qa:
             items.append((scene.image_path, question + YES_NO_SUFFIX, answer))
         items.append((scene.image_path, DESCRIBE_QUESTION, scene.description))
+        items.extend((scene.image_path, question, answer) for question, answer in scene.extra_qa)
     order = np.random.default_rng([seed, 200, SPLITS.index(split)]).permutation(len(items))
     out = []
     for new_id, k in enumerate(order):
@@ -731,7 +792,7 @@ this folder: use this folder as the image folder.
 | file | format | content |
 |---|---|---|
 | `images/<category>/<split>_<index>.png` | PNG | {counts["train_images"]} train + {counts["test_images"]} held-out images; category = the image's yes/no question type |
-| `sft/train.json`, `sft/test.json` | SFT JSON list `{{"id", "image", "conversations"}}` | {counts["sft_train_items"]} / {counts["sft_test_items"]} items: per image one Yes and one No question (existence, color, count, position; ending with "{YES_NO_SUFFIX.strip()}") and one "{DESCRIBE_QUESTION}" |
+| `sft/train.json`, `sft/test.json` | SFT JSON list `{{"id", "image", "conversations"}}` | {counts["sft_train_items"]} / {counts["sft_test_items"]} items, one question each: per image one Yes and one No question (existence of a shape or a colour, color, count, position; ending with "{YES_NO_SUFFIX.strip()}") and one "{DESCRIBE_QUESTION}"; training images get up to {cfg.train_yes_no_pairs} such pairs{" and short-answer questions (the colours present, the number of objects, the colour of a shape)" if cfg.open_questions else ""} |
 | `objhal_bench.jsonl` | `{{"image": base64 PNG, "question", "image_id"}}` | {counts["objhal_items"]} held-out images (ids 1..{cfg.n_test}) |
 | `coco/annotations/instances_{{val,train}}2014.json` | COCO instances | categories = shapes (ids 1..{len(SHAPES)}), bbox [x, y, w, h], colour in `color` |
 | `coco/annotations/captions_{{val,train}}2014.json` | COCO captions | one correct description per image |

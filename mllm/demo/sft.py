@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mllm.demo.build import init_model_dir, world_dir
 from mllm.demo.config import DemoConfig
 from mllm.demo.stages import DemoInterrupted
-from mllm.files import write_json_atomic
+from mllm.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,32 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
     return len(items)
 
 
+def write_rec_subset(config: DemoConfig, out: Path) -> int:
+    """The REC records of the mixed SFT: those of one-object images `rec_single_repeats` times each, and a seeded
+    random `rec_fraction` of the others (at least one record in all). Returns the count."""
+    import numpy as np
+
+    source = world_dir(config) / "grounding" / "rec_train.jsonl"
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    per_image = Counter(json.loads(line)["img_path"] for line in lines)
+    single = [k for k, line in enumerate(lines) if per_image[json.loads(line)["img_path"]] == 1]
+    others = sorted(set(range(len(lines))) - set(single))
+    rng = np.random.default_rng([config.seed, 400])
+    keep = sorted(rng.permutation(others)[: round(config.rec_fraction * len(others))].tolist())
+    chosen = single * config.rec_single_repeats + keep or [0]
+    write_text_atomic(out, "".join(lines[k] + "\n" for k in chosen))
+    return len(chosen)
+
+
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """REC -> conversations, mixed with all SFT items (mix_ratio = SFT items per REC record) into one file."""
+    """REC -> conversations (a `rec_fraction` of the records), mixed with all SFT items (mix_ratio = SFT items per
+    REC record) into one file."""
     from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
 
     world = world_dir(config)
-    rec = world / "grounding" / "rec_train.jsonl"
+    rec = folder / "rec_train.jsonl"
     sft = world / "sft" / "train.json"
-    n_rec = sum(1 for line in rec.read_text(encoding="utf-8").splitlines() if line.strip())
+    n_rec = write_rec_subset(config, rec)
     n_sft = len(json.loads(sft.read_text(encoding="utf-8")))
     stats = prepare_grounding(
         GroundingPrepConfig(
@@ -89,7 +108,7 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
         "sft_items": stats.items["sft"],
         "total": total,
         "align_items": n_align,
-        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} yes/no and descriptions"
+        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} SFT conversations"
         f"; {n_align} descriptions for the alignment stage",
     }
 
