@@ -53,6 +53,7 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
         "## Example answers",
     ):
         assert heading in report
+    assert "| yes/no accuracy, count questions |" in report  # per category beside the overall figure
     assert "align/loss.png" not in report  # the `align` stage is off by default
     for link in (
         "sft/loss.png",

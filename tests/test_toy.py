@@ -409,8 +409,15 @@ def test_cli_make_and_tokenizer(tmp_path, capsys):
     assert json.loads((out / "scenes.json").read_text())["config"]["seed"] == 2
     assert args.func(args) == 2  # non-empty folder without --overwrite
     assert "not empty" in capsys.readouterr().err
-    args = parser.parse_args(["toy", "make", str(out), "--n-train", "6", "--n-test", "4", "--overwrite"])
+    args = parser.parse_args(
+        ["toy", "make", str(out), "--n-train", "6", "--n-test", "4", "--overwrite", "--no-open-questions"]
+        + ["--train-yes-no-pairs", "1"]
+    )
     assert args.func(args) == 0
+    # one pair and one description per image, as in the held-out split
+    assert len(json.loads((out / "sft" / "train.json").read_text())) == 3 * 6
+    bad = parser.parse_args(["toy", "make", str(tmp_path / "bad"), "--train-yes-no-pairs", "5"])
+    assert bad.func(bad) == 2 and "train_yes_no_pairs" in capsys.readouterr().err
     tok_dir = tmp_path / "cli_tok"
     args = parser.parse_args(["toy", "tokenizer", str(tok_dir), "--world", str(out), "--preset"])
     assert args.func(args) == 0

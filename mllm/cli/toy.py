@@ -33,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.15,
         help="Share of train descriptions with an absent object (0.15).",
     )
+    make.add_argument(
+        "--train-yes-no-pairs",
+        type=int,
+        default=2,
+        help="Yes/no pairs per training image, of different categories (1-4; default: 2).",
+    )
+    make.add_argument(
+        "--no-open-questions",
+        action="store_true",
+        help="Leave out the short-answer training questions (colours present, count, colour of a shape).",
+    )
     make.add_argument("--n-preference", type=int, default=1000, help="Preference pairs (default: 1000).")
     make.add_argument(
         "--preference-image",
@@ -73,6 +84,8 @@ def run_make(args: argparse.Namespace) -> int:
             n_train=args.n_train,
             n_test=args.n_test,
             noise_rate=args.noise_rate,
+            train_yes_no_pairs=args.train_yes_no_pairs,
+            open_questions=not args.no_open_questions,
             n_preference=args.n_preference,
             preference_image=args.preference_image,
         )

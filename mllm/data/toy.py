@@ -82,7 +82,7 @@ class ToyWorldConfig:
     """Per training image, open questions whose answers name what the yes/no questions ask about: the colours present,
     the number of objects, the colour of a shape that is unique in the image. A model trained from scratch on
     MME-paired yes/no alone stays at chance (neither the question nor the image alone predicts the answer); with these
-    beside them it learns colour and count questions (docs/LOG.md, 2026-11-26)."""
+    beside them it learned colour-presence and count pairs in probes (docs/LOG.md, 2026-11-26)."""
     noise_rate: float = 0.15
     """Share of TRAIN descriptions that mention an object absent from the image."""
     n_preference: int = 1000

@@ -36,8 +36,10 @@ def metric_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
             value = value[key]
         return value
 
+    categories = sorted(get(before, "yes_no", "per_category") or get(after, "yes_no", "per_category") or {})
     rows = [
         ("yes/no accuracy", ("yes_no", "accuracy")),
+        *((f"yes/no accuracy, {c} questions", ("yes_no", "per_category", c)) for c in categories),
         ("CHAIRs, greedy", ("chair", "greedy", "CHAIRs")),
         ("CHAIRi, greedy", ("chair", "greedy", "CHAIRi")),
         ("Recall, greedy", ("chair", "greedy", "Recall")),

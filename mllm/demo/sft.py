@@ -1,7 +1,8 @@
 """Demo stages for supervised fine-tuning: the mixed training file, then the Trainer run (resumable).
 
 The mixed file is what `mllm prepare-grounding --rec ... --mix-sft sft/train.json` writes: the REC records turned into
-conversations with boxes on the 0..1000 grid, plus every yes/no and description item of the SFT file. Training is
+conversations with boxes on the 0..1000 grid (a subset of the records, `write_rec_subset`), plus every item of the SFT
+file. Training is
 `build_sft_trainer` (the code behind `mllm train sft`) with checkpoints every `sft_save_steps`; a re-run after a kill
 resumes from the newest checkpoint.
 """
@@ -79,7 +80,7 @@ def write_rec_subset(config: DemoConfig, out: Path) -> int:
 
 
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """REC -> conversations (a `rec_fraction` of the records), mixed with all SFT items (mix_ratio = SFT items per
+    """REC -> conversations (the records of `write_rec_subset`), mixed with all SFT items (mix_ratio = SFT items per
     REC record) into one file."""
     from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
 
