@@ -5,11 +5,11 @@ What the fast demo learns today (seed 0): the answer formats (every yes/no answe
 answers parse as boxes), descriptions that differ with the image, and preference training widens the reward margin and
 lowers sampled CHAIRi (measured figures: the README's demo section and docs/LOG.md). Learning to answer questions
 *about* the image (yes/no clearly above chance, Acc@0.5 above the constant box) does not yet happen within the CI
-budget (measured: yes/no 54.0% on 200 questions, count questions 60%, Acc@0.5 1.3% against 2.0%);
+budget (measured in a clean-clone CI run, 2 threads: yes/no 50.0% on 200 questions, Acc@0.5 2.0% against 2.0%);
 `test_fast_demo_learns_from_the_image` states those thresholds as a strict expected failure.
 
-Budget: about 5 minutes on 2 cores for this file (one --fast demo, shared by the tests; the resume test is a 40-image
-run).
+Budget: about 4 minutes on 2 cores for this file (one --fast demo, 206 s in a CI run, shared by the tests; the resume
+test is a 40-image run).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from mllm.cli import main
 from mllm.demo.config import demo_config
-from mllm.demo.pipeline import STAGES, run_demo
+from mllm.demo.pipeline import STAGES, run_demo, stage_functions
 from mllm.demo.stages import DONE, DemoInterrupted
 
 MIN_YES_NO_ACCURACY = 0.60
@@ -42,7 +42,9 @@ def fast_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
-    for stage in STAGES:
+    ran = [name for name, _ in stage_functions(demo_config(fast_demo, fast=True))]
+    assert ran == [stage for stage in STAGES if stage != "align"]  # `align` is off by default
+    for stage in ran:
         assert (fast_demo / stage / DONE).is_file(), stage
     report = (fast_demo / "REPORT.md").read_text()
     for heading in (
@@ -92,7 +94,7 @@ def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
     lines = (fast_demo / "eval_sft" / "answers_greedy.jsonl").read_text(encoding="utf-8").splitlines()
     answers = [json.loads(line)["answer"] for line in lines if line.strip()]
     assert len(answers) == 100
-    assert len(set(answers)) >= 10  # measured 15 (1 thread); 1 before the image rows were normalised
+    assert len(set(answers)) >= 10  # measured 64 (2 threads); 1 before the image rows were normalised
 
 
 @pytest.mark.xfail(
@@ -201,13 +203,18 @@ def test_sft_data_repeats_one_object_boxes_and_keeps_a_share_of_the_others(tmp_p
     make_world(config, world_dir(config))
     (config.out / "sft_data").mkdir()
     stats = make_sft_data(config, config.out / "sft_data")
-    records = [json.loads(line) for line in (world_dir(config) / "grounding" / "rec_train.jsonl").open()]
+    records = [
+        json.loads(line)
+        for line in (world_dir(config) / "grounding" / "rec_train.jsonl").read_text().splitlines()
+    ]
     objects = Counter(r["img_path"] for r in records)
     single = sum(1 for r in records if objects[r["img_path"]] == 1)
     assert 0 < single < len(records)
     expected = single * config.rec_single_repeats + round(config.rec_fraction * (len(records) - single))
     assert stats["rec_items"] == expected
-    chosen = [json.loads(line) for line in (config.out / "sft_data" / "rec_train.jsonl").open()]
+    chosen = [
+        json.loads(line) for line in (config.out / "sft_data" / "rec_train.jsonl").read_text().splitlines()
+    ]
     per_image = Counter(r["img_path"] for r in chosen)
     assert all(
         per_image[r["img_path"]] == config.rec_single_repeats for r in records if objects[r["img_path"]] == 1
