@@ -69,9 +69,10 @@ def write_rec_subset(config: DemoConfig, out: Path) -> int:
 
     source = world_dir(config) / "grounding" / "rec_train.jsonl"
     lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    per_image = Counter(json.loads(line)["img_path"] for line in lines)
-    single = [k for k, line in enumerate(lines) if per_image[json.loads(line)["img_path"]] == 1]
-    others = sorted(set(range(len(lines))) - set(single))
+    images = [json.loads(line)["img_path"] for line in lines]
+    per_image = Counter(images)
+    single = [k for k, image in enumerate(images) if per_image[image] == 1]
+    others = [k for k, image in enumerate(images) if per_image[image] > 1]
     rng = np.random.default_rng([config.seed, 400])
     keep = sorted(rng.permutation(others)[: round(config.rec_fraction * len(others))].tolist())
     chosen = single * config.rec_single_repeats + keep or [0]
