@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from mllm.cli import main
 from mllm.demo.config import demo_config
@@ -155,6 +156,14 @@ def test_interrupted_sft_resumes_from_its_checkpoint_and_done_stages_are_skipped
     old = [row for row in checkpoint_state["log_history"] if "loss" in row]
     assert old and [row for row in state["log_history"] if "loss" in row][: len(old)] == old
     assert (out / "sft" / "model" / "model.safetensors").is_file()
+    # The preset ties the input and output embeddings (`tie_word_embeddings`); training and the resume keep them one.
+    from mllm.model.modeling import MLLMModel
+
+    trained = MLLMModel.from_pretrained(out / "sft" / "model")
+    assert trained.config.tie_word_embeddings
+    assert trained.llm.lm_head.weight.data_ptr() == trained.llm.model.embed_tokens.weight.data_ptr()
+    initial = MLLMModel.from_pretrained(out / "model" / "init")
+    assert not torch.equal(trained.llm.lm_head.weight, initial.llm.lm_head.weight)  # trained, as one tensor
 
     # A third run finds every stage done and computes nothing.
     again = run_demo(config, until="sft", echo=lambda line: None)

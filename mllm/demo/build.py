@@ -84,6 +84,7 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
         projector=config.projector,
         normalize_image_rows=config.normalize_image_rows,
         initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     torch.manual_seed(config.seed)
     model = MLLMModel(MLLMConfig.from_pretrained(out))
