@@ -177,17 +177,25 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
         run_demo(tiny_config(out, n_train=41), until="world", echo=lambda line: None)
 
 
-def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
-    """The `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
-    image with no lookup by the question's words."""
+def world_and_sft_data(tmp_path: Path, n_train: int) -> tuple:
+    """Run the `world` and `sft_data` stages' functions of a small --fast config; returns it and the sft_data figures."""
     from mllm.demo.build import make_world, world_dir
-    from mllm.demo.sft import align_data_path, make_sft_data
+    from mllm.demo.sft import make_sft_data
 
-    config = demo_config(tmp_path / "demo", fast=True, n_train=40, n_test=10, n_preference=10)
+    config = demo_config(tmp_path / "demo", fast=True, n_train=n_train, n_test=10, n_preference=10)
     world_dir(config).mkdir(parents=True)
     make_world(config, world_dir(config))
     (config.out / "sft_data").mkdir()
-    stats = make_sft_data(config, config.out / "sft_data")
+    return config, make_sft_data(config, config.out / "sft_data")
+
+
+def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
+    """The `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
+    image with no lookup by the question's words."""
+    from mllm.demo.build import world_dir
+    from mllm.demo.sft import align_data_path
+
+    config, stats = world_and_sft_data(tmp_path, n_train=40)
     items = json.loads(align_data_path(config).read_text())
     assert stats["align_items"] == len(items) == 40  # one description per training image
     train_images = {
@@ -204,14 +212,9 @@ def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
 def test_sft_data_repeats_one_object_boxes_and_keeps_a_share_of_the_others(tmp_path: Path) -> None:
     from collections import Counter
 
-    from mllm.demo.build import make_world, world_dir
-    from mllm.demo.sft import make_sft_data
+    from mllm.demo.build import world_dir
 
-    config = demo_config(tmp_path / "demo", fast=True, n_train=60, n_test=10, n_preference=10)
-    world_dir(config).mkdir(parents=True)
-    make_world(config, world_dir(config))
-    (config.out / "sft_data").mkdir()
-    stats = make_sft_data(config, config.out / "sft_data")
+    config, stats = world_and_sft_data(tmp_path, n_train=60)
     records = [
         json.loads(line)
         for line in (world_dir(config) / "grounding" / "rec_train.jsonl").read_text().splitlines()

@@ -231,6 +231,11 @@ def absent_shapes(objects: list[ToyObject]) -> list[str]:
     return [s for s in SHAPES if s not in present]
 
 
+def uniquely_shaped(objects: list[ToyObject]) -> list[ToyObject]:
+    """The objects whose shape no other object in the scene has ("the square" names exactly one of them)."""
+    return [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+
+
 def random_phrase(rng: np.random.Generator) -> str:
     vertical = ("top", "middle", "bottom")[int(rng.integers(3))]
     horizontal = ("left", "center", "right")[int(rng.integers(3))]
@@ -288,7 +293,7 @@ def yes_no_pair(
             (f"Is there a {no_shape} in the image?", "No"),
         ]
     if category == "color":
-        unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+        unique = uniquely_shaped(objects)
         if not unique:
             return None
         obj = unique[int(rng.integers(len(unique)))]
@@ -338,7 +343,7 @@ def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[t
         ("What colours are in the image?", ", ".join(colors) + "."),
         ("How many objects are in the image?", f"{n}."),
     ]
-    unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+    unique = uniquely_shaped(objects)
     if unique:
         obj = unique[int(rng.integers(len(unique)))]
         qa.append((f"What colour is the {obj.shape}?", f"{obj.color}."))

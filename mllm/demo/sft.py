@@ -2,9 +2,8 @@
 
 The mixed file is what `mllm prepare-grounding --rec ... --mix-sft sft/train.json` writes: the REC records turned into
 conversations with boxes on the 0..1000 grid (a subset of the records, `write_rec_subset`), plus every item of the SFT
-file. Training is
-`build_sft_trainer` (the code behind `mllm train sft`) with checkpoints every `sft_save_steps`; a re-run after a kill
-resumes from the newest checkpoint.
+file. Training is `build_sft_trainer` (the code behind `mllm train sft`) with checkpoints every `sft_save_steps`; a
+re-run after a kill resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
