@@ -177,12 +177,14 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
         run_demo(tiny_config(out, n_train=41), until="world", echo=lambda line: None)
 
 
-def world_and_sft_data(tmp_path: Path, n_train: int) -> tuple:
+def world_and_sft_data(tmp_path: Path, n_train: int, **overrides) -> tuple:
     """Run the `world` and `sft_data` stages' functions of a small --fast config; returns it and the sft_data figures."""
     from mllm.demo.build import make_world, world_dir
     from mllm.demo.sft import make_sft_data
 
-    config = demo_config(tmp_path / "demo", fast=True, n_train=n_train, n_test=10, n_preference=10)
+    config = demo_config(
+        tmp_path / "demo", fast=True, n_train=n_train, n_test=10, n_preference=10, **overrides
+    )
     world_dir(config).mkdir(parents=True)
     make_world(config, world_dir(config))
     (config.out / "sft_data").mkdir()
@@ -233,3 +235,30 @@ def test_sft_data_repeats_one_object_boxes_and_keeps_a_share_of_the_others(tmp_p
     )
     with pytest.raises(ValueError, match="rec_fraction"):
         demo_config(tmp_path / "x", rec_fraction=1.5)
+
+
+def test_device_and_loss_options_are_checked_and_device_does_not_split_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--device"):
+        demo_config(tmp_path / "x", device="gpu")
+    with pytest.raises(ValueError, match="sft_loss_reduction"):
+        demo_config(tmp_path / "x", sft_loss_reduction="mean")
+    assert demo_config(tmp_path / "x", device="cpu").torch_device() == "cpu"
+    # a run started on one device may be resumed on another: the device is not part of the settings' fingerprint
+    assert (
+        demo_config(tmp_path / "x", device="cpu").fingerprint() == demo_config(tmp_path / "x").fingerprint()
+    )
+
+
+def test_object_sizes_reach_the_world(tmp_path: Path) -> None:
+    from mllm.demo.build import world_dir
+
+    config, _ = world_and_sft_data(tmp_path, 20, min_object_size=30, max_object_size=46)
+    scenes = json.loads((world_dir(config) / "scenes.json").read_text())
+    assert scenes["config"]["min_object_size"] == 30 and scenes["config"]["max_object_size"] == 46
+    sides = [
+        max(o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1]) + 1
+        for s in scenes["scenes"]
+        for o in s["objects"]
+    ]
+    assert min(sides) >= 23 and max(sides) <= 46  # a square fills 80% of its 30-46 px footprint, a circle all
+    assert max(sides) > 34  # beyond the default largest object

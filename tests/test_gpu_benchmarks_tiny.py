@@ -39,3 +39,13 @@ def test_gpu_sft_tiny(tmp_path):
     # Same LoRA on the same shape: both train the same number of adapter weights.
     assert result["rows"][0]["trainable_params"] == result["rows"][1]["trainable_params"] > 0
     assert out.is_file()
+
+
+def test_gpu_checks_run_on_cpu(tmp_path):
+    out = tmp_path / "checks.json"
+    assert load_script("gpu_checks").main(["--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    checks = {k: v for k, v in result.items() if isinstance(v, dict)}
+    assert len(checks) == 7  # 2 fp32 backends, bf16, 3 greedy paths, the training step
+    assert all(v["ok"] for v in checks.values())
+    assert result["device"] == "cpu" and result["flash_attention_2"].startswith("not checked")

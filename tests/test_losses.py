@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mllm.train.losses import get_batch_logps, preference_loss, sft_loss
+from mllm.train.losses import get_batch_logps, preference_loss, sft_loss, sft_loss_per_sample
 
 
 def _batch(seed: int = 0, b: int = 3, t: int = 7, v: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +60,19 @@ def test_gradient_accumulation_1x4_equals_4x1():
     assert whole.item() == pytest.approx(sft_loss(logits, labels).item(), rel=1e-6)
     naive = sum(sft_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(4)) / 4
     assert naive.item() != pytest.approx(whole.item(), rel=1e-3)
+
+
+def test_sft_loss_per_sample_averages_each_sample_then_the_samples():
+    logits, labels = _batch()
+    labels[1, 2:] = -100  # a sample without target tokens does not count
+    per_sample = [[-lp for _, lp in row] for row in _direct_token_logps(logits, labels)]
+    means = [sum(row) / len(row) for row in per_sample if row]
+    assert len(means) == 2
+    loss = sft_loss_per_sample(logits, labels)
+    assert loss.item() == pytest.approx(sum(means) / len(means), rel=1e-5)
+    assert loss.dtype == torch.float32
+    # the token mean weighs the longer sample more: the two reductions differ when the lengths do
+    assert sft_loss(logits, labels).item() != pytest.approx(loss.item(), rel=1e-3)
 
 
 def test_get_batch_logps_matches_loop():

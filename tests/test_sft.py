@@ -17,8 +17,9 @@ from mllm.processing.processor import MLLMProcessor
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def make_sft_files(root: Path, n: int = 8) -> Path:
-    """n one-turn yes/no items about the colour of a 56x56 image, images under root/images/color/."""
+def make_sft_files(root: Path, n: int = 8, long_no: bool = False) -> Path:
+    """n one-turn yes/no items about the colour of a 56x56 image, images under root/images/color/ (`long_no`: the
+    No answers name the colour, so answers differ in length)."""
     (root / "images" / "color").mkdir(parents=True, exist_ok=True)
     items = []
     names = list(COLORS)
@@ -32,7 +33,10 @@ def make_sft_files(root: Path, n: int = 8) -> Path:
                 "image": f"images/color/{i}.png",
                 "conversations": [
                     {"role": "user", "content": f"<image>\nIs the picture {asked}? Please answer yes or no."},
-                    {"role": "assistant", "content": "Yes" if asked == color else "No"},
+                    {
+                        "role": "assistant",
+                        "content": "Yes" if asked == color else f"No, it is {color}." if long_no else "No",
+                    },
                 ],
             }
         )
@@ -193,6 +197,39 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_model
     assert loss_acc == pytest.approx(loss_big, rel=1e-4)
     for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), acc.model.named_parameters()):
         torch.testing.assert_close(p_big, p_acc, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_per_sample_loss_with_gradient_accumulation_matches_one_big_batch(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    data = make_sft_files(tmp_path / "d", 4, long_no=True)
+    kw = dict(max_steps=1, optim="sgd", loss_reduction="sample")
+    big = _trainer(small_model_dir, data, tmp_path / "a", per_device_train_batch_size=4, **kw)
+    acc = _trainer(
+        small_model_dir,
+        data,
+        tmp_path / "b",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        **kw,
+    )
+    token = _trainer(
+        small_model_dir, data, tmp_path / "c", per_device_train_batch_size=4, max_steps=1, optim="sgd"
+    )
+    for trainer in (big, acc, token):
+        trainer.train()
+    loss_big, loss_acc, loss_token = (t.state.log_history[0]["loss"] for t in (big, acc, token))
+    assert loss_acc == pytest.approx(loss_big, rel=1e-4)
+    assert loss_token != pytest.approx(
+        loss_big, rel=1e-3
+    )  # answers of different lengths: the reductions differ
+    for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), acc.model.named_parameters()):
+        torch.testing.assert_close(p_big, p_acc, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loss_reduction_flag_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--loss-reduction"):
+        cpu_training_args(tmp_path, loss_reduction="mean")
 
 
 @pytest.mark.slow

@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fast", action="store_true", help="the small CI-sized version (a few minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto (default): CUDA when torch sees a GPU",
+    )
     parser.set_defaults(func=run)
 
 
@@ -29,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     from mllm.demo.config import demo_config
     from mllm.demo.pipeline import run_demo
 
-    run_demo(demo_config(args.out, fast=args.fast, seed=args.seed, threads=args.threads))
+    run_demo(demo_config(args.out, fast=args.fast, seed=args.seed, threads=args.threads, device=args.device))
     return 0

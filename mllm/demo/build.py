@@ -38,6 +38,8 @@ def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
         n_test=config.n_test,
         n_preference=min(config.n_preference, config.n_train),
         noise_rate=config.noise_rate,
+        min_object_size=config.min_object_size,
+        max_object_size=config.max_object_size,
         overwrite=bool(leftovers),
     )
     summary = (

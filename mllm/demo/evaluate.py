@@ -224,7 +224,7 @@ def evaluate_model(config: DemoConfig, folder: Path, model_dir: Path) -> dict[st
 
     from mllm.cli.common import load_model_and_processor
 
-    model, processor = load_model_and_processor(str(model_dir), "cpu", "float32")
+    model, processor = load_model_and_processor(str(model_dir), config.torch_device(), "float32")
     name = str(Path(model_dir).resolve())
     with torch.inference_mode():
         yes_no = eval_yes_no(model, processor, config, folder, name) if config.eval_yes_no else None

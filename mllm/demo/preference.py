@@ -41,7 +41,7 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
     from mllm.train.logps import compute_reference_logps
 
     model_dir = sft_model_dir(config)
-    model, processor = load_model_and_processor(str(model_dir), "cpu", "float32")
+    model, processor = load_model_and_processor(str(model_dir), config.torch_device(), "float32")
     dataset = PreferenceDataset(preference_data(config), processor, world_dir(config), 512)
     out = compute_reference_logps(
         model, dataset, logps_path(config), model_dir, batch_size=8, pad_token_id=processor.pad_token_id
@@ -85,7 +85,7 @@ def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
         data_seed=config.seed,
         report_to="none",
         dataloader_num_workers=0,
-        use_cpu=True,
+        use_cpu=config.torch_device() == "cpu",
     )
     trainer = build_preference_trainer(
         ModelArguments(model=str(sft_model_dir(config))),

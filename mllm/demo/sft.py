@@ -149,7 +149,8 @@ def sft_training_arguments(
         data_seed=config.seed,
         report_to="none",
         dataloader_num_workers=0,
-        use_cpu=True,
+        use_cpu=config.torch_device() == "cpu",
+        loss_reduction=config.sft_loss_reduction,
     )
 
 

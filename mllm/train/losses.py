@@ -49,6 +49,24 @@ def sft_loss(
     return token_losses / denominator.to(token_losses.dtype)
 
 
+def sft_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sample's target tokens, then over the samples that have any.
+
+    With the token mean of `sft_loss`, a 50-token description outweighs a one-word answer fifty times; here every
+    conversation weighs the same, so short answers (yes/no, a count, a colour) are not drowned by long ones.
+    """
+    shift_logits, shift_labels = _shift(logits, labels)
+    token_losses = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),  # [B*(T-1), V]
+        shift_labels.reshape(-1),  # [B*(T-1)]
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)  # [B, T-1], 0 where masked
+    counts = (shift_labels != IGNORE_INDEX).sum(-1)  # [B]
+    per_sample = token_losses.sum(-1) / counts.clamp(min=1)  # [B]
+    return per_sample.sum() / (counts > 0).sum().clamp(min=1)
+
+
 def get_batch_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,

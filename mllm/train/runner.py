@@ -30,6 +30,18 @@ class MLLMTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "A checkpoint directory, or 'auto' for the latest one in --output-dir."},
     )
+    loss_reduction: str = field(
+        default="token",
+        metadata={
+            "help": "SFT loss: 'token' (mean over every target token of the batch, as LLaVA and MiniCPM-V) or "
+            "'sample' (mean of each conversation's mean token loss: short answers weigh as much as long ones)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_reduction not in ("token", "sample"):
+            raise ValueError(f"--loss-reduction must be 'token' or 'sample', got {self.loss_reduction!r}")
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:

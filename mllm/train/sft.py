@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from mllm.data.sft import SupervisedDataset, data_collator
-from mllm.train.losses import sft_loss
+from mllm.train.losses import sft_loss, sft_loss_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,23 @@ def default_training_arguments(**overrides: Any) -> dict[str, Any]:
 
 
 class SFTTrainer(Trainer):
-    """Trainer whose loss is next-token cross-entropy on answer tokens, normalised over the accumulated batch."""
+    """Trainer whose loss is next-token cross-entropy on answer tokens: by default normalised over the target tokens
+    of the accumulated batch; with `--loss-reduction sample` each conversation's mean token loss counts once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_sample_loss = getattr(self.args, "loss_reduction", "token") == "sample"
+        if self.per_sample_loss:
+            # a mean over one micro-batch's samples: Trainer must divide it by the accumulation steps
+            self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         data = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(data)
-        loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        if self.per_sample_loss:
+            loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
+        else:
+            loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 
