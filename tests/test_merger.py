@@ -1,5 +1,5 @@
-"""The `projector="merge"` option (mllm.model.merger): one row per 2x2 block of patches, any grid pooled to fit, and
-a model that builds, runs, saves and loads with it while the default stays the resampler."""
+"""The `projector="merge"` and `"mlp"` options (mllm.model.merger): one row per 2x2 block of patches or per token, any
+grid pooled to fit, and a model that builds, runs, saves and loads with them while the default stays the resampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mllm.model.config import MLLMConfig
-from mllm.model.merger import PatchMerger
+from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.modeling import MLLMModel
 from mllm.model.resampler import Resampler
 
@@ -27,6 +27,27 @@ def test_each_row_reads_only_its_own_2x2_block() -> None:
     moved = (merger(changed, sizes) - base).abs().amax(dim=-1)[0]
     assert moved[9] > 1e-4
     assert torch.all(moved[torch.arange(16) != 9] == 0)
+
+
+def test_token_projector_maps_each_token_to_its_own_row() -> None:
+    torch.manual_seed(0)
+    projector = TokenProjector(num_queries=49, embed_dim=32, kv_dim=8).eval()
+    x = torch.randn(1, 49, 8)
+    sizes = torch.tensor([[7, 7]])
+    base = projector(x, sizes)
+    assert base.shape == (1, 49, 32)
+    changed = x.clone()
+    changed[0, 3 * 7 + 5] += torch.randn(8)  # token (3, 5) is row 26 and moves nothing else
+    moved = (projector(changed, sizes) - base).abs().amax(dim=-1)[0]
+    assert moved[26] > 1e-4
+    assert torch.all(moved[torch.arange(49) != 26] == 0)
+    # another grid is pooled to 7 x 7; padding after a 2x2 slice does not leak in
+    x = torch.randn(2, 60, 8)
+    x[1, 4:] = 1e6
+    out = projector(x, torch.tensor([[6, 10], [2, 2]]))
+    assert out.shape == (2, 49, 32) and torch.isfinite(out).all() and out[1].abs().max() < 1e3
+    with pytest.raises(ValueError, match="perfect square for projector 'mlp'"):
+        TokenProjector(num_queries=12, embed_dim=16, kv_dim=4)
 
 
 def test_other_grids_are_pooled_and_padding_is_ignored() -> None:
@@ -80,9 +101,22 @@ def test_model_with_merge_projector_runs_saves_and_loads(tmp_path: Path) -> None
     assert torch.allclose(loaded.get_vision_hidden_states(data)[0], rows)
 
 
+def test_model_with_mlp_projector_runs_saves_and_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLLMModel(tiny_config(projector="mlp")).eval()
+    assert isinstance(model.resampler, TokenProjector)
+    data = {"pixel_values": [[torch.randn(3, 14, 16 * 14)]], "tgt_sizes": [torch.tensor([[4, 4]])]}
+    rows = model.get_vision_hidden_states(data)[0]
+    assert rows.shape == (1, 4, 128)  # query_num 4: the 4x4 grid pooled to 2x2
+    model.save_pretrained(tmp_path)
+    loaded = MLLMModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector == "mlp" and isinstance(loaded.resampler, TokenProjector)
+    assert torch.allclose(loaded.get_vision_hidden_states(data)[0], rows)
+
+
 def test_unknown_projector_is_refused() -> None:
     with pytest.raises(ValueError, match="MLLMConfig.projector must be one of"):
-        tiny_config(projector="mlp")
+        tiny_config(projector="linear")
 
 
 def test_normalized_image_rows_are_centred_unit_rms_and_survive_a_round_trip(tmp_path: Path) -> None:

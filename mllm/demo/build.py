@@ -65,7 +65,9 @@ def preset_config(config: DemoConfig):
     """The tiny preset's sizes with the demo's vision choices."""
     from mllm.data.toy_tokenizer import ToyPresetConfig
 
-    return ToyPresetConfig(patch_size=config.patch_size, vision_layers=config.vision_layers)
+    return ToyPresetConfig(
+        patch_size=config.patch_size, vision_layers=config.vision_layers, query_num=config.query_num
+    )
 
 
 def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:

@@ -55,6 +55,9 @@ class DemoConfig:
     projector: str = "merge"
     """`projector` of the preset: "merge" (2x2 patch merge, what the from-scratch prototype used) keeps each image
     row tied to one region from the first step; at random init the resampler's queries read nearly one average."""
+    query_num: int = 16
+    """Image rows per image in the LLM prompt (the preset's `query_num`); "mlp" needs the token grid's size, e.g.
+    49 for patch_size 16 on the 112-px images."""
     initializer_range: float = 0.08
     """Std of the random initial weights (the preset's `initializer_range`): 0.08 left the loss plateau where the
     model ignores the image sooner than 0.02 in the grounding engineer's from-scratch runs (docs/LOG.md)."""
@@ -140,6 +143,8 @@ class DemoConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
+        if self.query_num < 1:
+            raise ValueError(f"demo query_num must be at least 1, got {self.query_num}")
         if self.vision_layers < 0 or self.patch_size < 1:
             raise ValueError(
                 f"demo vision_layers must be >= 0 and patch_size >= 1, got {self.vision_layers} and {self.patch_size}"

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 MODEL_TYPES = ("mllm", "minicpmv")
-PROJECTORS = ("resampler", "merge")
+PROJECTORS = ("resampler", "merge", "mlp")
 VISION_STEMS = ("patch", "conv", "cnn")
 
 
@@ -114,8 +114,8 @@ class MLLMConfig(PretrainedConfig):
     slice_mode: bool = True
     version: float | str | None = None
     projector: str = "resampler"
-    """Vision tokens -> LLM rows: "resampler" (MiniCPM-V's perceiver, every real checkpoint) or "merge" (a 2x2
-    patch merge, `mllm.model.merger`, for tiny models trained from scratch)."""
+    """Vision tokens -> LLM rows: "resampler" (MiniCPM-V's perceiver, every real checkpoint), or for tiny models
+    trained from scratch (`mllm.model.merger`) "merge" (a 2x2 patch merge) or "mlp" (each token on its own)."""
     normalize_image_rows: bool = False
     """Normalise each slice's query rows after the projector: subtract their mean over the rows and divide by their
     RMS (real checkpoints: false). For tiny models trained from scratch: without it the rows of the toy demo grew

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mllm.model.config import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.loading import load_pretrained, save_pretrained
-from mllm.model.merger import PatchMerger
+from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
 
@@ -130,7 +130,7 @@ class MLLMModel(PreTrainedModel):
         self.llm = LLMForCausalLM(config)
         self.vpm = VisionTransformer(config.vision, config.num_vision_layers)
         # "merge" (a 2x2 patch merge for tiny models trained from scratch): see mllm.model.merger
-        projector = PatchMerger if config.projector == "merge" else Resampler
+        projector = {"merge": PatchMerger, "mlp": TokenProjector}.get(config.projector, Resampler)
         self.resampler = projector(config.query_num, config.hidden_size, config.vision.hidden_size)
         self.post_init()
 
