@@ -175,6 +175,11 @@ def _trainer(model_dir: Path, data: Path, out: Path, model_kw=None, **kw):
     )
 
 
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p_a), (_, p_b) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p_a, p_b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_model_dir: Path) -> None:
     data = make_sft_files(tmp_path / "d", 4)
     big = _trainer(
@@ -195,8 +200,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_model
     loss_big = big.state.log_history[0]["loss"]
     loss_acc = acc.state.log_history[0]["loss"]
     assert loss_acc == pytest.approx(loss_big, rel=1e-4)
-    for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), acc.model.named_parameters()):
-        torch.testing.assert_close(p_big, p_acc, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_parameters(big.model, acc.model)
 
 
 def test_per_sample_loss_with_gradient_accumulation_matches_one_big_batch(
@@ -223,8 +227,7 @@ def test_per_sample_loss_with_gradient_accumulation_matches_one_big_batch(
     assert loss_token != pytest.approx(
         loss_big, rel=1e-3
     )  # answers of different lengths: the reductions differ
-    for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), acc.model.named_parameters()):
-        torch.testing.assert_close(p_big, p_acc, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_parameters(big.model, acc.model)
 
 
 def test_loss_reduction_flag_is_checked(tmp_path: Path) -> None:

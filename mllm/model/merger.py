@@ -31,21 +31,36 @@ def square_grid(tokens: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor
     return grid if (h, w) == (size, size) else F.adaptive_avg_pool2d(grid, size)
 
 
-class PatchMerger(nn.Module):
-    """Vision tokens [N, L, kv_dim] of slices with grids tgt_sizes [N, 2] -> [N, query_num, embed_dim]."""
+class GridProjector(nn.Module):
+    """Shared parts of the grid projectors: the square row grid (side = sqrt(query_num)) and the row MLP
+    LayerNorm -> Linear -> GELU -> Linear over `in_dim` features per row."""
 
-    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
+    name = ""
+
+    def __init__(self, num_queries: int, embed_dim: int, in_dim: int, eps: float = 1e-6):
         super().__init__()
         side = math.isqrt(num_queries)
         if side * side != num_queries:
             raise ValueError(
-                f"MLLMConfig.query_num must be a perfect square for projector 'merge', got {num_queries}"
+                f"MLLMConfig.query_num must be a perfect square for projector '{self.name}', got {num_queries}"
             )
         self.side = side
-        self.norm = nn.LayerNorm(4 * kv_dim, eps=eps)
-        self.fc1 = nn.Linear(4 * kv_dim, embed_dim)
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
+        self.fc1 = nn.Linear(in_dim, embed_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(embed_dim, embed_dim)
+
+    def mlp(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(rows))))
+
+
+class PatchMerger(GridProjector):
+    """Vision tokens [N, L, kv_dim] of slices with grids tgt_sizes [N, 2] -> [N, query_num, embed_dim]."""
+
+    name = "merge"
+
+    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
+        super().__init__(num_queries, embed_dim, 4 * kv_dim, eps)
 
     def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
         size = 2 * self.side
@@ -57,29 +72,21 @@ class PatchMerger(nn.Module):
         merged = blocks.reshape(
             n, s * s, 4 * dim
         )  # row-major blocks, each [top-left, top-right, bottom-left, ...]
-        return self.fc2(self.act(self.fc1(self.norm(merged))))
+        return self.mlp(merged)
 
 
-class TokenProjector(nn.Module):
+class TokenProjector(GridProjector):
     """Vision tokens [N, L, kv_dim] of slices with grids tgt_sizes [N, 2] -> [N, query_num, embed_dim], one row per
     token of the (pooled to sqrt(query_num) x sqrt(query_num)) grid: LayerNorm -> Linear -> GELU -> Linear."""
 
+    name = "mlp"
+
     def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
-        super().__init__()
-        side = math.isqrt(num_queries)
-        if side * side != num_queries:
-            raise ValueError(
-                f"MLLMConfig.query_num must be a perfect square for projector 'mlp', got {num_queries}"
-            )
-        self.side = side
-        self.norm = nn.LayerNorm(kv_dim, eps=eps)
-        self.fc1 = nn.Linear(kv_dim, embed_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(embed_dim, embed_dim)
+        super().__init__(num_queries, embed_dim, kv_dim, eps)
 
     def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
         grids = torch.stack(
             [square_grid(x[i], int(h), int(w), self.side) for i, (h, w) in enumerate(tgt_sizes.tolist())]
         )  # [N, D, s, s]
         tokens = grids.flatten(2).transpose(1, 2)  # [N, s*s, D], row-major
-        return self.fc2(self.act(self.fc1(self.norm(tokens))))
+        return self.mlp(tokens)
