@@ -5,7 +5,7 @@ Usage:
     python benchmarks/gpu_checks.py --device cpu      # the script's own smoke test (CPU against CPU; what CI runs)
 
 The parity tests run on CPU in CI; this script checks the same forward and generation paths on CUDA:
-1. fp32 logits on CUDA against CPU (same weights, a batch of two prompts with images, one left-padded);
+1. fp32 logits on CUDA against CPU (same weights, a batch of two prompts with images, one padded);
 2. eager, SDPA and (when the flash-attn package is installed) flash-attention-2 on CUDA against each other
    (flash in bf16, against SDPA in bf16);
 3. bf16 on CUDA against fp32 on CPU (relative error of the logits);
@@ -136,15 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         batch = processor(prompts, [[pics[0]], [pics[1]]])
         reference = logits(model, batch, "eager", "cpu", torch.float32)
-        scale = reference.abs().max().item()
+        results["logit_scale"] = reference.abs().max().item()
         for attn in ("eager", "sdpa"):
             diff = (logits(model, batch, attn, device, torch.float32) - reference).abs().max().item()
-            check(
-                results,
-                f"logits fp32 {device} {attn} vs cpu eager (max abs, logit scale {scale:.2f})",
-                diff,
-                1e-3,
-            )
+            check(results, f"logits fp32 {device} {attn} vs cpu eager (max abs)", diff, 1e-3)
         bf16_sdpa = logits(model, batch, "sdpa", device, torch.bfloat16)
         rel = ((bf16_sdpa - reference).norm() / reference.norm()).item()
         check(results, f"logits bf16 {device} sdpa vs fp32 cpu (relative norm)", rel, 3e-2)
@@ -183,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         results["train_loss"] = loss.item()
         check(
             results,
-            f"training step on {device}: parameters without a finite gradient (loss {loss.item():.3f})",
+            f"training step on {device}: parameters without a finite gradient",
             bad,
             0,
         )
