@@ -149,9 +149,11 @@ class DemoConfig:
             raise ValueError(
                 f"demo vision_layers must be >= 0 and patch_size >= 1, got {self.vision_layers} and {self.patch_size}"
             )
-        if self.sft_loss_reduction not in ("token", "sample"):
+        from mllm.train.losses import SFT_LOSS_REDUCTIONS
+
+        if self.sft_loss_reduction not in SFT_LOSS_REDUCTIONS:
             raise ValueError(
-                f"demo sft_loss_reduction must be 'token' or 'sample', got {self.sft_loss_reduction!r}"
+                f"demo sft_loss_reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.sft_loss_reduction!r}"
             )
         if not 0.0 <= self.rec_fraction <= 1.0:
             raise ValueError(f"demo rec_fraction must be in [0, 1], got {self.rec_fraction}")

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 PREFERENCE_LOSS_TYPES = ("nca_pair", "dpo", "ipo")
+SFT_LOSS_REDUCTIONS = ("token", "sample")
+"""`sft_loss` (every target token weighs the same) and `sft_loss_per_sample` (every sample does)."""
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +26,18 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return logits[:, :-1, :], labels[:, 1:]  # [B, T-1, V], [B, T-1]
 
 
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy [B, T-1] in float32, 0 where masked; target mask [B, T-1])."""
+    shift_logits, shift_labels = _shift(logits, labels)
+    token_losses = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),  # [B*(T-1), V]
+        shift_labels.reshape(-1),  # [B*(T-1)]
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)  # [B, T-1]
+    return token_losses, shift_labels != IGNORE_INDEX
+
+
 def sft_loss(
     logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -33,20 +47,15 @@ def sft_loss(
     tokens of the whole accumulated batch, so the loss of a batch does not depend on how it is split into
     gradient-accumulation micro-batches. Without it the sum is divided by this batch's own target-token count.
     """
-    shift_logits, shift_labels = _shift(logits, labels)
-    token_losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(),  # [B*(T-1), V]
-        shift_labels.reshape(-1),  # [B*(T-1)]
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    token_losses, mask = _token_losses(logits, labels)
+    total = token_losses.sum()
     if num_items_in_batch is None:
-        denominator = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+        denominator = mask.sum().clamp(min=1)
     else:
-        denominator = torch.as_tensor(num_items_in_batch, device=token_losses.device)
+        denominator = torch.as_tensor(num_items_in_batch, device=total.device)
         if denominator.item() <= 0:
             raise ValueError(f"num_items_in_batch must be positive, got {denominator.item()}")
-    return token_losses / denominator.to(token_losses.dtype)
+    return total / denominator.to(total.dtype)
 
 
 def sft_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,14 +64,8 @@ def sft_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     With the token mean of `sft_loss`, a 50-token description outweighs a one-word answer fifty times; here every
     conversation weighs the same, so short answers (yes/no, a count, a colour) are not drowned by long ones.
     """
-    shift_logits, shift_labels = _shift(logits, labels)
-    token_losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(),  # [B*(T-1), V]
-        shift_labels.reshape(-1),  # [B*(T-1)]
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)  # [B, T-1], 0 where masked
-    counts = (shift_labels != IGNORE_INDEX).sum(-1)  # [B]
+    token_losses, mask = _token_losses(logits, labels)
+    counts = mask.sum(-1)  # [B]
     per_sample = token_losses.sum(-1) / counts.clamp(min=1)  # [B]
     return per_sample.sum() / (counts > 0).sum().clamp(min=1)
 

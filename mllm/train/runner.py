@@ -10,6 +10,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.train.curves import plot_curves
+from mllm.train.losses import SFT_LOSS_REDUCTIONS
 from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer, default_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ class MLLMTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss_reduction not in ("token", "sample"):
-            raise ValueError(f"--loss-reduction must be 'token' or 'sample', got {self.loss_reduction!r}")
+        if self.loss_reduction not in SFT_LOSS_REDUCTIONS:
+            raise ValueError(
+                f"--loss-reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
+            )
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
