@@ -59,6 +59,7 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
     assert "| yes/no accuracy, count questions |" in report  # per category beside the overall figure
     assert "align/loss.png" not in report  # the `align` stage is off by default
     for link in (
+        "vision/loss.png",
         "sft/loss.png",
         "preference/loss.png",
         "preference/rewards.png",
@@ -116,6 +117,8 @@ def tiny_config(out: Path, **overrides):
         n_train=40,
         n_test=8,
         n_preference=8,
+        vision_steps=2,
+        vision_batch_size=2,
         align_steps=2,
         sft_steps=6,
         sft_save_steps=2,
@@ -138,14 +141,20 @@ def test_interrupted_sft_resumes_from_its_checkpoint_and_done_stages_are_skipped
     run_dir = out / "sft" / "run"
     assert (run_dir / "checkpoint-4").is_dir()
     assert not (out / "sft" / DONE).exists()
-    for stage in ("world", "model", "sft_data", "align"):
+    for stage in ("world", "model", "vision", "sft_data", "align"):
         assert (out / stage / DONE).is_file()
     world_marker = (out / "world" / DONE).stat().st_mtime_ns
     checkpoint_state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
 
     lines: list[str] = []
     records = run_demo(replace(config, sft_interrupt_after=None), until="sft", echo=lines.append)
-    assert [name for name, r in records.items() if r.skipped] == ["world", "model", "sft_data", "align"]
+    assert [name for name, r in records.items() if r.skipped] == [
+        "world",
+        "model",
+        "vision",
+        "sft_data",
+        "align",
+    ]
     assert any(line.startswith("[world] already done") for line in lines)
     assert (out / "world" / DONE).stat().st_mtime_ns == world_marker
     sft = records["sft"].figures
@@ -262,3 +271,23 @@ def test_object_sizes_reach_the_world(tmp_path: Path) -> None:
     ]
     assert min(sides) >= 23 and max(sides) <= 46  # a square fills 80% of its 30-46 px footprint, a circle all
     assert max(sides) > 34  # beyond the default largest object
+
+
+def test_the_vision_stage_feeds_sft_and_can_be_skipped(tmp_path: Path) -> None:
+    from mllm.demo.build import init_model_dir
+    from mllm.demo.sft import sft_start_model_dir
+    from mllm.demo.vision import vision_model_dir
+
+    with_vision = demo_config(tmp_path / "a")
+    assert "vision" in [name for name, _ in stage_functions(with_vision)]
+    assert sft_start_model_dir(with_vision) == vision_model_dir(with_vision)
+    assert not with_vision.tunes_vision_in_sft()  # SFT keeps the tower the vision stage trained
+    without = demo_config(tmp_path / "b", vision_steps=0)
+    assert "vision" not in [name for name, _ in stage_functions(without)]
+    assert sft_start_model_dir(without) == init_model_dir(without)
+    assert without.tunes_vision_in_sft()  # a random tower must learn in SFT
+    assert demo_config(tmp_path / "d", sft_tune_vision=True).tunes_vision_in_sft()
+    with pytest.raises(ValueError, match="vision_steps"):
+        demo_config(tmp_path / "c", vision_steps=-1)
+    with pytest.raises(ValueError, match="vision_batch_size"):
+        demo_config(tmp_path / "c", vision_batch_size=0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from fixture_data import batch_data, expected
 
-from mllm.model.modeling import MLLMModel, pad_strips
-from mllm.model.vision import navit_position_ids
+from mllm.model.modeling import MLLMModel
+from mllm.model.vision import navit_position_ids, pad_strips
 
 TOL = 1e-4  # the fixture README's float32 tolerance for vpm, resampler and logits
 

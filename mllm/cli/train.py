@@ -1,4 +1,4 @@
-"""`mllm train sft|grounding|preference [options]`, `mllm plot-curves RUN_DIR`, `mllm merge-lora BASE CKPT OUT`.
+"""`mllm train sft|grounding|preference|vision [options]`, `mllm plot-curves RUN_DIR`, `mllm merge-lora BASE CKPT OUT`.
 
 Training options are parsed by transformers' HfArgumentParser from our small model/data dataclasses plus all of
 `TrainingArguments` (`mllm train sft --help` lists them), so every Trainer flag works as usual.
@@ -11,13 +11,13 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("sft", "grounding", "preference")
+TASKS = ("sft", "grounding", "preference", "vision")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
-        help="fine-tune a model: sft, grounding (SFT on grounding data) or preference",
+        help="fine-tune a model: sft, grounding (SFT on grounding data), preference, or vision (the tower on COCO boxes)",
         description="Fine-tune a model directory. Run `mllm train sft --help` for every option.",
         add_help=True,
     )
@@ -46,6 +46,10 @@ def run_train(args: argparse.Namespace) -> int:
         from mllm.train.preference import main as preference_main
 
         return preference_main(args.options)
+    if args.task == "vision":
+        from mllm.train.vision import run_vision
+
+        return run_vision(args.options)
     from mllm.train.runner import run_sft
 
     return run_sft(args.options, task=args.task)

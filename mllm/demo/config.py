@@ -72,6 +72,28 @@ class DemoConfig:
     normalize_image_rows: bool = True
     """The preset's `normalize_image_rows`: centre each image's rows and scale them to RMS 1, so the projector
     cannot turn them into one large constant vector (what it did in every from-scratch run here, docs/LOG.md)."""
+    # --- vision tower pretraining (per-token box labels, before any SFT) ---
+    vision_steps: int = 800
+    """Optimizer steps of the `vision` stage (`mllm train vision` on the world's COCO instances: every vision token
+    learns the shape, colour and box of the object it lies on; 0 skips it). Without it the tower, trained through the
+    LLM's loss alone, never told the shapes apart (docs/LOG.md, 2026-11-27)."""
+    vision_batch_size: int = 16
+    """Images per step of the `vision` stage."""
+    vision_lr: float = 2e-3
+    """Peak learning rate of the `vision` stage (cosine schedule after warm-up)."""
+    vision_align_rows: bool = True
+    """`--align-rows` of the `vision` stage: the projector learns, too, to point each image row at the LLM's input
+    embeddings of the shape and colour names present in its region. With it the descriptions name the right objects
+    (greedy CHAIRi 2.3 against 52.9 without, after the same SFT; docs/LOG.md, 2026-11-27 (night))."""
+    sft_tune_vision: bool | None = None
+    """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
+    stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
+    8.1 with it frozen; docs/LOG.md, 2026-11-27 (night))."""
+
+    def tunes_vision_in_sft(self) -> bool:
+        """`sft_tune_vision` resolved."""
+        return self.vision_steps == 0 if self.sft_tune_vision is None else self.sft_tune_vision
+
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
     align_steps: int = 0
     """Optimizer steps of a first SFT stage on the image descriptions alone (0, the default, skips it; same batch
@@ -135,6 +157,7 @@ class DemoConfig:
                 raise ValueError(f"demo {name} must be at least 1, got {getattr(self, name)}")
         for name in (
             "align_steps",
+            "vision_steps",
             "eval_yes_no",
             "eval_chair",
             "chair_samples",
@@ -143,6 +166,8 @@ class DemoConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
+        if self.vision_steps > 0 and self.vision_batch_size < 1:
+            raise ValueError(f"demo vision_batch_size must be at least 1, got {self.vision_batch_size}")
         if self.query_num < 1:
             raise ValueError(f"demo query_num must be at least 1, got {self.query_num}")
         if self.vision_layers < 0 or self.patch_size < 1:

@@ -45,7 +45,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def yes_no_test_file(config: DemoConfig, folder: Path) -> Path:
     """The yes/no items of the SFT test file (its descriptions are scored by CHAIR instead), first eval_yes_no."""
     items = json.loads((world_dir(config) / "sft" / "test.json").read_text(encoding="utf-8"))
-    yes_no = [item for item in items if item["conversations"][0]["content"].endswith(YES_NO_SUFFIX)]
+    yes_no = [item for item in items if YES_NO_SUFFIX in item["conversations"][0]["content"]]
     path = folder / "yes_no_test.json"
     write_json(path, yes_no[: config.eval_yes_no])
     return path

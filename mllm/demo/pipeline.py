@@ -1,6 +1,6 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
-world -> model (tokenizer + random tiny model) -> sft_data (REC converted and mixed) -> align (SFT on the
+world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted and mixed) -> align (SFT on the
 descriptions alone) -> sft -> eval_sft ->
 logps (reference log-probs) -> preference (NCA) -> eval_preference -> REPORT.md.
 """
@@ -34,6 +34,7 @@ from mllm.demo.sft import (
     train_sft,
 )
 from mllm.demo.stages import StageRecord, check_config, run_stage
+from mllm.demo.vision import VISION_STAGE, train_vision_stage
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ def stage_functions(config: DemoConfig) -> list[tuple[str, Callable[[Path], dict
     stages = [
         (WORLD_STAGE, partial(make_world, config)),
         (MODEL_STAGE, partial(make_model, config)),
-        (SFT_DATA_STAGE, partial(make_sft_data, config)),
     ]
+    if config.vision_steps > 0:
+        stages.append((VISION_STAGE, partial(train_vision_stage, config)))
+    stages.append((SFT_DATA_STAGE, partial(make_sft_data, config)))
     if config.align_steps > 0:
         stages.append((ALIGN_STAGE, partial(train_align, config)))
     stages += [
@@ -69,6 +72,7 @@ def stage_functions(config: DemoConfig) -> list[tuple[str, Callable[[Path], dict
 STAGES = (
     WORLD_STAGE,
     MODEL_STAGE,
+    VISION_STAGE,
     SFT_DATA_STAGE,
     ALIGN_STAGE,
     SFT_STAGE,

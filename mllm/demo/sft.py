@@ -14,9 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mllm.demo.build import init_model_dir, world_dir
+from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
 from mllm.demo.stages import DemoInterrupted
+from mllm.demo.vision import pretrained_model_dir
 from mllm.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def align_model_dir(config: DemoConfig) -> Path:
 
 
 def sft_start_model_dir(config: DemoConfig) -> Path:
-    """Where the mixed SFT starts: the aligned model, or the random one when the alignment stage is off."""
-    return align_model_dir(config) if config.align_steps > 0 else init_model_dir(config)
+    """Where the mixed SFT starts: the aligned model, or (alignment stage off) the model of the `vision` stage."""
+    return align_model_dir(config) if config.align_steps > 0 else pretrained_model_dir(config)
 
 
 def write_align_data(config: DemoConfig, out: Path) -> int:
@@ -159,7 +160,7 @@ def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
     return run_training(
         config,
         folder,
-        init_model_dir(config),
+        pretrained_model_dir(config),
         align_data_path(config),
         config.align_steps,
         align_model_dir(config),
@@ -199,7 +200,9 @@ def run_training(
     run_dir = folder / "run"
     args = sft_training_arguments(config, run_dir, steps, lr)
     trainer = build_sft_trainer(
-        ModelArguments(model=str(start), tune_vision=True, tune_llm=True, tune_resampler=True),
+        ModelArguments(
+            model=str(start), tune_vision=config.tunes_vision_in_sft(), tune_llm=True, tune_resampler=True
+        ),
         DataArguments(data=str(data), max_length=512),
         args,
     )

@@ -57,15 +57,6 @@ class ChatStreamer(TextIteratorStreamer):
         super().put(value)
 
 
-def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
-    """Stack [3, 14, L_i] strips into [N, 3, 14, max L], zero-padded on the right (padded patches are masked)."""
-    width = max(s.shape[-1] for s in strips)
-    out = strips[0].new_zeros(len(strips), *strips[0].shape[:-1], width)
-    for i, strip in enumerate(strips):
-        out[i, ..., : strip.shape[-1]] = strip
-    return out
-
-
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows: 0.. over real tokens, 1 on padding (what HF generate used for the reference)."""
     position_ids = attention_mask.long().cumsum(-1) - 1
@@ -175,25 +166,10 @@ class MLLMModel(PreTrainedModel):
 
     def _encode_slices(self, strips: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         """All slices of the batch -> resampler rows [N, query_num, D], the tower run in chunks of vision_batch_size."""
-        param = self.vpm.embeddings.patch_embedding.weight
-        pixels = pad_strips([s.to(param.device, param.dtype) for s in strips])  # [N, 3, 14, Lmax*14]
-        tgt_sizes = tgt_sizes.to(param.device, torch.int32)
-        num_patches = pixels.shape[-1] // self.config.vision.patch_size
-        lengths = tgt_sizes[:, 0] * tgt_sizes[:, 1]  # [N]
-        if int(lengths.max()) != num_patches:
-            raise ValueError(
-                f"tgt_sizes say the longest slice has {int(lengths.max())} patches but the longest pixel_values strip "
-                f"has {num_patches}"
-            )
-        patch_mask = (torch.arange(num_patches, device=param.device)[None] < lengths[:, None])[
-            :, None
-        ]  # [N, 1, L]
-        step, attn = self.config.vision_batch_size, self.config._attn_implementation
-        chunks = [
-            self.vpm(pixels[i : i + step], patch_mask[i : i + step], tgt_sizes[i : i + step], attn)
-            for i in range(0, len(pixels), step)
-        ]
-        hidden = torch.cat(chunks)  # [N, L, vision_dim]
+        tgt_sizes = tgt_sizes.to(self.vpm.embeddings.patch_embedding.weight.device, torch.int32)
+        hidden = self.vpm.encode_strips(
+            strips, tgt_sizes, self.config._attn_implementation, self.config.vision_batch_size
+        )  # [N, L, vision_dim]
         rows = self.resampler(hidden, tgt_sizes)  # [N, Q, D]
         return normalize_rows(rows) if self.config.normalize_image_rows else rows
 

@@ -63,6 +63,15 @@ class ConvStem(nn.Module):
         return self.layers(pixel_values)
 
 
+def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [3, 14, L_i] strips into [N, 3, 14, max L], zero-padded on the right (padded patches are masked)."""
+    width = max(s.shape[-1] for s in strips)
+    out = strips[0].new_zeros(len(strips), *strips[0].shape[:-1], width)
+    for i, strip in enumerate(strips):
+        out[i, ..., : strip.shape[-1]] = strip
+    return out
+
+
 def strip_to_image(strip: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """One NaViT strip [C, p, L*p] (h*w real patches, row-major) -> the slice's image [C, h*p, w*p]."""
     c, p = strip.shape[0], strip.shape[1]
@@ -262,3 +271,32 @@ class VisionTransformer(nn.Module):
                 ~keep, torch.finfo(x.dtype).min
             )
         return self.post_layernorm(self.encoder(x, bias, backend))
+
+    def encode_strips(
+        self,
+        strips: list[torch.Tensor],
+        tgt_sizes: torch.Tensor,
+        attn_implementation: str | None = "sdpa",
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Slices as a list of strips [3, p, L_i*p] with grids tgt_sizes [N, 2] -> tokens [N, max L, D] (rows past a
+        slice's h*w are padding), the tower run on `chunk_size` slices at a time (all at once when None)."""
+        param = self.embeddings.patch_embedding.weight
+        pixels = pad_strips([s.to(param.device, param.dtype) for s in strips])  # [N, 3, p, Lmax*p]
+        tgt_sizes = tgt_sizes.to(param.device, torch.int32)
+        num_patches = pixels.shape[-1] // self.config.patch_size
+        lengths = tgt_sizes[:, 0] * tgt_sizes[:, 1]  # [N]
+        if int(lengths.max()) != num_patches:
+            raise ValueError(
+                f"tgt_sizes say the longest slice has {int(lengths.max())} patches but the longest pixel_values strip "
+                f"has {num_patches}"
+            )
+        patch_mask = (torch.arange(num_patches, device=param.device)[None] < lengths[:, None])[
+            :, None
+        ]  # [N, 1, L]
+        step = chunk_size or len(pixels)
+        chunks = [
+            self(pixels[i : i + step], patch_mask[i : i + step], tgt_sizes[i : i + step], attn_implementation)
+            for i in range(0, len(pixels), step)
+        ]
+        return torch.cat(chunks)  # [N, L, D]

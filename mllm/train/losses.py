@@ -131,3 +131,28 @@ def preference_loss(
     else:  # ipo
         losses = (chosen_logratio - rejected_logratio - 1.0 / (2.0 * beta)) ** 2
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def token_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of per-token class logits [N, L, C] against labels [N, L] (IGNORE_INDEX = padding), in
+    float32: the loss of the vision tower's box-label pretraining (`mllm train vision`)."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be [N, L, C] and labels [N, L]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def token_box_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between predicted and true box corners [N, L, 4] over the tokens where mask [N, L] is True
+    (the tokens inside a box), in float32; 0 when no token is."""
+    if predicted.shape != target.shape or predicted.shape[:2] != mask.shape:
+        raise ValueError(
+            f"predicted and target must be [N, L, 4] and mask [N, L]; got {tuple(predicted.shape)}, "
+            f"{tuple(target.shape)} and {tuple(mask.shape)}"
+        )
+    if not bool(mask.any()):
+        return predicted.sum() * 0.0
+    return F.l1_loss(predicted[mask].float(), target[mask].float())
