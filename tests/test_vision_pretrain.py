@@ -137,21 +137,36 @@ def test_bad_records_name_the_file_the_record_and_the_field(toy_world_and_model,
         missing[0]
 
 
-def test_the_tower_learns_the_boxes_alone_and_an_interrupted_run_resumes(
-    toy_world_and_model, tmp_path: Path
-) -> None:
-    from safetensors.torch import load_file
+def vision_arguments(world: Path, model_dir: Path, **overrides):
+    from mllm.train.vision import VisionPretrainArguments
 
-    from mllm.train.vision import VisionPretrainArguments, train_vision
-
-    world, model_dir = toy_world_and_model
-    args = VisionPretrainArguments(
+    return VisionPretrainArguments(
         model=str(model_dir),
         instances=str(coco_file(world)),
         image_folder=str(world),
         attribute="color",
-        eval_instances=str(coco_file(world, "val")),
+        **overrides,
     )
+
+
+def changed_parts(trained_dir: Path, model_dir: Path) -> set[str]:
+    """Top-level modules (vpm, resampler, llm) whose saved weights differ between the two model directories."""
+    from safetensors.torch import load_file
+
+    trained, initial = (
+        load_file(trained_dir / "model.safetensors"),
+        load_file(model_dir / "model.safetensors"),
+    )
+    return {name.split(".")[0] for name in initial if not torch.equal(trained[name], initial[name])}
+
+
+def test_the_tower_learns_the_boxes_alone_and_an_interrupted_run_resumes(
+    toy_world_and_model, tmp_path: Path
+) -> None:
+    from mllm.train.vision import train_vision
+
+    world, model_dir = toy_world_and_model
+    args = vision_arguments(world, model_dir, eval_instances=str(coco_file(world, "val")))
     out = tmp_path / "vision"
     settings = dict(per_device_train_batch_size=8, save_strategy="steps", save_steps=30)
     first = train_vision(args, cpu_training_args(out, max_steps=30, **settings))
@@ -165,30 +180,18 @@ def test_the_tower_learns_the_boxes_alone_and_an_interrupted_run_resumes(
     assert figures["final_loss"] < 0.5 * figures["first_loss"]
     # Colour is one of 6 (chance 1/6); the shapes need a few hundred steps (docs/LOG.md).
     assert figures["attribute_accuracy"] > 0.6, figures
-    trained, initial = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
-    changed = {name.split(".")[0] for name in initial if not torch.equal(trained[name], initial[name])}
-    assert changed == {"vpm"}
+    assert changed_parts(out, model_dir) == {"vpm"}
 
 
 def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    from mllm.train.vision import VisionPretrainArguments, train_vision
+    from mllm.train.vision import train_vision
 
     world, model_dir = toy_world_and_model
-    args = VisionPretrainArguments(
-        model=str(model_dir),
-        instances=str(coco_file(world)),
-        image_folder=str(world),
-        attribute="color",
-        align_rows=True,
-    )
+    args = vision_arguments(world, model_dir, align_rows=True)
     out = tmp_path / "rows"
     figures = train_vision(args, cpu_training_args(out, max_steps=3, per_device_train_batch_size=4))
     assert figures["steps"] == 3
-    trained, initial = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
-    changed = {name.split(".")[0] for name in initial if not torch.equal(trained[name], initial[name])}
-    assert changed == {"vpm", "resampler"}
+    assert changed_parts(out, model_dir) == {"vpm", "resampler"}
 
 
 def test_the_command_line_trains_and_saves_a_model_directory(

@@ -13,6 +13,7 @@ from typing import Any
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
 from mllm.demo.sft import sft_model_dir
+from mllm.demo.stages import training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +67,19 @@ def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
     from mllm.train.curves import plot_curves
     from mllm.train.preference import CURVE_KEYS, PreferenceArguments, build_preference_trainer
-    from mllm.train.runner import MLLMTrainingArguments
     from mllm.train.sft import ModelArguments
 
     run_dir = folder / "run"
-    args = MLLMTrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=config.preference_batch_size,
-        max_steps=config.preference_steps,
-        learning_rate=config.preference_lr,
+    args = training_arguments(
+        config,
+        run_dir,
+        config.preference_steps,
+        config.preference_batch_size,
+        config.preference_lr,
         lr_scheduler_type="constant_with_warmup",
-        warmup_steps=max(1, config.preference_steps // 20),
         logging_steps=min(5, max(1, config.preference_steps // 20)),
-        save_strategy="steps",
         save_steps=50,
         save_total_limit=1,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        use_cpu=config.torch_device() == "cpu",
     )
     trainer = build_preference_trainer(
         ModelArguments(model=str(sft_model_dir(config))),

@@ -16,7 +16,7 @@ from typing import Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
-from mllm.demo.stages import DemoInterrupted
+from mllm.demo.stages import DemoInterrupted, training_arguments
 from mllm.demo.vision import pretrained_model_dir
 from mllm.files import write_json_atomic, write_text_atomic
 
@@ -131,26 +131,13 @@ def interrupt_callback(after_step: int):
 def sft_training_arguments(
     config: DemoConfig, run_dir: Path, steps: int | None = None, lr: float | None = None
 ):
-    from mllm.train.runner import MLLMTrainingArguments
-
     steps = config.sft_steps if steps is None else steps
-    return MLLMTrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=config.sft_batch_size,
-        max_steps=steps,
-        learning_rate=config.sft_lr if lr is None else lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=min(10, max(1, steps // 20)),
-        save_strategy="steps",
-        save_steps=config.sft_save_steps,
-        save_total_limit=2,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        use_cpu=config.torch_device() == "cpu",
+    return training_arguments(
+        config,
+        run_dir,
+        steps,
+        config.sft_batch_size,
+        config.sft_lr if lr is None else lr,
         loss_reduction=config.sft_loss_reduction,
     )
 

@@ -93,3 +93,33 @@ def run_stage(
     )
     echo(f"[{name}] done in {seconds:.0f} s: {figures.get('summary', '')}")
     return StageRecord(name=name, seconds=seconds, figures=figures)
+
+
+def training_arguments(
+    config: DemoConfig, output_dir: Path, steps: int, batch_size: int, lr: float, **overrides
+):
+    """The TrainingArguments of the demo's training stages: `steps` steps of `batch_size`, peak `lr` on a cosine
+    schedule after a 5% warm-up, checkpoints every `sft_save_steps` (resumable), no reporting; keyword arguments
+    override any field."""
+    from mllm.train.runner import MLLMTrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        logging_steps=min(10, max(1, steps // 20)),
+        save_strategy="steps",
+        save_steps=config.sft_save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=config.torch_device() == "cpu",
+    )
+    settings.update(overrides)
+    return MLLMTrainingArguments(**settings)

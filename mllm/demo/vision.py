@@ -13,6 +13,7 @@ from typing import Any
 
 from mllm.demo.build import init_model_dir, world_dir
 from mllm.demo.config import DemoConfig
+from mllm.demo.stages import training_arguments
 
 VISION_STAGE = "vision"
 
@@ -30,7 +31,6 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
     from mllm.train.curves import plot_curves
-    from mllm.train.runner import MLLMTrainingArguments
     from mllm.train.vision import VisionPretrainArguments, train_vision
 
     annotations = world_dir(config) / "coco" / "annotations"
@@ -43,26 +43,10 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
         eval_limit=config.n_test,
         align_rows=config.vision_align_rows,
     )
-    steps = config.vision_steps
-    training_args = MLLMTrainingArguments(
-        output_dir=str(vision_model_dir(config)),
-        per_device_train_batch_size=config.vision_batch_size,
-        max_steps=steps,
-        learning_rate=config.vision_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=min(10, max(1, steps // 20)),
-        save_strategy="steps",
-        save_steps=config.sft_save_steps,
-        save_total_limit=1,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        use_cpu=config.torch_device() == "cpu",
-    )
     out = vision_model_dir(config)
+    training_args = training_arguments(
+        config, out, config.vision_steps, config.vision_batch_size, config.vision_lr, save_total_limit=1
+    )
     resume = get_last_checkpoint(str(out)) if out.is_dir() else None
     figures = train_vision(args, training_args, resume)
     plot_curves(out, ["loss"], folder / "loss.png")
