@@ -90,10 +90,6 @@ class DemoConfig:
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
     8.1 with it frozen; docs/LOG.md, 2026-11-27 (night))."""
 
-    def tunes_vision_in_sft(self) -> bool:
-        """`sft_tune_vision` resolved."""
-        return self.vision_steps == 0 if self.sft_tune_vision is None else self.sft_tune_vision
-
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
     align_steps: int = 0
     """Optimizer steps of a first SFT stage on the image descriptions alone (0, the default, skips it; same batch
@@ -190,6 +186,10 @@ class DemoConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.sft_interrupt_after is not None and not 0 < self.sft_interrupt_after < self.sft_steps:
             raise ValueError(f"sft_interrupt_after must be in 1..sft_steps-1, got {self.sft_interrupt_after}")
+
+    def tunes_vision_in_sft(self) -> bool:
+        """`sft_tune_vision` resolved."""
+        return self.vision_steps == 0 if self.sft_tune_vision is None else self.sft_tune_vision
 
     def torch_device(self) -> str:
         """The device that `device` names here ("auto" resolved)."""

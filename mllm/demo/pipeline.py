@@ -1,8 +1,8 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
-world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted and mixed) -> align (SFT on the
-descriptions alone) -> sft -> eval_sft ->
-logps (reference log-probs) -> preference (NCA) -> eval_preference -> REPORT.md.
+world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted
+and mixed) -> align (SFT on the descriptions alone) -> sft -> eval_sft -> logps (reference log-probs) ->
+preference (NCA) -> eval_preference -> REPORT.md.
 """
 
 from __future__ import annotations

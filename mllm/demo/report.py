@@ -122,7 +122,8 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
         "# mllm demo report",
         "",
         f"Seed {config.seed}, {'--fast' if config.fast else 'full'} settings: {config.n_train} training and "
-        f"{config.n_test} held-out images, {config.vision_steps} vision tower steps, {config.sft_steps} SFT steps (batch {config.sft_batch_size}), "
+        f"{config.n_test} held-out images, {config.vision_steps} vision stage steps, {config.sft_steps} SFT steps "
+        f"(batch {config.sft_batch_size}), "
         f"{config.preference_steps} preference steps ({config.preference_loss}, beta {config.preference_beta}, "
         f"lr {config.preference_lr}). {config.threads} torch threads on a machine with {os.cpu_count()} CPUs. "
         f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
@@ -174,7 +175,7 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
 def curves_section(config: DemoConfig) -> list[str]:
     lines = []
     pictures = [
-        ("Vision tower loss (shape and colour of every token, from the COCO boxes)", "vision/loss.png"),
+        ("Vision stage loss (every token's shape, colour and box from the COCO boxes)", "vision/loss.png"),
         ("Alignment loss (descriptions only)", "align/loss.png"),
         ("SFT loss", "sft/loss.png"),
         ("Preference loss", "preference/loss.png"),

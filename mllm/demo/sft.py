@@ -143,7 +143,7 @@ def sft_training_arguments(
 
 
 def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """The alignment stage: SFT of the random model on the descriptions alone (all parts trained)."""
+    """The alignment stage: SFT on the descriptions alone, from the `vision` stage's model (or the random one)."""
     return run_training(
         config,
         folder,
@@ -156,7 +156,8 @@ def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def train_sft(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """SFT on the mixed file (all parts trained: vision tower, resampler, LLM), from the aligned model."""
+    """SFT on the mixed file (LLM and projector trained; the vision tower only without the `vision` stage, see
+    `DemoConfig.sft_tune_vision`)."""
     return run_training(
         config,
         folder,
