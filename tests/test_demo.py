@@ -1,15 +1,17 @@
 """`mllm demo`: the --fast demo runs every stage through the CLI and writes its report; an interrupted SFT resumes from
 its checkpoint while finished stages are skipped; a folder made with other settings is refused.
 
-What the fast demo learns today (seed 0): the answer formats (every yes/no answer is "Yes" or "No", most grounding
-answers parse as boxes), descriptions that differ with the image, and preference training widens the reward margin and
-lowers sampled CHAIRi (measured figures: the README's demo section and docs/LOG.md). Learning to answer questions
-*about* the image (yes/no clearly above chance, Acc@0.5 above the constant box) does not yet happen within the CI
-budget (measured in a clean-clone CI run, 2 threads: yes/no 50.0% on 200 questions, Acc@0.5 2.7% against 2.0%);
-`test_fast_demo_learns_from_the_image` states those thresholds as a strict expected failure.
+What the fast demo learns today (seed 0): in the `vision` stage the tower tells the shapes of object tokens apart
+(89-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 37.0-38.1%, against
+55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No", the grounding
+answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi (measured
+figures: the README's demo section and docs/LOG.md). Learning to answer questions *about* the image (yes/no clearly
+above chance, Acc@0.5 above the constant box) does not yet happen within the CI budget (measured in a clean-clone CI
+run, 2 threads: yes/no 50.0% on 200 questions, Acc@0.5 0.7% against 2.0%); `test_fast_demo_learns_from_the_image`
+states those thresholds as a strict expected failure.
 
-Budget: about 4 minutes on 2 cores for this file (one --fast demo, 160 s of stages in a CI run, shared by the tests;
-the resume test is a 40-image run).
+Budget: about 8 minutes on 2 cores for this file (one --fast demo, 506 s of stages in a CI run beside other work,
+shared by the tests; the resume test is a 40-image run).
 """
 
 from __future__ import annotations
@@ -73,14 +75,17 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
 
 
 def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo: Path) -> None:
+    assert figures(fast_demo, "vision")["category_accuracy"] > 0.6  # measured 0.89-0.91, chance 1/6
     sft = figures(fast_demo, "sft")
     assert sft["final_loss"] < 0.3 * sft["first_loss"]
     before = figures(fast_demo, "eval_sft")
     assert before["yes_no"]["n"] == 200 and before["yes_no"]["invalid"] == 0
     grounding = before["grounding"]
-    assert grounding["n"] == 150 and grounding["unparsable"] <= 0.35 * grounding["n"]  # measured 34 of 150
+    assert grounding["n"] == 150 and grounding["unparsable"] <= 0.35 * grounding["n"]  # measured 0-34 of 150
     assert 0.0 <= grounding["baseline_acc"] < 0.5  # computed from the training boxes, not assumed
     assert before["chair"]["greedy"]["Recall"] > 0 and before["chair"]["sampled"]["Len"] > 0.1
+    # the descriptions read the objects: measured 0.370-0.381 (0.556-0.629 without the vision stage)
+    assert before["chair"]["greedy"]["CHAIRi"] < 0.5
     logps = figures(fast_demo, "logps")
     assert (
         logps["mean_chosen_logp"] > logps["mean_rejected_logp"]
@@ -96,7 +101,7 @@ def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
     lines = (fast_demo / "eval_sft" / "answers_greedy.jsonl").read_text(encoding="utf-8").splitlines()
     answers = [json.loads(line)["answer"] for line in lines if line.strip()]
     assert len(answers) == 100
-    assert len(set(answers)) >= 10  # measured 57 (2 threads); 1 before the image rows were normalised
+    assert len(set(answers)) >= 10  # measured 65-74; 1 before the image rows were normalised
 
 
 @pytest.mark.xfail(
