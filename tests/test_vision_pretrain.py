@@ -194,6 +194,22 @@ def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path
     assert changed_parts(out, model_dir) == {"vpm", "resampler"}
 
 
+def test_align_rows_needs_a_grid_projector(toy_world_and_model, tmp_path: Path) -> None:
+    from mllm.demo.build import init_model_dir
+    from mllm.demo.config import demo_config
+    from mllm.demo.pipeline import run_demo
+    from mllm.train.vision import train_vision
+
+    world, _ = toy_world_and_model
+    config = demo_config(
+        tmp_path / "demo", fast=True, n_train=4, n_test=2, n_preference=1, projector="resampler"
+    )
+    run_demo(config, until="model", echo=lambda line: None)
+    args = vision_arguments(world, init_model_dir(config), align_rows=True)
+    with pytest.raises(ValueError, match="--align-rows needs a grid projector"):
+        train_vision(args, cpu_training_args(tmp_path / "out", max_steps=1))
+
+
 def test_the_command_line_trains_and_saves_a_model_directory(
     toy_world_and_model, tmp_path: Path, capsys
 ) -> None:

@@ -32,6 +32,7 @@ from transformers import HfArgumentParser, Trainer
 
 from mllm.data.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
 from mllm.eval.boxes import iou
+from mllm.model.merger import GridProjector
 from mllm.model.vision import VisionTransformer
 from mllm.train.losses import token_box_loss, token_label_loss
 
@@ -238,7 +239,7 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
     dataset = BoxLabelDataset(args.instances, args.image_folder, processor.image_processor, args.attribute)
     row_words = None
     if args.align_rows:
-        if not hasattr(model.resampler, "side"):
+        if not isinstance(model.resampler, GridProjector):
             raise ValueError(
                 f"--align-rows needs a grid projector (merge or mlp), not {model.config.projector!r}"
             )
