@@ -122,7 +122,7 @@ def test_bad_records_name_the_file_the_record_and_the_field(toy_world_and_model,
     for field, value, message in (
         ("bbox", [1, 2, 0, 4], r"annotations\[3\] field 'bbox'"),
         ("image_id", 10**9, r"annotations\[3\] field 'image_id': no image"),
-        ("category_id", "circle", r"annotations\[3\] field 'category_id' must be a int"),
+        ("category_id", "circle", r"annotations\[3\] field 'category_id' must be an integer"),
     ):
         broken = json.loads(json.dumps(data))
         broken["annotations"][3][field] = value

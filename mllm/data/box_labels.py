@@ -150,7 +150,8 @@ class BoxLabelDataset(Dataset):
     def _field(self, record: Any, key: str, kind: type, where: str) -> Any:
         value = record.get(key) if isinstance(record, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{self.path}: {where} field '{key}' must be a {kind.__name__}, got {value!r}")
+            kind_name = {int: "an integer", str: "a string"}.get(kind, kind.__name__)
+            raise ValueError(f"{self.path}: {where} field '{key}' must be {kind_name}, got {value!r}")
         return value
 
     @property
