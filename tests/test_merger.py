@@ -14,17 +14,22 @@ from mllm.model.modeling import MLLMModel
 from mllm.model.resampler import Resampler
 
 
+def rows_moved(projector, x: torch.Tensor, sizes: torch.Tensor, token: int, delta) -> torch.Tensor:
+    """[Q]: how far each output row of the first slice moves when `delta` is added to its token `token`."""
+    base = projector(x, sizes)
+    changed = x.clone()
+    changed[0, token] += delta
+    return (projector(changed, sizes) - base).abs().amax(dim=-1)[0]
+
+
 def test_each_row_reads_only_its_own_2x2_block() -> None:
     torch.manual_seed(0)
     merger = PatchMerger(num_queries=16, embed_dim=32, kv_dim=8).eval()
     x = torch.randn(1, 64, 8)
     sizes = torch.tensor([[8, 8]])
-    base = merger(x, sizes)
-    assert base.shape == (1, 16, 32)
+    assert merger(x, sizes).shape == (1, 16, 32)
     # Patch (row 5, col 2) lies in block (2, 1), i.e. output row 2 * 4 + 1 = 9.
-    changed = x.clone()
-    changed[0, 5 * 8 + 2] += 1.0
-    moved = (merger(changed, sizes) - base).abs().amax(dim=-1)[0]
+    moved = rows_moved(merger, x, sizes, 5 * 8 + 2, 1.0)
     assert moved[9] > 1e-4
     assert torch.all(moved[torch.arange(16) != 9] == 0)
 
@@ -34,11 +39,10 @@ def test_token_projector_maps_each_token_to_its_own_row() -> None:
     projector = TokenProjector(num_queries=49, embed_dim=32, kv_dim=8).eval()
     x = torch.randn(1, 49, 8)
     sizes = torch.tensor([[7, 7]])
-    base = projector(x, sizes)
-    assert base.shape == (1, 49, 32)
-    changed = x.clone()
-    changed[0, 3 * 7 + 5] += torch.randn(8)  # token (3, 5) is row 26 and moves nothing else
-    moved = (projector(changed, sizes) - base).abs().amax(dim=-1)[0]
+    assert projector(x, sizes).shape == (1, 49, 32)
+    moved = rows_moved(
+        projector, x, sizes, 3 * 7 + 5, torch.randn(8)
+    )  # token (3, 5) is row 26, nothing else moves
     assert moved[26] > 1e-4
     assert torch.all(moved[torch.arange(49) != 26] == 0)
     # another grid is pooled to 7 x 7; padding after a 2x2 slice does not leak in
