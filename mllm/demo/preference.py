@@ -63,10 +63,9 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """NCA (the exercise's pair loss) from the SFT model; vision tower frozen, LLM and resampler trained."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from mllm.train.curves import plot_curves
     from mllm.train.preference import CURVE_KEYS, PreferenceArguments, build_preference_trainer
+    from mllm.train.runner import resolve_resume
     from mllm.train.sft import ModelArguments
 
     run_dir = folder / "run"
@@ -93,7 +92,7 @@ def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
         ),
         args,
     )
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    resume = resolve_resume(args)  # the newest checkpoint in run_dir, if any
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(preference_model_dir(config)))
     trainer.save_state()

@@ -180,9 +180,8 @@ def run_training(
     lr: float | None = None,
 ) -> dict[str, Any]:
     """`steps` optimizer steps from the model in `start` on `data`, resumable from the checkpoints in folder/run."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from mllm.train.curves import plot_curves
+    from mllm.train.runner import resolve_resume
     from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
 
     run_dir = folder / "run"
@@ -196,7 +195,7 @@ def run_training(
     )
     if interrupt_after is not None:
         trainer.add_callback(interrupt_callback(interrupt_after))
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    resume = resolve_resume(args)  # the newest checkpoint in run_dir, if any
     if resume:
         logger.info("SFT resumes from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

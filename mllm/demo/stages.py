@@ -99,8 +99,8 @@ def training_arguments(
     config: DemoConfig, output_dir: Path, steps: int, batch_size: int, lr: float, **overrides
 ):
     """The TrainingArguments of the demo's training stages: `steps` steps of `batch_size`, peak `lr` on a cosine
-    schedule after a 5% warm-up, checkpoints every `sft_save_steps` (resumable), no reporting; keyword arguments
-    override any field."""
+    schedule after a 5% warm-up, checkpoints every `sft_save_steps` (resumable: `resume_from_checkpoint` is "auto",
+    for `mllm.train.runner.resolve_resume`), no reporting; keyword arguments override any field."""
     from mllm.train.runner import MLLMTrainingArguments
 
     settings: dict[str, Any] = dict(
@@ -120,6 +120,7 @@ def training_arguments(
         report_to="none",
         dataloader_num_workers=0,
         use_cpu=config.torch_device() == "cpu",
+        resume_from_checkpoint="auto",
     )
     settings.update(overrides)
     return MLLMTrainingArguments(**settings)

@@ -28,9 +28,8 @@ def pretrained_model_dir(config: DemoConfig) -> Path:
 
 
 def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
-
     from mllm.train.curves import plot_curves
+    from mllm.train.runner import resolve_resume
     from mllm.train.vision import VisionPretrainArguments, train_vision
 
     annotations = world_dir(config) / "coco" / "annotations"
@@ -47,7 +46,7 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
     training_args = training_arguments(
         config, out, config.vision_steps, config.vision_batch_size, config.vision_lr, save_total_limit=1
     )
-    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    resume = resolve_resume(training_args)  # the newest checkpoint in the output folder, if any
     figures = train_vision(args, training_args, resume)
     plot_curves(out, ["loss"], folder / "loss.png")
     summary = (
