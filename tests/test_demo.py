@@ -211,7 +211,9 @@ def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
     from mllm.demo.build import world_dir
     from mllm.demo.sft import align_data_path
 
-    config, stats = world_and_sft_data(tmp_path, n_train=40)
+    config, stats = world_and_sft_data(tmp_path / "off", n_train=40)
+    assert stats["align_items"] == 0 and not align_data_path(config).exists()  # written only for the stage
+    config, stats = world_and_sft_data(tmp_path, n_train=40, align_steps=10)
     items = json.loads(align_data_path(config).read_text())
     assert stats["align_items"] == len(items) == 40  # one description per training image
     train_images = {

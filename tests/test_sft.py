@@ -244,9 +244,16 @@ def test_tiny_model_overfits_eight_items(tmp_path: Path, small_model_dir: Path) 
     assert losses[-1] < 0.05, losses
 
 
-def test_resume_gives_the_same_losses(tmp_path: Path, small_model_dir: Path) -> None:
-    data = make_sft_files(tmp_path / "d", 8)
-    kw = dict(per_device_train_batch_size=2, max_steps=6, save_strategy="steps", save_steps=3)
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_resume_gives_the_same_losses(tmp_path: Path, small_model_dir: Path, sampling: str) -> None:
+    data = make_sft_files(tmp_path / "d", 8, long_no=sampling == "group_by_length")
+    kw = dict(
+        per_device_train_batch_size=2,
+        max_steps=6,  # 4 steps per epoch: the resumed part crosses into the second epoch
+        save_strategy="steps",
+        save_steps=3,
+        train_sampling_strategy=sampling,
+    )
     full = _trainer(small_model_dir, data, tmp_path / "full", **kw)
     full.train()
     straight = [row["loss"] for row in full.state.log_history if "loss" in row]
@@ -297,3 +304,60 @@ def test_lora_saves_merges_and_matches(tmp_path: Path, small_model_dir: Path) ->
         assert (base(batch).logits - expected).abs().max() > 1e-3  # the adapter changed something
     # The resampler was trained fully and travels with the adapter.
     assert not torch.equal(merged.resampler.query, base.resampler.query)
+
+
+def test_length_grouped_batches_pad_less_without_loading_samples(
+    tmp_path: Path, small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mllm.train.sft import SeededLengthGroupedSampler
+
+    data = make_sft_files(tmp_path / "d", 32, long_no=True)  # "Yes" and "No, it is <colour>." answers
+
+    def padding(trainer) -> int:
+        return sum(int((b["attention_mask"] == 0).sum()) for b in trainer.get_train_dataloader())
+
+    kw = dict(per_device_train_batch_size=2)
+    grouped = _trainer(small_model_dir, data, tmp_path / "g", train_sampling_strategy="group_by_length", **kw)
+    plain = _trainer(small_model_dir, data, tmp_path / "r", **kw)
+    lengths = grouped.train_dataset.lengths
+    assert len(set(lengths)) > 1
+    with monkeypatch.context() as m:  # the sampler reads the stored lengths, it never loads a sample
+        m.setattr(
+            SupervisedDataset, "__getitem__", lambda self, i: pytest.fail("sample loaded to measure it")
+        )
+        sampler = grouped._get_train_sampler()
+    assert isinstance(sampler, SeededLengthGroupedSampler)
+    assert sorted(sampler) == list(range(32))
+    # mega-batches of 4 batches (transformers' rule for 32 samples), each sorted by length
+    assert padding(grouped) < padding(plain) / 2
+    # the order is a function of (seed, epoch)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    again = SeededLengthGroupedSampler(2, lengths, sampler.seed)
+    again.set_epoch(1)
+    assert list(sampler) == list(again)
+
+
+def test_weights_dtype_follows_the_precision_flags(tmp_path: Path, small_model_dir: Path) -> None:
+    import shutil
+
+    from mllm.model.modeling import MLLMModel
+    from mllm.train.sft import ModelArguments
+
+    data = make_sft_files(tmp_path / "d", 2)
+
+    def dtype(trainer) -> torch.dtype:
+        return next(trainer.model.parameters()).dtype
+
+    assert dtype(_trainer(small_model_dir, data, tmp_path / "a", bf16=True)) == torch.bfloat16
+    mixed = _trainer(small_model_dir, data, tmp_path / "m", model_kw=dict(weights_dtype="float32"), bf16=True)
+    assert dtype(mixed) == torch.float32 and mixed.args.bf16  # float32 weights under bf16 autocast
+    # a bfloat16 checkpoint trained without --bf16 gets float32 weights (transformers 5 alone keeps the file's dtype)
+    half = tmp_path / "bf16_model"
+    shutil.copytree(small_model_dir, half)
+    MLLMModel.from_pretrained(small_model_dir, torch_dtype=torch.bfloat16).save_pretrained(half)
+    assert dtype(_trainer(half, data, tmp_path / "p")) == torch.float32
+    with pytest.raises(ValueError, match="--weights-dtype"):
+        ModelArguments(model=str(small_model_dir), weights_dtype="fp8")

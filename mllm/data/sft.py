@@ -289,6 +289,11 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample (image placeholders included), for a length-grouped sampler."""
+        return [len(item.input_ids) for item in self.items]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         strips: list[torch.Tensor] = []

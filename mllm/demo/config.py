@@ -100,7 +100,9 @@ class DemoConfig:
     """Peak learning rate of the `align` stage (cosine schedule after warm-up)."""
     # --- SFT ---
     sft_steps: int = 750
-    """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data."""
+    """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. Twice as many taught
+    the colour and count questions and the boxes more on a GPU (yes/no 57.5% against 54.2%, Acc@0.5 9.2% against
+    2.2%); 1,000 did not on CPU (yes/no 53.0%) and would take the demo past 15 minutes (docs/LOG.md)."""
     sft_batch_size: int = 32
     """Samples per step. 750 x 32 against 1500 x 16 (the same samples, about the same time): Acc@0.5 9.2% against
     3.0% (docs/LOG.md, 2026-11-27)."""
@@ -110,6 +112,15 @@ class DemoConfig:
     sft_loss_reduction: str = "token"
     """`--loss-reduction` of the SFT stages: "token" (every target token weighs the same) or "sample" (every
     conversation weighs the same)."""
+    bf16: bool = True
+    """Run the `vision`, `align` and `sft` stages under bfloat16 autocast (Trainer's `--bf16`; weights, optimizer
+    and losses stay float32). On this machine's CPU (avx512_bf16) SFT steps ran about 1.6x faster with the same
+    figures after SFT (docs/LOG.md, 2026-11-27 (GPU, second)); a CPU without bfloat16 instructions may be slower.
+    Preference training stays float32, like the reference log-probs it compares with."""
+    sft_group_by_length: bool = False
+    """Batch SFT samples of similar length together (`--train-sampling-strategy group_by_length`; about a third of a
+    random batch's tokens are padding). Off: with batches that hold one kind of question each, the model stopped
+    reading the image (greedy CHAIRi 65.1 against 1.8, yes/no 50.0%; docs/LOG.md, 2026-11-27 (GPU, second))."""
     rec_fraction: float = 0.6
     """Share of the REC records of images with several objects (one record per object) in the mixed SFT file."""
     rec_single_repeats: int = 8

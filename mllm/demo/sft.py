@@ -104,14 +104,17 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
         )
     )
     total = stats.items["rec"] + stats.items["sft"]
-    n_align = write_align_data(config, align_data_path(config))
+    summary = f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} SFT conversations"
+    n_align = 0
+    if config.align_steps > 0:
+        n_align = write_align_data(config, align_data_path(config))
+        summary += f"; {n_align} descriptions for the alignment stage"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
         "total": total,
         "align_items": n_align,
-        "summary": f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} SFT conversations"
-        f"; {n_align} descriptions for the alignment stage",
+        "summary": summary,
     }
 
 
@@ -139,6 +142,8 @@ def sft_training_arguments(
         config.sft_batch_size,
         config.sft_lr if lr is None else lr,
         loss_reduction=config.sft_loss_reduction,
+        train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
+        bf16=config.bf16,
     )
 
 
@@ -188,7 +193,11 @@ def run_training(
     args = sft_training_arguments(config, run_dir, steps, lr)
     trainer = build_sft_trainer(
         ModelArguments(
-            model=str(start), tune_vision=config.tunes_vision_in_sft(), tune_llm=True, tune_resampler=True
+            model=str(start),
+            tune_vision=config.tunes_vision_in_sft(),
+            tune_llm=True,
+            tune_resampler=True,
+            weights_dtype="float32",  # with `bf16`: mixed precision, float32 weights and optimizer
         ),
         DataArguments(data=str(data), max_length=512),
         args,

@@ -44,7 +44,13 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
     )
     out = vision_model_dir(config)
     training_args = training_arguments(
-        config, out, config.vision_steps, config.vision_batch_size, config.vision_lr, save_total_limit=1
+        config,
+        out,
+        config.vision_steps,
+        config.vision_batch_size,
+        config.vision_lr,
+        save_total_limit=1,
+        bf16=config.bf16,
     )
     resume = resolve_resume(training_args)  # the newest checkpoint in the output folder, if any
     figures = train_vision(args, training_args, resume)

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with `transformers.Trainer`: the only override is `compute_loss`.
+"""Supervised fine-tuning with `transformers.Trainer`: the overrides are `compute_loss` and, for length-grouped
+batches, the sampler.
 
     model, processor = load_for_training(model_args, training_args)  # freeze flags, LoRA
     dataset = SupervisedDataset(data_args.data, processor, ...)   # labels on answer tokens only
@@ -20,11 +21,20 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.data.sft import SupervisedDataset, data_collator
 from mllm.train.losses import sft_loss, sft_loss_per_sample
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""`--weights-dtype` values and the torch dtypes they load the weights in (None: decided by --bf16 / --fp16)."""
 
 LLM_LORA_TARGETS = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """Default LoRA targets: every linear projection of the language model (not the vision tower)."""
@@ -50,8 +60,20 @@ class ModelArguments:
         default=LLM_LORA_TARGETS, metadata={"help": "Regex of module names that get adapters."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    weights_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the weights while training: auto (bfloat16 / float16 with --bf16 / --fp16, else "
+            "float32), or float32 with --bf16 / --fp16 for mixed precision (float32 weights and optimizer, "
+            "half-precision autocast), or bfloat16 / float16."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(
+                f"--weights-dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}"
+            )
         if self.use_lora and self.lora_r <= 0:
             raise ValueError(f"--lora-r must be positive, got {self.lora_r}")
         if not (self.tune_vision or self.tune_llm or self.tune_resampler or self.use_lora):
@@ -120,6 +142,34 @@ class SFTTrainer(Trainer):
             loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`--train-sampling-strategy group_by_length` with the lengths the dataset already knows (Trainer's own
+        path would load every sample, images included, to measure it); anything else is Trainer's."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return SeededLengthGroupedSampler(batch, dataset.lengths, seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' `LengthGroupedSampler` (random mega-batches of 50 batches, each sorted by length, so a batch
+    holds samples of similar length and pads little) with an order fixed by (seed, epoch): a run resumed from a
+    checkpoint sees the batches the interrupted run would have seen."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
 
 def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
     """requires_grad by component: `vpm`, `llm`, `resampler` (LoRA adapters are added after this)."""
@@ -147,12 +197,16 @@ def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
 
 
 def load_for_training(args: ModelArguments, training_args: TrainingArguments):
-    """Model (with freeze flags and optional LoRA) and processor from a model directory, in the dtype the
-    training arguments ask for (bf16/fp16 weights, else float32); gradient checkpointing non-reentrant by default."""
+    """Model (with freeze flags and optional LoRA) and processor from a model directory, in `--weights-dtype` (by
+    default the dtype the training arguments ask for: bf16/fp16 weights, else float32); gradient checkpointing
+    non-reentrant by default."""
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
-    torch_dtype = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+    torch_dtype = WEIGHTS_DTYPES[args.weights_dtype]
+    if torch_dtype is None:
+        half = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+        torch_dtype = half or torch.float32
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model = MLLMModel.from_pretrained(
