@@ -249,7 +249,7 @@ def test_resume_gives_the_same_losses(tmp_path: Path, small_model_dir: Path, sam
     data = make_sft_files(tmp_path / "d", 8, long_no=sampling == "group_by_length")
     kw = dict(
         per_device_train_batch_size=2,
-        max_steps=6,  # 4 steps per epoch: the resumed part crosses into the second epoch
+        max_steps=6,  # 4 steps per epoch: the resumed part crosses into the second epoch (a new order)
         save_strategy="steps",
         save_steps=3,
         train_sampling_strategy=sampling,
@@ -309,7 +309,7 @@ def test_lora_saves_merges_and_matches(tmp_path: Path, small_model_dir: Path) ->
 def test_length_grouped_batches_pad_less_without_loading_samples(
     tmp_path: Path, small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mllm.train.sft import SeededLengthGroupedSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     data = make_sft_files(tmp_path / "d", 32, long_no=True)  # "Yes" and "No, it is <colour>." answers
 
@@ -326,18 +326,10 @@ def test_length_grouped_batches_pad_less_without_loading_samples(
             SupervisedDataset, "__getitem__", lambda self, i: pytest.fail("sample loaded to measure it")
         )
         sampler = grouped._get_train_sampler()
-    assert isinstance(sampler, SeededLengthGroupedSampler)
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == lengths
     assert sorted(sampler) == list(range(32))
     # mega-batches of 4 batches (transformers' rule for 32 samples), each sorted by length
     assert padding(grouped) < padding(plain) / 2
-    # the order is a function of (seed, epoch)
-    first = list(sampler)
-    assert list(sampler) == first
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    again = SeededLengthGroupedSampler(2, lengths, sampler.seed)
-    again.set_epoch(1)
-    assert list(sampler) == list(again)
 
 
 def test_weights_dtype_follows_the_precision_flags(tmp_path: Path, small_model_dir: Path) -> None:

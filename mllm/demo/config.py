@@ -114,8 +114,8 @@ class DemoConfig:
     conversation weighs the same)."""
     bf16: bool = True
     """Run the `vision`, `align` and `sft` stages under bfloat16 autocast (Trainer's `--bf16`; weights, optimizer
-    and losses stay float32). On this machine's CPU (avx512_bf16) SFT steps ran about 1.6x faster with the same
-    figures after SFT (docs/LOG.md, 2026-11-27 (GPU, second)); a CPU without bfloat16 instructions may be slower.
+    and losses stay float32). On this machine's CPU (avx512_bf16) SFT steps ran 1.3x faster alone on 2 threads (1.6x
+    at 1 thread beside another run) with the same figures after SFT (docs/LOG.md, 2026-11-27 (GPU, second)); a CPU without bfloat16 instructions may be slower.
     Preference training stays float32, like the reference log-probs it compares with."""
     sft_group_by_length: bool = False
     """Batch SFT samples of similar length together (`--train-sampling-strategy group_by_length`; about a third of a

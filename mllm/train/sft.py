@@ -148,27 +148,8 @@ class SFTTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return SeededLengthGroupedSampler(batch, dataset.lengths, seed)
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
-
-
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' `LengthGroupedSampler` (random mega-batches of 50 batches, each sorted by length, so a batch
-    holds samples of similar length and pads little) with an order fixed by (seed, epoch): a run resumed from a
-    checkpoint sees the batches the interrupted run would have seen."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
 
 
 def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
