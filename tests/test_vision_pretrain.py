@@ -8,6 +8,7 @@ interrupted after its checkpoint resumes from it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,41 @@ def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path
     figures = train_vision(args, cpu_training_args(out, max_steps=3, per_device_train_batch_size=4))
     assert figures["steps"] == 3
     assert changed_parts(out, model_dir) == {"vpm", "resampler"}
+
+
+def test_weights_load_in_float32_unless_a_half_precision_is_asked(
+    toy_world_and_model, tmp_path: Path, monkeypatch
+) -> None:
+    """The rule of `train sft`: a bfloat16 checkpoint trains in float32 without --bf16 (transformers 5 alone keeps
+    the file's dtype), and --weights-dtype float32 keeps float32 weights under --bf16 autocast."""
+    from mllm.model.modeling import MLLMModel
+    from mllm.train import vision
+
+    world, model_dir = toy_world_and_model
+    half = tmp_path / "bf16_model"
+    shutil.copytree(model_dir, half)
+    MLLMModel.from_pretrained(model_dir, torch_dtype=torch.bfloat16).save_pretrained(half)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        raise Stop
+
+    monkeypatch.setattr(vision, "TokenLabelHeads", record)
+    for model, weights_dtype, bf16 in (
+        (half, "auto", False),
+        (model_dir, "auto", True),
+        (half, "float32", True),
+    ):
+        args = vision_arguments(world, model, weights_dtype=weights_dtype)
+        with pytest.raises(Stop):
+            vision.train_vision(args, cpu_training_args(tmp_path / "out", max_steps=1, bf16=bf16))
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+    with pytest.raises(ValueError, match="--weights-dtype"):
+        vision_arguments(world, model_dir, weights_dtype="fp8")
 
 
 def test_align_rows_needs_a_grid_projector(toy_world_and_model, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
         eval_instances=str(annotations / "instances_val2014.json"),
         eval_limit=config.n_test,
         align_rows=config.vision_align_rows,
+        weights_dtype="float32",  # with `bf16`: autocast over float32 weights
     )
     out = vision_model_dir(config)
     training_args = training_arguments(

@@ -36,6 +36,29 @@ WEIGHTS_DTYPES = {
 }
 """`--weights-dtype` values and the torch dtypes they load the weights in (None: decided by --bf16 / --fp16)."""
 
+WEIGHTS_DTYPE_HELP = (
+    "dtype of the weights while training: auto (bfloat16 / float16 with --bf16 / --fp16, else float32), or float32 "
+    "with --bf16 / --fp16 for mixed precision (float32 weights and optimizer, half-precision autocast), or "
+    "bfloat16 / float16."
+)
+
+
+def check_weights_dtype(name: str) -> None:
+    """Reject an unknown `--weights-dtype`, naming the flag."""
+    if name not in WEIGHTS_DTYPES:
+        raise ValueError(f"--weights-dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {name!r}")
+
+
+def resolve_weights_dtype(name: str, training_args: TrainingArguments) -> torch.dtype:
+    """The dtype to load a checkpoint in for training: `--weights-dtype`, or for "auto" bf16 / fp16 weights with
+    --bf16 / --fp16 and float32 otherwise (transformers 5 alone would keep the dtype the file was saved in)."""
+    dtype = WEIGHTS_DTYPES[name]
+    if dtype is None:
+        half = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+        dtype = half or torch.float32
+    return dtype
+
+
 LLM_LORA_TARGETS = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """Default LoRA targets: every linear projection of the language model (not the vision tower)."""
 
@@ -60,20 +83,10 @@ class ModelArguments:
         default=LLM_LORA_TARGETS, metadata={"help": "Regex of module names that get adapters."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    weights_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the weights while training: auto (bfloat16 / float16 with --bf16 / --fp16, else "
-            "float32), or float32 with --bf16 / --fp16 for mixed precision (float32 weights and optimizer, "
-            "half-precision autocast), or bfloat16 / float16."
-        },
-    )
+    weights_dtype: str = field(default="auto", metadata={"help": WEIGHTS_DTYPE_HELP})
 
     def __post_init__(self) -> None:
-        if self.weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(
-                f"--weights-dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}"
-            )
+        check_weights_dtype(self.weights_dtype)
         if self.use_lora and self.lora_r <= 0:
             raise ValueError(f"--lora-r must be positive, got {self.lora_r}")
         if not (self.tune_vision or self.tune_llm or self.tune_resampler or self.use_lora):
@@ -184,10 +197,7 @@ def load_for_training(args: ModelArguments, training_args: TrainingArguments):
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
-    torch_dtype = WEIGHTS_DTYPES[args.weights_dtype]
-    if torch_dtype is None:
-        half = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
-        torch_dtype = half or torch.float32
+    torch_dtype = resolve_weights_dtype(args.weights_dtype, training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model = MLLMModel.from_pretrained(

@@ -35,6 +35,7 @@ from mllm.eval.boxes import iou
 from mllm.model.merger import GridProjector
 from mllm.model.vision import VisionTransformer
 from mllm.train.losses import token_box_loss, token_label_loss
+from mllm.train.sft import WEIGHTS_DTYPE_HELP, check_weights_dtype, resolve_weights_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class VisionPretrainArguments:
             "LLM's input embeddings of the category and attribute names present in its region."
         },
     )
+    weights_dtype: str = field(default="auto", metadata={"help": WEIGHTS_DTYPE_HELP})
 
     def __post_init__(self) -> None:
         for name in ("instances", "eval_instances"):
@@ -215,6 +217,7 @@ class VisionPretrainArguments:
             raise ValueError(f"--image-folder: not a folder: {self.image_folder}")
         if self.eval_limit < 1:
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
+        check_weights_dtype(self.weights_dtype)
 
 
 def word_vectors(model, tokenizer, names: list[str]) -> torch.Tensor:
@@ -234,7 +237,9 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
-    model = MLLMModel.from_pretrained(args.model)
+    model = MLLMModel.from_pretrained(
+        args.model, torch_dtype=resolve_weights_dtype(args.weights_dtype, training_args)
+    )
     processor = MLLMProcessor.from_pretrained(args.model)
     dataset = BoxLabelDataset(args.instances, args.image_folder, processor.image_processor, args.attribute)
     row_words = None
