@@ -265,6 +265,22 @@ def test_device_and_loss_options_are_checked_and_device_does_not_split_a_run(tmp
     )
 
 
+def test_training_processes_and_attention_are_checked(tmp_path: Path) -> None:
+    config = demo_config(tmp_path / "x", device="cpu", threads=2)
+    assert (
+        config.training_processes() == 2 and config.threads_per_process() == 1
+    )  # auto: one per thread on CPU
+    one = demo_config(tmp_path / "x", device="cpu", threads=2, processes=1)
+    assert one.training_processes() == 1 and one.threads_per_process() == 2
+    assert one.fingerprint() == config.fingerprint()  # like threads, processes do not split a run
+    with pytest.raises(ValueError, match="--processes"):
+        demo_config(tmp_path / "x", processes=-1)
+    with pytest.raises(ValueError, match=r"vision_batch_size \(16\) must divide by the 3 training processes"):
+        demo_config(tmp_path / "x", device="cpu", processes=3)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        demo_config(tmp_path / "x", attn_implementation="flash_attention_2")
+
+
 def test_object_sizes_reach_the_world(tmp_path: Path) -> None:
     from mllm.demo.build import world_dir
 

@@ -10,15 +10,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="train a tiny model from scratch on the toy world and evaluate it (SFT, CHAIR, grounding, NCA)",
-        description="Makes the toy world, a tokenizer and a random tiny model, runs SFT (descriptions alone first, then the mixed data), evaluates (yes/no, CHAIR "
-        "greedy and sampled, grounding Acc@0.5), computes reference log-probs, runs preference training, evaluates "
-        "again and writes OUT/REPORT.md. Finished stages (OUT/<stage>/done.json) are skipped on a re-run; an "
-        "interrupted training resumes from its last checkpoint.",
+        description="Makes the toy world, a tokenizer and a random tiny model, trains its vision tower on the "
+        "world's boxes, runs SFT on the mixed data (yes/no, short answers, descriptions, grounding), evaluates "
+        "(yes/no, CHAIR greedy and sampled, grounding Acc@0.5), computes reference log-probs, runs preference "
+        "training, evaluates again and writes OUT/REPORT.md. Finished stages (OUT/<stage>/done.json) are skipped on "
+        "a re-run; an interrupted training resumes from its last checkpoint.",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--fast", action="store_true", help="the small CI-sized version (a few minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="processes of the training stages (DDP), each with threads/processes threads; 0 (default): one per "
+        "thread on CPU, 1 on CUDA",
+    )
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -35,5 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from mllm.demo.config import demo_config
     from mllm.demo.pipeline import run_demo
 
-    run_demo(demo_config(args.out, fast=args.fast, seed=args.seed, threads=args.threads, device=args.device))
+    run_demo(
+        demo_config(
+            args.out,
+            fast=args.fast,
+            seed=args.seed,
+            threads=args.threads,
+            processes=args.processes,
+            device=args.device,
+        )
+    )
     return 0

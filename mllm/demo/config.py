@@ -24,6 +24,12 @@ class DemoConfig:
     """The CI-sized variant (recorded so a fast and a full run never share a folder)."""
     threads: int = 2
     """torch threads: on a shared 2-core machine more threads only add contention."""
+    processes: int = 0
+    """Processes of the training stages (`vision`, `align`, `sft`, `preference`), as `torchrun --nproc-per-node`
+    would start them: each takes its share of every batch and the gradients are averaged (DDP), each with
+    `threads // processes` threads. 0 (auto): one per thread on CPU, 1 on CUDA. On this 2-core CPU two processes of
+    one thread made an SFT step 1.57x faster than one process of two threads (docs/LOG.md). Batch sizes must divide
+    by it."""
     device: str = "auto"
     """Where training and evaluation run: "cpu", "cuda" (the first visible GPU; choose it with CUDA_VISIBLE_DEVICES)
     or "auto" (CUDA when torch sees a GPU). Figures differ between devices, so compare runs on one device."""
@@ -72,6 +78,10 @@ class DemoConfig:
     normalize_image_rows: bool = True
     """The preset's `normalize_image_rows`: centre each image's rows and scale them to RMS 1, so the projector
     cannot turn them into one large constant vector (what it did in every from-scratch run here, docs/LOG.md)."""
+    attn_implementation: str = "eager"
+    """Attention of the training stages (`--attn-implementation`): "eager" or "sdpa". At the toy sizes (96 tokens,
+    64-wide heads) PyTorch's CPU SDPA kernel spends most of an SFT step's attention time in its backward; eager made
+    the steps 1.2x faster (docs/LOG.md, 2026-11-27 (CPU, processes)). Evaluation always uses SDPA."""
     # --- vision tower pretraining (per-token box labels, before any SFT) ---
     vision_steps: int = 800
     """Optimizer steps of the `vision` stage (`mllm train vision` on the world's COCO instances: every vision token
@@ -99,10 +109,10 @@ class DemoConfig:
     align_lr: float = 2e-3
     """Peak learning rate of the `align` stage (cosine schedule after warm-up)."""
     # --- SFT ---
-    sft_steps: int = 750
-    """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. Twice as many taught
-    the colour and count questions and the boxes more on a GPU (yes/no 57.5% against 54.2%, Acc@0.5 9.2% against
-    2.2%); 1,000 did not on CPU (yes/no 53.0%) and would take the demo past 15 minutes (docs/LOG.md)."""
+    sft_steps: int = 1300
+    """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. More steps are the one
+    lever that moved the yes/no answers: 750 gave 54.0%, 1,200 58.3% (count 68.7%); on a GPU 1,500 gave 57.5%
+    (docs/LOG.md). Two training processes and eager attention made 1,300 fit the 15 minutes."""
     sft_batch_size: int = 32
     """Samples per step. 750 x 32 against 1500 x 16 (the same samples, about the same time): Acc@0.5 9.2% against
     3.0% (docs/LOG.md, 2026-11-27)."""
@@ -195,12 +205,34 @@ class DemoConfig:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"demo attn_implementation must be eager or sdpa, got {self.attn_implementation!r}"
+            )
+        if self.processes < 0:
+            raise ValueError(f"--processes must be >= 0 (0: automatic), got {self.processes}")
+        processes = self.training_processes()
+        for name in ("vision_batch_size", "sft_batch_size", "preference_batch_size"):
+            if getattr(self, name) % processes:
+                raise ValueError(
+                    f"demo {name} ({getattr(self, name)}) must divide by the {processes} training processes"
+                )
         if self.sft_interrupt_after is not None and not 0 < self.sft_interrupt_after < self.sft_steps:
             raise ValueError(f"sft_interrupt_after must be in 1..sft_steps-1, got {self.sft_interrupt_after}")
 
     def tunes_vision_in_sft(self) -> bool:
         """`sft_tune_vision` resolved."""
         return self.vision_steps == 0 if self.sft_tune_vision is None else self.sft_tune_vision
+
+    def training_processes(self) -> int:
+        """`processes` resolved (0: `threads` on CPU, 1 on CUDA)."""
+        if self.processes:
+            return self.processes
+        return 1 if self.torch_device() == "cuda" else self.threads
+
+    def threads_per_process(self) -> int:
+        """torch threads of each training process."""
+        return max(1, self.threads // self.training_processes())
 
     def torch_device(self) -> str:
         """The device that `device` names here ("auto" resolved)."""
@@ -211,8 +243,9 @@ class DemoConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that decide results (not where they go, how many threads compute them, or test hooks)."""
-        skip = {"out", "threads", "device", "sft_interrupt_after"}
+        """The fields that decide results (not where they go, how many threads or processes compute them, or test
+        hooks)."""
+        skip = {"out", "threads", "processes", "device", "sft_interrupt_after"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -221,7 +254,7 @@ FAST_OVERRIDES: dict[str, Any] = {
     "n_train": 800,
     "n_test": 100,
     "n_preference": 320,
-    "sft_steps": 150,
+    "sft_steps": 250,
     "sft_save_steps": 50,
     "eval_yes_no": 200,
     "eval_chair": 100,

@@ -62,13 +62,31 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """NCA (the exercise's pair loss) from the SFT model; vision tower frozen, LLM and resampler trained."""
+    """NCA (the exercise's pair loss) from the SFT model in the demo's training processes; vision tower frozen, LLM
+    and resampler trained. Curves go to folder/loss.png and folder/rewards.png."""
     from mllm.train.curves import plot_curves
-    from mllm.train.preference import CURVE_KEYS, PreferenceArguments, build_preference_trainer
+    from mllm.train.launch import run_in_processes
+    from mllm.train.preference import CURVE_KEYS
+
+    figures = run_in_processes(
+        fit_preference, (config, folder / "run"), config.training_processes(), config.threads_per_process()
+    )
+    plot_curves(folder / "run", ["loss"], folder / "loss.png")
+    plot_curves(
+        folder / "run",
+        [k for k in CURVE_KEYS if k.startswith("rewards/") and k != "rewards/accuracies"],
+        folder / "rewards.png",
+    )
+    return figures
+
+
+def fit_preference(config: DemoConfig, run_dir: Path) -> dict[str, Any]:
+    """One training process of the `preference` stage (`mllm train preference`'s Trainer), resumed from the newest
+    checkpoint."""
+    from mllm.train.preference import PreferenceArguments, build_preference_trainer
     from mllm.train.runner import resolve_resume
     from mllm.train.sft import ModelArguments
 
-    run_dir = folder / "run"
     args = training_arguments(
         config,
         run_dir,
@@ -81,7 +99,7 @@ def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
         save_total_limit=1,
     )
     trainer = build_preference_trainer(
-        ModelArguments(model=str(sft_model_dir(config))),
+        ModelArguments(model=str(sft_model_dir(config)), attn_implementation=config.attn_implementation),
         PreferenceArguments(
             data=str(preference_data(config)),
             logps=str(logps_path(config)),
@@ -96,12 +114,6 @@ def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(preference_model_dir(config)))
     trainer.save_state()
-    plot_curves(run_dir, ["loss"], folder / "loss.png")
-    plot_curves(
-        run_dir,
-        [k for k in CURVE_KEYS if k.startswith("rewards/") and k != "rewards/accuracies"],
-        folder / "rewards.png",
-    )
     logs = [row for row in trainer.state.log_history if "rewards/margins" in row]
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     margin0, margin1 = first.get("rewards/margins", float("nan")), last.get("rewards/margins", float("nan"))

@@ -119,16 +119,17 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def interrupt_callback(after_step: int):
-    """A TrainerCallback that raises right after the checkpoint of `after_step` is written (the testing hook)."""
+    """A TrainerCallback that stops training right after the checkpoint of `after_step` is written (the testing
+    hook; `run_training` then raises DemoInterrupted without saving the model, as a kill would leave things)."""
     from transformers import TrainerCallback
 
-    class InterruptAfterSave(TrainerCallback):
+    class StopAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step >= after_step:
-                raise DemoInterrupted(f"interrupted after the checkpoint of step {state.global_step}")
+                control.should_training_stop = True
             return control
 
-    return InterruptAfterSave()
+    return StopAfterSave()
 
 
 def sft_training_arguments(
@@ -184,12 +185,38 @@ def run_training(
     interrupt_after: int | None = None,
     lr: float | None = None,
 ) -> dict[str, Any]:
-    """`steps` optimizer steps from the model in `start` on `data`, resumable from the checkpoints in folder/run."""
+    """`steps` optimizer steps from the model in `start` on `data` in the demo's training processes, resumable from
+    the checkpoints in folder/run; the loss curve goes to folder/loss.png."""
     from mllm.train.curves import plot_curves
+    from mllm.train.launch import run_in_processes
+
+    figures = run_in_processes(
+        fit,
+        (config, folder / "run", start, data, steps, model_out, interrupt_after, lr),
+        config.training_processes(),
+        config.threads_per_process(),
+    )
+    if figures.pop("interrupted"):
+        raise DemoInterrupted(f"interrupted after the checkpoint of step {figures['steps']}")
+    if figures.pop("logged"):
+        plot_curves(folder / "run", ["loss"], folder / "loss.png")
+    return figures
+
+
+def fit(
+    config: DemoConfig,
+    run_dir: Path,
+    start: Path,
+    data: Path,
+    steps: int,
+    model_out: Path,
+    interrupt_after: int | None,
+    lr: float | None,
+) -> dict[str, Any]:
+    """One training process of `run_training`: `mllm train sft`'s Trainer, resumed from the newest checkpoint."""
     from mllm.train.runner import resolve_resume
     from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
 
-    run_dir = folder / "run"
     args = sft_training_arguments(config, run_dir, steps, lr)
     trainer = build_sft_trainer(
         ModelArguments(
@@ -197,6 +224,7 @@ def run_training(
             tune_vision=config.tunes_vision_in_sft(),
             tune_llm=True,
             tune_resampler=True,
+            attn_implementation=config.attn_implementation,
             weights_dtype="float32",  # with `bf16`: mixed precision, float32 weights and optimizer
         ),
         DataArguments(data=str(data), max_length=512),
@@ -208,13 +236,15 @@ def run_training(
     if resume:
         logger.info("SFT resumes from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(model_out))
-    trainer.save_state()
+    interrupted = interrupt_after is not None and trainer.state.global_step < steps
+    if not interrupted:
+        trainer.save_model(str(model_out))
+        trainer.save_state()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    if losses:
-        plot_curves(run_dir, ["loss"], folder / "loss.png")
     first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
     return {
+        "interrupted": interrupted,
+        "logged": bool(losses),
         "steps": trainer.state.global_step,
         "resumed_from": Path(resume).name if resume else None,
         "first_loss": first,

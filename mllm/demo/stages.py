@@ -27,7 +27,7 @@ CONFIG_FILE = "demo_config.json"
 
 
 class DemoInterrupted(RuntimeError):
-    """Raised by the testing hook `DemoConfig.sft_interrupt_after`: the process stops as if it had been killed."""
+    """Raised by the testing hook `DemoConfig.sft_interrupt_after`: the demo stops as if it had been killed."""
 
 
 @dataclass
@@ -98,14 +98,15 @@ def run_stage(
 def training_arguments(
     config: DemoConfig, output_dir: Path, steps: int, batch_size: int, lr: float, **overrides
 ):
-    """The TrainingArguments of the demo's training stages: `steps` steps of `batch_size`, peak `lr` on a cosine
-    schedule after a 5% warm-up, checkpoints every `sft_save_steps` (resumable: `resume_from_checkpoint` is "auto",
-    for `mllm.train.runner.resolve_resume`), no reporting; keyword arguments override any field."""
+    """The TrainingArguments of the demo's training stages: `steps` steps of `batch_size` (split over the training
+    processes), peak `lr` on a cosine schedule after a 5% warm-up, checkpoints every `sft_save_steps` (resumable:
+    `resume_from_checkpoint` is "auto", for `mllm.train.runner.resolve_resume`), no reporting; keyword arguments
+    override any field. Build them inside the training process: they set up its distributed state."""
     from mllm.train.runner import MLLMTrainingArguments
 
     settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch_size // config.training_processes(),
         max_steps=steps,
         learning_rate=lr,
         lr_scheduler_type="cosine",
@@ -121,6 +122,7 @@ def training_arguments(
         dataloader_num_workers=0,
         use_cpu=config.torch_device() == "cpu",
         resume_from_checkpoint="auto",
+        ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
     )
     settings.update(overrides)
     return MLLMTrainingArguments(**settings)

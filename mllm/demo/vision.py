@@ -28,7 +28,19 @@ def pretrained_model_dir(config: DemoConfig) -> Path:
 
 
 def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """`mllm train vision` in the demo's training processes; the loss curve goes to folder/loss.png."""
     from mllm.train.curves import plot_curves
+    from mllm.train.launch import run_in_processes
+
+    figures = run_in_processes(
+        fit_vision, (config,), config.training_processes(), config.threads_per_process()
+    )
+    plot_curves(vision_model_dir(config), ["loss"], folder / "loss.png")
+    return figures
+
+
+def fit_vision(config: DemoConfig) -> dict[str, Any]:
+    """One training process of the `vision` stage, resumed from the newest checkpoint."""
     from mllm.train.runner import resolve_resume
     from mllm.train.vision import VisionPretrainArguments, train_vision
 
@@ -42,11 +54,11 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
         eval_limit=config.n_test,
         align_rows=config.vision_align_rows,
         weights_dtype="float32",  # with `bf16`: autocast over float32 weights
+        attn_implementation=config.attn_implementation,
     )
-    out = vision_model_dir(config)
     training_args = training_arguments(
         config,
-        out,
+        vision_model_dir(config),
         config.vision_steps,
         config.vision_batch_size,
         config.vision_lr,
@@ -55,7 +67,6 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
     )
     resume = resolve_resume(training_args)  # the newest checkpoint in the output folder, if any
     figures = train_vision(args, training_args, resume)
-    plot_curves(out, ["loss"], folder / "loss.png")
     summary = (
         f"{figures['steps']} steps, loss {figures['first_loss']:.3f} -> {figures['final_loss']:.3f}; held-out object "
         f"tokens: shape {figures['category_accuracy']:.1%}, colour {figures['attribute_accuracy']:.1%}, box IoU >= 0.5 "

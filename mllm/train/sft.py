@@ -153,6 +153,10 @@ class SFTTrainer(Trainer):
             loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
         else:
             loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts the targets of every process and DDP averages the processes' gradients:
+                # scale back up so that the step is the one of the whole global batch (as Trainer's own loss path)
+                loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):

@@ -207,6 +207,9 @@ class VisionPretrainArguments:
         },
     )
     weights_dtype: str = field(default="auto", metadata={"help": WEIGHTS_DTYPE_HELP})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention of the tower: eager or sdpa."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("instances", "eval_instances"):
@@ -218,6 +221,8 @@ class VisionPretrainArguments:
         if self.eval_limit < 1:
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         check_weights_dtype(self.weights_dtype)
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"--attn-implementation must be eager or sdpa, got {self.attn_implementation!r}")
 
 
 def word_vectors(model, tokenizer, names: list[str]) -> torch.Tensor:
@@ -238,7 +243,9 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
     from mllm.processing.processor import MLLMProcessor
 
     model = MLLMModel.from_pretrained(
-        args.model, torch_dtype=resolve_weights_dtype(args.weights_dtype, training_args)
+        args.model,
+        torch_dtype=resolve_weights_dtype(args.weights_dtype, training_args),
+        attn_implementation=args.attn_implementation,
     )
     processor = MLLMProcessor.from_pretrained(args.model)
     dataset = BoxLabelDataset(args.instances, args.image_folder, processor.image_processor, args.attribute)
