@@ -1,17 +1,17 @@
 """`mllm demo`: the --fast demo runs every stage through the CLI and writes its report; an interrupted SFT resumes from
-its checkpoint while finished stages are skipped; a folder made with other settings is refused.
+its checkpoint while finished stages are skipped, also after a real kill; a folder made with other settings is refused.
 
 What the fast demo learns today (seed 0): in the `vision` stage the tower tells the shapes of object tokens apart
-(89-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 37.0-38.1%, against
-55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No", the grounding
-answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi (measured
-figures: the README's demo section and docs/LOG.md). Learning to answer questions *about* the image (yes/no clearly
-above chance, Acc@0.5 above the constant box) does not yet happen within the CI budget (measured in a clean-clone CI
-run, 2 threads: yes/no 50.0% on 200 questions, Acc@0.5 0.7% against 2.0%); `test_fast_demo_learns_from_the_image`
-states those thresholds as a strict expected failure.
+(88-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 26.8% with 250 SFT steps,
+37.0-38.1% with 150, 55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No",
+the grounding answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi
+(measured figures: the README's demo section and docs/LOG.md). Answering questions *about* the image (yes/no above
+chance, Acc@0.5 above the constant box) starts only after ~1,000 SFT steps: tests/test_demo_full.py asserts it on
+the full demo; here `test_fast_demo_learns_from_the_image` keeps the thresholds as a strict expected failure (clean-
+clone CI run, 250 SFT steps: yes/no 50.0% on 200 questions, Acc@0.5 0.7% against 2.0%).
 
-Budget: about 8 minutes on 2 cores for this file (one --fast demo, 506 s of stages in a CI run beside other work,
-shared by the tests; the resume test is a 40-image run).
+Budget: about 8 minutes on 2 cores for this file (one --fast demo, ~380 s of stages alone; the resume tests are
+40-image runs).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
 
 
 def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo: Path) -> None:
-    assert figures(fast_demo, "vision")["category_accuracy"] > 0.6  # measured 0.89-0.91, chance 1/6
+    assert figures(fast_demo, "vision")["category_accuracy"] > 0.6  # measured 0.88-0.91, chance 1/6
     sft = figures(fast_demo, "sft")
     assert sft["final_loss"] < 0.3 * sft["first_loss"]
     before = figures(fast_demo, "eval_sft")
@@ -84,7 +84,7 @@ def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo
     assert grounding["n"] == 150 and grounding["unparsable"] <= 0.35 * grounding["n"]  # measured 0-34 of 150
     assert 0.0 <= grounding["baseline_acc"] < 0.5  # computed from the training boxes, not assumed
     assert before["chair"]["greedy"]["Recall"] > 0 and before["chair"]["sampled"]["Len"] > 0.1
-    # the descriptions read the objects: measured 0.370-0.381 (0.556-0.629 without the vision stage)
+    # the descriptions read the objects: measured 0.268 (250 SFT steps; 0.556-0.629 without the vision stage)
     assert before["chair"]["greedy"]["CHAIRi"] < 0.5
     logps = figures(fast_demo, "logps")
     assert (
@@ -101,13 +101,13 @@ def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
     lines = (fast_demo / "eval_sft" / "answers_greedy.jsonl").read_text(encoding="utf-8").splitlines()
     answers = [json.loads(line)["answer"] for line in lines if line.strip()]
     assert len(answers) == 100
-    assert len(set(answers)) >= 10  # measured 65-74; 1 before the image rows were normalised
+    assert len(set(answers)) >= 10  # measured 65-88; 1 before the image rows were normalised
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the from-scratch tiny model describes what it sees but does not yet answer questions about the image "
-    "(yes/no, grounding) within the --fast budget; see the README's demo section",
+    reason="the from-scratch tiny model describes what it sees but answers questions about the image (yes/no, "
+    "grounding) only after ~1,000 SFT steps, past the --fast budget (tests/test_demo_full.py); see the README",
 )
 def test_fast_demo_learns_from_the_image(fast_demo: Path) -> None:
     before = figures(fast_demo, "eval_sft")
@@ -182,6 +182,73 @@ def test_interrupted_sft_resumes_from_its_checkpoint_and_done_stages_are_skipped
     # A third run finds every stage done and computes nothing.
     again = run_demo(config, until="sft", echo=lambda line: None)
     assert all(record.skipped for record in again.values())
+
+
+KILLED_RUN = """
+import sys
+from mllm.demo.config import demo_config
+from mllm.demo.pipeline import run_demo
+settings = dict(n_train=40, n_test=8, n_preference=8, vision_steps=2, vision_batch_size=2, sft_steps=120,
+                sft_save_steps=4, sft_batch_size=2, threads=2, processes=2, device="cpu")
+run_demo(demo_config(sys.argv[1], fast=True, **settings), until="sft", echo=print)
+"""
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+
+
+def test_a_killed_demo_stops_its_training_processes_and_resumes(tmp_path: Path) -> None:
+    """A real kill (SIGKILL of `mllm demo` mid-SFT): its two training processes stop with it (no orphan keeps
+    writing checkpoints), and the next run resumes from the newest checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    run_dir = out / "sft" / "run"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while (
+            len(checkpoints(run_dir)) < 2
+            or not (run_dir / f"checkpoint-{checkpoints(run_dir)[-1]}" / "trainer_state.json").is_file()
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                "the demo ended before two checkpoints"
+            )
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    time.sleep(3)  # the training processes get SIGINT when their parent dies
+    left = checkpoints(run_dir)
+    time.sleep(5)
+    assert checkpoints(run_dir) == left  # nothing trains on: an orphan would save every 4 steps
+    assert left[-1] < 120 and not (out / "sft" / DONE).exists()
+
+    config = demo_config(
+        out,
+        fast=True,
+        n_train=40,
+        n_test=8,
+        n_preference=8,
+        vision_steps=2,
+        vision_batch_size=2,
+        sft_steps=120,
+        sft_save_steps=4,
+        sft_batch_size=2,
+        threads=2,
+        processes=2,
+        device="cpu",
+    )
+    records = run_demo(config, until="sft", echo=lambda line: None)
+    sft = records["sft"].figures
+    assert sft["steps"] == 120 and sft["resumed_from"].startswith("checkpoint-")
+    assert (
+        int(sft["resumed_from"].split("-")[1]) >= left[-1] - 4
+    )  # the newest complete checkpoint, not step 0
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:

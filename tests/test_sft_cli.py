@@ -130,3 +130,20 @@ def test_deepspeed_configs_leave_the_schedule_to_the_command_line() -> None:
         assert config["train_micro_batch_size_per_gpu"] == "auto"
         assert config["gradient_accumulation_steps"] == "auto"
     assert json.loads((ROOT / "configs" / "ds_zero3.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_resume_auto_passes_over_a_checkpoint_cut_short(tmp_path: Path) -> None:
+    """A kill during a save leaves a checkpoint folder without trainer_state.json (Trainer writes it last)."""
+    from mllm.train.runner import resolve_resume
+    from tests.training_helpers import cpu_training_args
+
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-99-notes").mkdir()  # not a checkpoint name
+    args = cpu_training_args(tmp_path, resume_from_checkpoint="auto")
+    assert resolve_resume(args) == str(tmp_path / "checkpoint-8")
+    assert resolve_resume(cpu_training_args(tmp_path / "none", resume_from_checkpoint="auto")) is None
+    assert resolve_resume(cpu_training_args(tmp_path, resume_from_checkpoint="x")) == "x"

@@ -23,7 +23,8 @@ class DemoConfig:
     fast: bool = False
     """The CI-sized variant (recorded so a fast and a full run never share a folder)."""
     threads: int = 2
-    """torch threads: on a shared 2-core machine more threads only add contention."""
+    """CPU threads in all: the training stages share them out over `processes`, the other stages use them in this
+    process. On a shared 2-core machine more threads only add contention."""
     processes: int = 0
     """Processes of the training stages (`vision`, `align`, `sft`, `preference`), as `torchrun --nproc-per-node`
     would start them: each takes its share of every batch and the gradients are averaged (DDP), each with

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mllm.train.curves import plot_curves
 from mllm.train.losses import SFT_LOSS_REDUCTIONS
 from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer, default_training_arguments
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(PREFIX_CHECKPOINT_DIR + r"-(\d+)")
+"""Trainer's checkpoint folders: checkpoint-<step>."""
 
 _DEFAULTS = default_training_arguments()
 
@@ -48,15 +53,28 @@ class MLLMTrainingArguments(TrainingArguments):
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume-from-checkpoint auto` -> the newest checkpoint in the output dir (None if there is none)."""
+    """`--resume-from-checkpoint auto` -> the newest complete checkpoint in the output dir (None if there is none).
+
+    Complete means its trainer_state.json exists: Trainer writes it after the weights, optimizer and RNG states, so a
+    checkpoint cut short by a kill is passed over (with a warning) for the one before it."""
     value = training_args.resume_from_checkpoint
     if value != "auto":
         return value
-    if not Path(training_args.output_dir).is_dir():
+    folder = Path(training_args.output_dir)
+    if not folder.is_dir():
         return None
-    last = get_last_checkpoint(training_args.output_dir)
-    logger.info("resume auto: %s", last or "no checkpoint yet, starting fresh")
-    return last
+    steps = sorted(
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_NAME.fullmatch(path.name))
+    )
+    for _, path in reversed(steps):
+        if (path / TRAINER_STATE_NAME).is_file():
+            logger.info("resume auto: %s", path)
+            return str(path)
+        logger.warning("resume auto: %s is incomplete (no %s), skipped", path, TRAINER_STATE_NAME)
+    logger.info("resume auto: no checkpoint yet, starting fresh")
+    return None
 
 
 def parse_sft_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MLLMTrainingArguments]:
