@@ -46,6 +46,7 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_full_demo_answers_yes_no_questions_above_chance(full_demo: Path) -> None:
     yes_no = figures(full_demo, "eval_sft")["yes_no"]
     assert yes_no["n"] == 600 and yes_no["invalid"] == 0
@@ -53,6 +54,7 @@ def test_full_demo_answers_yes_no_questions_above_chance(full_demo: Path) -> Non
     assert binomial_tail(correct, yes_no["n"], 0.5) < P_VALUE, yes_no
 
 
+@pytest.mark.slow
 def test_full_demo_grounds_above_the_constant_box(full_demo: Path) -> None:
     grounding = figures(full_demo, "eval_sft")["grounding"]
     assert grounding["n"] == 400 and 0.0 < grounding["baseline_acc"] < 0.5
@@ -60,6 +62,7 @@ def test_full_demo_grounds_above_the_constant_box(full_demo: Path) -> None:
     assert binomial_tail(hits, grounding["n"], grounding["baseline_acc"]) < P_VALUE, grounding
 
 
+@pytest.mark.slow
 def test_full_demo_hallucinates_less_after_preference_training(full_demo: Path) -> None:
     before = figures(full_demo, "eval_sft")["chair"]
     after = figures(full_demo, "eval_preference")["chair"]

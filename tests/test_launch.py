@@ -64,3 +64,14 @@ def test_an_error_in_a_process_reaches_the_caller() -> None:
 
     with pytest.raises(Exception, match="processes must be at least 1"):
         run_in_processes(run_in_processes, (print, (), 0), processes=2)
+
+
+def big_result(size: int) -> dict:
+    """Module-level, for spawned processes: a result larger than a pipe's buffer."""
+    return {"values": list(range(size))}
+
+
+def test_a_result_larger_than_a_pipe_comes_back() -> None:
+    from mllm.train.launch import run_in_processes
+
+    assert run_in_processes(big_result, (200_000,), processes=2)["values"][-1] == 199_999

@@ -59,5 +59,19 @@ def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, thread
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(fn, args, processes, free_port(), threads, results), nprocs=processes, join=True)
-    return results.get()
+    context = mp.start_processes(
+        _worker,
+        args=(fn, args, processes, free_port(), threads, results),
+        nprocs=processes,
+        join=False,
+        start_method="spawn",
+    )
+    result, received = None, False
+    while True:
+        if (
+            not received and not results.empty()
+        ):  # read while rank 0 writes: a big result must not fill the pipe
+            result, received = results.get(), True
+        if context.join(timeout=0.2):  # True when all have exited; raises if one failed
+            break
+    return result if received else results.get()
