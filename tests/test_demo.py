@@ -332,7 +332,7 @@ def test_device_and_loss_options_are_checked_and_device_does_not_split_a_run(tmp
     )
 
 
-def test_training_processes_and_attention_are_checked(tmp_path: Path) -> None:
+def test_training_processes_and_attention_are_checked(tmp_path: Path, monkeypatch) -> None:
     config = demo_config(tmp_path / "x", device="cpu", threads=2)
     assert (
         config.training_processes() == 2 and config.threads_per_process() == 1
@@ -344,6 +344,10 @@ def test_training_processes_and_attention_are_checked(tmp_path: Path) -> None:
         demo_config(tmp_path / "x", processes=-1)
     with pytest.raises(ValueError, match=r"vision_batch_size \(16\) must divide by the 3 training processes"):
         demo_config(tmp_path / "x", device="cpu", processes=3)
+    assert demo_config(tmp_path / "x", device="cuda").training_processes() == 1  # auto on CUDA: one process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--processes 2 on CUDA needs a GPU per process"):
+        demo_config(tmp_path / "x", device="cuda", processes=2)
     with pytest.raises(ValueError, match="attn_implementation"):
         demo_config(tmp_path / "x", attn_implementation="flash_attention_2")
 

@@ -213,6 +213,13 @@ class DemoConfig:
         if self.processes < 0:
             raise ValueError(f"--processes must be >= 0 (0: automatic), got {self.processes}")
         processes = self.training_processes()
+        if processes > 1 and self.torch_device() == "cuda":
+            import torch
+
+            if processes > torch.cuda.device_count():
+                raise ValueError(
+                    f"--processes {processes} on CUDA needs a GPU per process; torch sees {torch.cuda.device_count()}"
+                )
         for name in ("vision_batch_size", "sft_batch_size", "preference_batch_size"):
             if getattr(self, name) % processes:
                 raise ValueError(
