@@ -353,3 +353,19 @@ def test_weights_dtype_follows_the_precision_flags(tmp_path: Path, small_model_d
     assert dtype(_trainer(half, data, tmp_path / "p")) == torch.float32
     with pytest.raises(ValueError, match="--weights-dtype"):
         ModelArguments(model=str(small_model_dir), weights_dtype="fp8")
+
+
+def test_training_starts_the_same_whatever_the_random_state(tmp_path: Path, small_model_dir: Path) -> None:
+    """LoRA adapters are made before Trainer seeds itself: `load_for_training` seeds with --seed first (a spawned
+    training process starts from an unseeded generator)."""
+    from mllm.train.sft import ModelArguments, load_for_training
+
+    adapters = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        model, _ = load_for_training(
+            ModelArguments(model=str(small_model_dir), use_lora=True, lora_r=4),
+            cpu_training_args(tmp_path / "out", seed=3),
+        )
+        adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])

@@ -184,6 +184,24 @@ def test_the_tower_learns_the_boxes_alone_and_an_interrupted_run_resumes(
     assert changed_parts(out, model_dir) == {"vpm"}
 
 
+def test_the_same_seed_trains_the_same_tower(toy_world_and_model, tmp_path: Path) -> None:
+    """The heads are made before Trainer seeds itself: `train_vision` seeds first, so a run does not depend on the
+    random state it starts in (a spawned training process starts unseeded)."""
+    from safetensors.torch import load_file
+
+    from mllm.train.vision import train_vision
+
+    world, model_dir = toy_world_and_model
+    for run, noise in (("a", 1), ("b", 2)):
+        torch.manual_seed(noise)
+        train_vision(
+            vision_arguments(world, model_dir),
+            cpu_training_args(tmp_path / run, max_steps=2, per_device_train_batch_size=4),
+        )
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path) -> None:
     from mllm.train.vision import train_vision
 

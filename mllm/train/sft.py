@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.data.sft import SupervisedDataset, data_collator
@@ -201,6 +201,9 @@ def load_for_training(args: ModelArguments, training_args: TrainingArguments):
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
+    set_seed(
+        training_args.seed
+    )  # what is made before Trainer seeds itself (LoRA adapters) must not vary by run
     torch_dtype = resolve_weights_dtype(args.weights_dtype, training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser, Trainer, set_seed
 
 from mllm.data.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
 from mllm.eval.boxes import iou
@@ -242,6 +242,7 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
+    set_seed(training_args.seed)  # the heads are made before Trainer seeds itself: same seed, same run
     model = MLLMModel.from_pretrained(
         args.model,
         torch_dtype=resolve_weights_dtype(args.weights_dtype, training_args),
