@@ -112,8 +112,8 @@ class DemoConfig:
     # --- SFT ---
     sft_steps: int = 1300
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. More steps are the one
-    lever that moved the yes/no answers (seed 0): 750 gave 54.0%, 1,200 58.3%, 1,300 65.2% (seed 1: 55.5%;
-    docs/LOG.md). Two training processes and eager attention made 1,300 fit the 15 minutes."""
+    lever that moved the yes/no answers (seed 0): 750 gave 54.0%, 1,200 58.3%, 1,300 59.3% (seeds 1 and 2: 55.5%,
+    62.2%; docs/LOG.md). Two training processes and eager attention made 1,300 fit the 15 minutes."""
     sft_batch_size: int = 32
     """Samples per step. 750 x 32 against 1500 x 16 (the same samples, about the same time): Acc@0.5 9.2% against
     3.0% (docs/LOG.md, 2026-11-27)."""
