@@ -50,8 +50,8 @@ def _worker(rank: int, fn: Callable, args: tuple, world_size: int, port: int, th
 
 
 def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, threads: int = 1) -> Any:
-    """`fn(*args)` in `processes` processes of `threads` torch threads each (in this process when `processes` is 1);
-    returns rank 0's result. An exception in any process stops them all and is raised here with its traceback."""
+    """`fn(*args)` in `processes` processes of `threads` torch threads each (in this process, with its own thread
+    setting, when `processes` is 1); returns rank 0's result. An exception in any process stops them all and is raised here with its traceback."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
     if processes == 1:
@@ -68,9 +68,8 @@ def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, thread
     )
     result, received = None, False
     while True:
-        if (
-            not received and not results.empty()
-        ):  # read while rank 0 writes: a big result must not fill the pipe
+        # read while rank 0 writes: a result bigger than the pipe's buffer would block its process otherwise
+        if not received and not results.empty():
             result, received = results.get(), True
         if context.join(timeout=0.2):  # True when all have exited; raises if one failed
             break
