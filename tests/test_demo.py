@@ -184,13 +184,24 @@ def test_interrupted_sft_resumes_from_its_checkpoint_and_done_stages_are_skipped
     assert all(record.skipped for record in again.values())
 
 
+KILL_SETTINGS = dict(
+    n_train=40,
+    n_test=8,
+    n_preference=8,
+    vision_steps=2,
+    vision_batch_size=2,
+    sft_steps=120,
+    sft_save_steps=4,
+    sft_batch_size=2,
+    threads=2,
+    processes=2,
+    device="cpu",
+)
 KILLED_RUN = """
-import sys
+import json, sys
 from mllm.demo.config import demo_config
 from mllm.demo.pipeline import run_demo
-settings = dict(n_train=40, n_test=8, n_preference=8, vision_steps=2, vision_batch_size=2, sft_steps=120,
-                sft_save_steps=4, sft_batch_size=2, threads=2, processes=2, device="cpu")
-run_demo(demo_config(sys.argv[1], fast=True, **settings), until="sft", echo=print)
+run_demo(demo_config(sys.argv[1], fast=True, **json.loads(sys.argv[2])), until="sft", echo=print)
 """
 
 
@@ -208,16 +219,17 @@ def test_a_killed_demo_stops_its_training_processes_and_resumes(tmp_path: Path) 
 
     out = tmp_path / "demo"
     run_dir = out / "sft" / "run"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(out), json.dumps(KILL_SETTINGS)], stdout=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 600
         while (
             len(checkpoints(run_dir)) < 2
             or not (run_dir / f"checkpoint-{checkpoints(run_dir)[-1]}" / "trainer_state.json").is_file()
         ):
-            assert process.poll() is None and time.monotonic() < deadline, (
-                "the demo ended before two checkpoints"
-            )
+            assert process.poll() is None, "the demo ended before two checkpoints"
+            assert time.monotonic() < deadline, "no two checkpoints in 10 minutes"
             time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -228,27 +240,12 @@ def test_a_killed_demo_stops_its_training_processes_and_resumes(tmp_path: Path) 
     assert checkpoints(run_dir) == left  # nothing trains on: an orphan would save every 4 steps
     assert left[-1] < 120 and not (out / "sft" / DONE).exists()
 
-    config = demo_config(
-        out,
-        fast=True,
-        n_train=40,
-        n_test=8,
-        n_preference=8,
-        vision_steps=2,
-        vision_batch_size=2,
-        sft_steps=120,
-        sft_save_steps=4,
-        sft_batch_size=2,
-        threads=2,
-        processes=2,
-        device="cpu",
-    )
+    config = demo_config(out, fast=True, **KILL_SETTINGS)
     records = run_demo(config, until="sft", echo=lambda line: None)
     sft = records["sft"].figures
     assert sft["steps"] == 120 and sft["resumed_from"].startswith("checkpoint-")
-    assert (
-        int(sft["resumed_from"].split("-")[1]) >= left[-1] - 4
-    )  # the newest complete checkpoint, not step 0
+    # the newest complete checkpoint, not step 0
+    assert int(sft["resumed_from"].split("-")[1]) >= left[-1] - 4
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
