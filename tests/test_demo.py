@@ -10,7 +10,7 @@ chance, Acc@0.5 above the constant box) starts only after ~1,000 SFT steps: test
 the full demo; here `test_fast_demo_learns_from_the_image` keeps the thresholds as a strict expected failure (clean-
 clone CI run, 250 SFT steps: yes/no 50.0% on 200 questions, Acc@0.5 0.7% against 2.0%).
 
-Budget: about 8 minutes on 2 cores for this file (one --fast demo, ~380 s of stages alone; the resume tests are
+Budget: about 7 minutes on 2 cores for this file (one --fast demo, ~350 s of stages alone; the resume tests are
 40-image runs).
 """
 
