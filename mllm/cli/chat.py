@@ -51,10 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_fast_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    engine = parser.add_mutually_exclusive_group()
+    engine.add_argument(
         "--fast-generate",
         action="store_true",
-        help="static KV cache decoding (compiled decode step on CUDA); same tokens as the default path",
+        help="our static KV cache decoder (compiled decode step on CUDA); same tokens as the default path",
+    )
+    engine.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="transformers' generate with its static KV cache (it compiles the forward of greedy and sampling on "
+        "CUDA); same tokens as the default path",
     )
 
 
@@ -62,6 +69,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = generation_kwargs_from_args(args)
     if args.fast_generate:
         kwargs["fast"] = True
+    if args.static_cache:
+        kwargs["cache_implementation"] = "static"
     return kwargs
 
 
