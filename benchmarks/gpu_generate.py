@@ -347,11 +347,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def configs_for(args) -> list[tuple[int, str]]:
-    """The measured (batch, strategy) pairs in priority order; --tiny caps the batch at 2."""
-    chosen = [(b, s) for b, s in CONFIGS if b in args.batch_sizes]
-    if args.tiny:
-        chosen = list(dict.fromkeys((min(b, 2), s) for b, s in chosen))
-    return chosen
+    """The measured (batch, strategy) pairs in priority order."""
+    return [(b, s) for b, s in CONFIGS if b in args.batch_sizes]
 
 
 def main(argv: list[str] | None = None) -> dict:
