@@ -1,8 +1,12 @@
 """Decode speed: our two engines against transformers' Qwen2 (static cache + compile, and dynamic cache), same weights.
 
 Usage (one GPU):
-    python benchmarks/gpu_generate.py --out gpu_generate.json   # estimated 5-6 min on an H200 (not yet run there)
-    python benchmarks/gpu_generate.py --tiny --out g.json       # CPU smoke test in ~15 s (what CI runs)
+    python benchmarks/gpu_generate.py --out gpu_generate.json          # the targets: estimated 5 min on an H200
+    python benchmarks/gpu_generate.py --grid full --out g_full.json    # every row: estimated 8 min
+    python benchmarks/gpu_generate.py --tiny --grid full --out g.json  # CPU smoke test in ~15 s (what CI runs)
+
+The estimates are not measurements (no GPU was lent since this was written): ~30 s per compiled path at 8B (the
+issue's figure for transformers' static cache), three compiled paths, a minute of small compiles for the check.
 
 The model is MiniCPM-V 2.6-shaped (Qwen2-7B decoder + SigLIP-400M tower + resampler, 8.1B parameters), built in code
 on the meta device and filled with random bf16 weights on the GPU: nothing is downloaded. The tokenizer is the toy
@@ -24,11 +28,13 @@ Stages, in this order (the JSON is rewritten after every row, so a run cut short
    beam 3: every path's tokens against the dynamic cache's, compiled as when timed. This also makes the compiled
    graphs shape-dynamic (torch's automatic dynamic shapes) before the timed rows, for every path alike, so each
    compiled path compiles once for all batch sizes (~30 s each at 8B).
-2. ms per decode step of text-only prompts of --prompt-len tokens, targets first: batch 1 greedy, batch 16 beam 3,
-   then batch 16 greedy and batch 1 beam 3 (--batch-sizes 1 16 64 adds batch 64). A step = (time for N new tokens -
+2. ms per decode step of text-only prompts of --prompt-len tokens: the targets, batch 1 greedy and batch 16 beam 3
+   (`--grid full` then adds batch 16 greedy, batch 1 beam 3, batch 64 greedy and beam 3, after the job). A step =
+   (time for N new tokens -
    time for 1) / (N - 1), each the fastest of --repeats calls after a warm-up, so prefill and compilation are
    excluded. The terminator is the last vocabulary id, which the random model (practically) never picks.
-3. the answer job for each --job-engines: --job-items synthetic 640x480 images through `generate_answers` and
+3. the answer job for each --job-engines (default: ours --fast-generate; `--grid full`: both engines) with
+   --job-items synthetic 640x480 images through `generate_answers` and
    `model_answer_fn` (what `mllm answer --strategy beam` runs after loading: bucketing, slicing, vision, beam 3,
    writing), ~170 new tokens each; a warm-up batch first (its time, with any compilation, reported apart).
    `benchmarks/gpu_answer_job.py` runs the same job through the `mllm answer` command on a saved model.
@@ -301,14 +307,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--prompt-len", type=int, default=400)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="of 1, 16, 64")
+    parser.add_argument("--grid", choices=["targets", "full"], default="targets", help="see the docstring")
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed calls per measurement (the fastest counts)"
     )
     parser.add_argument("--check-prompt-len", type=int, default=32)
     parser.add_argument("--check-new-tokens", type=int, default=16)
     parser.add_argument("--skip-check", action="store_true", help="no fp32 token check")
-    parser.add_argument("--job-engines", nargs="*", default=["fast", "static"], choices=["fast", "static"])
+    parser.add_argument(
+        "--job-engines",
+        nargs="*",
+        default=None,
+        choices=["fast", "static"],
+        help="default: fast (full: both)",
+    )
     parser.add_argument("--job-items", type=int, default=300)
     parser.add_argument("--job-new-tokens", type=int, default=170)
     parser.add_argument("--job-batch-size", type=int, default=50)
@@ -319,8 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if REFERENCE not in args.paths:
         raise ValueError(f"--paths must include {REFERENCE} (the reference of the token agreement)")
-    if not set(args.batch_sizes) <= {1, 16, 64}:
-        raise ValueError(f"--batch-sizes: choose among 1, 16 and 64, got {args.batch_sizes}")
+    if args.job_engines is None:
+        args.job_engines = ["fast", "static"] if args.grid == "full" else ["fast"]
     if args.tiny:
         args.prompt_len, args.new_tokens = min(args.prompt_len, 24), min(args.new_tokens, 6)
         args.check_prompt_len, args.check_new_tokens = (
@@ -348,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configs_for(args) -> list[tuple[int, str]]:
     """The measured (batch, strategy) pairs in priority order."""
-    return [(b, s) for b, s in CONFIGS if b in args.batch_sizes]
+    return CONFIGS if args.grid == "full" else CONFIGS[:2]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,7 @@ def load_script(name: str):
 def tiny_results(tmp_path_factory) -> Path:
     """The three GPU benchmarks' --tiny runs, their raw JSON in one folder (shared by the tests below)."""
     folder = tmp_path_factory.mktemp("results")
-    load_script("gpu_generate").main(["--tiny", "--out", str(folder / "gpu_generate.json")])
+    load_script("gpu_generate").main(["--tiny", "--grid", "full", "--out", str(folder / "gpu_generate.json")])
     load_script("gpu_sft").main(["--tiny", "--out", str(folder / "gpu_sft.json")])
     load_script("gpu_answer_job").main(["--tiny", "--out", str(folder / "gpu_answer_job.json")])
     return folder
@@ -33,7 +33,7 @@ def read(folder: Path, name: str) -> dict:
     result = json.loads((folder / f"{name}.json").read_text())
     assert result["benchmark"] == name and result["complete"] is True
     assert result["device"] == "cpu" and result["torch"] and result["transformers"] and result["date"]
-    assert result["command"].startswith(f"benchmarks/{name}.py --tiny")
+    assert result["command"].startswith(f"benchmarks/{name}.py --tiny")  # how to run it again
     return result
 
 
@@ -41,8 +41,8 @@ def test_gpu_generate_tiny(tiny_results):
     result = read(tiny_results, "gpu_generate")
     paths = ["ours --fast-generate", "ours --static-cache", "transformers static", "transformers dynamic"]
     rows = {(r["path"], r["batch"], r["strategy"]): r for r in result["decode"]}
-    expected = {(p, b, s) for p in paths for b in (1, 16) for s in ("greedy", "beam")}
-    assert set(rows) == expected  # every path at batch 1 and 16, greedy and beam 3
+    expected = {(p, b, s) for p in paths for b in (1, 16, 64) for s in ("greedy", "beam")}
+    assert set(rows) == expected  # every path at batch 1, 16 and 64, greedy and beam 3
     assert all(r["ms_per_step"] > 0 and r["new_tokens"] >= 2 and not r["compiled"] for r in rows.values())
     # fp32 on CPU: every path gives the dynamic cache's tokens, in the timed rows and in the token check
     assert all(r["agreement_vs_dynamic"] == 1.0 for r in rows.values())
@@ -83,7 +83,7 @@ def test_tables_render_every_target_from_the_tiny_runs(tiny_results, capsys):
     ]
     assert len(targets) == 6
     assert not any("not yet measured" in line for line in targets)  # every target row has both sides
-    assert block.count("| ours --fast-generate | ") == 4 and "| transformers + peft | yes |" in block
+    assert block.count("| ours --fast-generate | ") == 6 and "| transformers + peft | yes |" in block
     # Without --include-cpu the same files count for nothing.
     assert block.count("not yet measured") == 0
     empty = load_script("results_table").main(["--results", str(tiny_results)])
