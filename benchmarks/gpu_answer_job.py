@@ -27,19 +27,16 @@ from pathlib import Path
 
 import torch
 
-from mllm.bench import ResultFile, random_mllm, run_metadata, toy_processor, write_job
-
-SHAPE_TINY = dict(
-    vocab_size=1024,
-    hidden_size=128,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
+from mllm.bench import (
+    TINY_SHAPE,
+    add_run_flags,
+    check_at_least_one,
+    random_mllm,
+    start_run,
+    toy_processor,
+    write_job,
 )
+
 ENGINES = {"fast": "--fast-generate", "static": "--static-cache", "default": None}
 SUMMARY = re.compile(
     r"answered (\d+), skipped (\d+) \(already done\), failed (\d+); (\d+) new tokens in ([\d.]+)s"
@@ -50,7 +47,7 @@ SUMMARY = re.compile(
 def save_model(args, device: torch.device, workdir: Path) -> tuple[Path, float]:
     """The random model and the processor in a model directory; returns it and the seconds the save took."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_mllm(SHAPE_TINY if args.tiny else {}, device, dtype)
+    model = random_mllm(TINY_SHAPE if args.tiny else {}, device, dtype)
     processor = toy_processor(workdir, small_images=args.tiny)
     model_dir = workdir / "model"
     start = time.perf_counter()
@@ -114,31 +111,22 @@ def run_job(command: list[str]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU: a smoke test")
-    parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    add_run_flags(parser, "gpu_answer_job.json")
     parser.add_argument("--engines", nargs="+", default=["fast", "static"], choices=list(ENGINES))
     parser.add_argument("--job-items", type=int, default=300)
     parser.add_argument("--new-tokens", type=int, default=170)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument(
-        "--out", default="gpu_answer_job.json", help="raw JSON results (rewritten after every job)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.tiny:
         args.job_items, args.new_tokens, args.batch_size = min(args.job_items, 4), min(args.new_tokens, 4), 2
-    for name in ("job_items", "new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(args, ("job_items", "new_tokens", "batch_size"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    results = ResultFile(args.out, run_metadata("gpu_answer_job", device, argv), args.overwrite)
-    results.set("settings", {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")})
+    device, results = start_run("gpu_answer_job", args, argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir, save_s = save_model(args, device, workdir)

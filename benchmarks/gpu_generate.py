@@ -57,10 +57,13 @@ from pathlib import Path
 import torch
 
 from mllm.bench import (
+    TINY_SHAPE,
     ResultFile,
+    add_run_flags,
+    check_at_least_one,
     qwen2_twin,
     random_mllm,
-    run_metadata,
+    start_run,
     synchronize,
     toy_processor,
     write_job,
@@ -68,19 +71,7 @@ from mllm.bench import (
 
 SHAPE_8B: dict = {}
 """MiniCPM-V 2.6's shape (Qwen2-7B LLM, SigLIP-400M tower, 64 queries) is `MLLMConfig`'s default."""
-TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2)
-SHAPE_TINY = dict(
-    vocab_size=1024,
-    hidden_size=128,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=TINY_VISION,
-)
-SHAPE_CHECK = dict(num_hidden_layers=2, vision_config=TINY_VISION)
+SHAPE_CHECK = dict(num_hidden_layers=2, vision_config=TINY_SHAPE["vision_config"])
 """The fp32 token check on a GPU: Qwen2-7B's width, two layers."""
 PATHS = {
     "fast": "ours --fast-generate",
@@ -183,7 +174,7 @@ def prompts(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor
 
 def token_check(args, device: torch.device, tokenizer, results: ResultFile) -> None:
     """fp32: every path's tokens against the dynamic cache's, greedy and beam 3, batch 2."""
-    shape = SHAPE_TINY if device.type == "cpu" else SHAPE_CHECK
+    shape = TINY_SHAPE if device.type == "cpu" else SHAPE_CHECK
     engines = Engines(random_mllm(shape, device, torch.float32, seed=1), tokenizer)
     ids, mask = prompts(2, args.check_prompt_len, device)
     for strategy in ("greedy", "beam"):
@@ -300,10 +291,7 @@ def print_tables(result: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tiny", action="store_true", help="tiny random model on CPU: a smoke test in seconds"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    add_run_flags(parser, "gpu_generate.json")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--prompt-len", type=int, default=400)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -324,10 +312,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-items", type=int, default=300)
     parser.add_argument("--job-new-tokens", type=int, default=170)
     parser.add_argument("--job-batch-size", type=int, default=50)
-    parser.add_argument(
-        "--out", default="gpu_generate.json", help="raw JSON results (rewritten after every row)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if REFERENCE not in args.paths:
         raise ValueError(f"--paths must include {REFERENCE} (the reference of the token agreement)")
@@ -341,16 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
         args.job_items, args.job_new_tokens = min(args.job_items, 4), min(args.job_new_tokens, 4)
         args.job_batch_size = min(args.job_batch_size, 2)
-    for name in (
-        "prompt_len",
-        "job_items",
-        "job_new_tokens",
-        "job_batch_size",
-        "repeats",
-        "check_prompt_len",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        args.repeats = max(args.repeats, 3)  # a loaded CPU: the fastest of three
+    names = ("prompt_len", "job_items", "job_new_tokens", "job_batch_size", "repeats", "check_prompt_len")
+    check_at_least_one(args, names)
     if min(args.new_tokens, args.check_new_tokens) < 2:
         raise ValueError(
             "--new-tokens and --check-new-tokens must be at least 2 (a step is N tokens minus 1)"
@@ -366,18 +343,16 @@ def configs_for(args) -> list[tuple[int, str]]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    device, results = start_run("gpu_generate", args, argv)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    results = ResultFile(args.out, run_metadata("gpu_generate", device, argv), args.overwrite)
-    results.set("settings", {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")})
     results.payload.update(dtype=str(dtype), prompt_len=args.prompt_len)
     with tempfile.TemporaryDirectory() as tmp:
         processor = toy_processor(Path(tmp), small_images=args.tiny)
         if not args.skip_check:
             token_check(args, device, processor.tokenizer, results)
         start = time.perf_counter()
-        model = random_mllm(SHAPE_TINY if args.tiny else SHAPE_8B, device, dtype)
+        model = random_mllm(TINY_SHAPE if args.tiny else SHAPE_8B, device, dtype)
         results.set("parameters", sum(p.numel() for p in model.parameters()))
         results.set("build_s", time.perf_counter() - start)
         engines = Engines(model, processor.tokenizer)

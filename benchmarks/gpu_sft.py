@@ -31,20 +31,18 @@ from functools import partial
 import torch
 from transformers import TrainerCallback
 
-from mllm.bench import ResultFile, random_mllm, random_qwen2, run_metadata, synchronize
+from mllm.bench import (
+    TINY_SHAPE,
+    add_run_flags,
+    check_at_least_one,
+    random_mllm,
+    random_qwen2,
+    start_run,
+    synchronize,
+)
 
 SHAPE_7B: dict = {}
 """MiniCPM-V 2.6's shape (Qwen2-7B LLM, SigLIP-400M tower) is `MLLMConfig`'s default."""
-SHAPE_TINY = dict(
-    vocab_size=512,
-    hidden_size=128,  # the resampler's smallest width
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    query_num=16,
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1),
-)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PATHS = ("ours", "transformers + peft")
 
@@ -110,7 +108,7 @@ def ours_trainer(args, device: torch.device, dtype: torch.dtype, out_dir: str, c
         lora_dropout=0.0,
         tune_resampler=False,
     )
-    model = random_mllm(SHAPE_TINY if args.tiny else SHAPE_7B, device, dtype).train()
+    model = random_mllm(TINY_SHAPE if args.tiny else SHAPE_7B, device, dtype).train()
     set_trainable(model, model_args)
     model = apply_lora(model, model_args)
     ids = token_batch(args, model.config.vocab_size)
@@ -140,7 +138,7 @@ def transformers_trainer(args, device: torch.device, dtype: torch.dtype, out_dir
 
     from mllm.model.config import MLLMConfig
 
-    config = MLLMConfig(**(SHAPE_TINY if args.tiny else SHAPE_7B))
+    config = MLLMConfig(**(TINY_SHAPE if args.tiny else SHAPE_7B))
     model = random_qwen2(config, device, dtype).train()
     lora = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none"
@@ -229,10 +227,7 @@ def print_table(result: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tiny", action="store_true", help="tiny random model on CPU: a smoke test in seconds"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    add_run_flags(parser, "gpu_sft.json")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--lora-r", type=int, default=64)
@@ -250,28 +245,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch.compile backend (default: inductor; aot_eager with --tiny)",
     )
-    parser.add_argument("--out", default="gpu_sft.json", help="raw JSON results (rewritten after every row)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq_len, args.steps, args.warmup_steps = min(args.seq_len, 64), min(args.steps, 2), 1
         args.lora_r = min(args.lora_r, 8)
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
-    for name in ("batch_size", "seq_len", "lora_r", "steps", "warmup_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(args, ("batch_size", "seq_len", "lora_r", "steps", "warmup_steps"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    device, results = start_run("gpu_sft", args, argv)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = ResultFile(args.out, run_metadata("gpu_sft", device, argv), args.overwrite)
-    results.payload["dtype"] = str(dtype)
-    results.set("settings", {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")})
+    results.set("dtype", str(dtype))
     for setting in ("eager", "compiled"):
         if setting in args.compile:
             for path in PATHS:

@@ -27,6 +27,18 @@ TOKENIZER_CORPUS = [
     "On the dining table there are several cups, a bottle of wine and a bowl of oranges.",
 ]
 JOB_QUESTION = "Describe this image in detail."
+TINY_SHAPE = dict(
+    vocab_size=1024,
+    hidden_size=128,  # the resampler's smallest width
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    query_num=64,
+    vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
+)
+"""The benchmarks' --tiny model (MLLMConfig fields): seconds on a CPU."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -55,6 +67,32 @@ def run_metadata(benchmark: str, device: torch.device, argv: list[str] | None) -
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([f"benchmarks/{benchmark}.py", *command]),
     }
+
+
+def add_run_flags(parser, default_out: str) -> None:
+    """The flags every GPU benchmark takes: --tiny, --device, --out, --overwrite."""
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny random model on CPU: a smoke test in seconds"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    parser.add_argument("--out", default=default_out, help="raw JSON results (rewritten after every row)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def check_at_least_one(args, names: tuple[str, ...]) -> None:
+    """A ValueError naming the flag of the first of `names` below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def start_run(benchmark: str, args, argv: list[str] | None) -> tuple[torch.device, ResultFile]:
+    """The device (--device, else cuda when there is one, cpu with --tiny) and the result file of a run, holding its
+    metadata and settings."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    results = ResultFile(args.out, run_metadata(benchmark, device, argv), args.overwrite)
+    results.set("settings", {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")})
+    return device, results
 
 
 class ResultFile:
