@@ -345,7 +345,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     device, results = start_run("gpu_generate", args, argv)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    if hasattr(torch._dynamo.config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    else:
+        torch._dynamo.config.cache_size_limit = RECOMPILE_LIMIT
     results.payload.update(dtype=str(dtype), prompt_len=args.prompt_len)
     with tempfile.TemporaryDirectory() as tmp:
         processor = toy_processor(Path(tmp), small_images=args.tiny)
