@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags, load_model_and_processor
+from mllm.cli.common import add_model_flags
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,10 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
 
 
 def _answer_fn(args: argparse.Namespace):
-    from mllm.eval.answer import model_answer_fn
+    from mllm.cli.families import answer_fn_for
     from mllm.model.chat import decoding_kwargs
 
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
-    kwargs = decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
-    return model_answer_fn(model, processor, kwargs, args.max_slice_nums)
+    return answer_fn_for(args, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens))
 
 
 def run_ground(args: argparse.Namespace) -> int:
