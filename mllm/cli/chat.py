@@ -115,19 +115,8 @@ def run_chat(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    history: list[dict] = []
-    pending_images = images
-    print("Interactive chat: empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            question = input("you> ").strip()
-        except EOFError:
-            break
-        if not question:
-            break
-        content = [*pending_images, question] if pending_images else question
-        pending_images = []
-        history.append({"role": "user", "content": content})
+
+    def reply(history: list[dict]) -> str:
         kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
         if kwargs_stream.get("num_beams", 1) > 1:
             kwargs_stream["num_beams"] = 1
@@ -141,25 +130,18 @@ def run_chat(args: argparse.Namespace) -> int:
             max_slice_nums=args.max_slice_nums,
             **kwargs_stream,
         )
-        print("model> ", end="", flush=True)
         pieces = []
         for piece in streamer:
             pieces.append(piece)
             print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
-    return 0
+        return "".join(pieces).strip()
+
+    return _interactive(images, reply)
 
 
-def _chat_other_family(args: argparse.Namespace, images: list) -> int:
-    """`mllm chat` for a LLaVA / Qwen2-VL / BLIP-family directory (`mllm.vlm`): the same flags, answers printed
-    whole (no streaming)."""
-    vlm = load_other_family(args)
-    kwargs = generation_kwargs_from_args(args)
-    first = {"role": "user", "content": [*images, args.question] if images else args.question}
-    if args.question is not None:
-        print(vlm.answer([[first]], **kwargs)[0])
-        return 0
+def _interactive(images: list, reply) -> int:
+    """The interactive session: each question (the images go with the first) is added to the history and
+    `reply(history)` prints the model's answer after "model> " and returns it."""
     history: list[dict] = []
     pending_images = images
     print("Interactive chat: empty line or Ctrl-D to quit.")
@@ -174,10 +156,29 @@ def _chat_other_family(args: argparse.Namespace, images: list) -> int:
             {"role": "user", "content": [*pending_images, question] if pending_images else question}
         )
         pending_images = []
-        reply = vlm.answer([history], **kwargs)[0]
-        print(f"model> {reply}")
-        history.append({"role": "assistant", "content": reply})
+        print("model> ", end="", flush=True)
+        answer = reply(history)
+        print()
+        history.append({"role": "assistant", "content": answer})
     return 0
+
+
+def _chat_other_family(args: argparse.Namespace, images: list) -> int:
+    """`mllm chat` for a LLaVA / Qwen2-VL / BLIP-family directory (`mllm.vlm`): the same flags, answers printed
+    whole (no streaming)."""
+    vlm = load_other_family(args)
+    kwargs = generation_kwargs_from_args(args)
+    first = {"role": "user", "content": [*images, args.question] if images else args.question}
+    if args.question is not None:
+        print(vlm.answer([[first]], **kwargs)[0])
+        return 0
+
+    def reply(history: list[dict]) -> str:
+        text = vlm.answer([history], **kwargs)[0]
+        print(text, end="", flush=True)
+        return text
+
+    return _interactive(images, reply)
 
 
 def run_answer(args: argparse.Namespace) -> int:
