@@ -9,6 +9,8 @@ generation, right-padded for training) from our chat format.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -259,8 +261,6 @@ def test_image_only_processor_equals_the_stock_processor(family, tmp_path, monke
     """Our processor without a video processor gives exactly what transformers' own processor gives, built here
     with its (torchvision-needing) video processor check bypassed; and a directory saved by the stock class (its
     name in processor_config.json, a video_preprocessor_config.json beside it) loads with ours."""
-    import json
-
     import transformers
     from transformers.processing_utils import ProcessorMixin
 
@@ -304,4 +304,8 @@ def test_model_family_refuses_unknown_and_missing_configs(tmp_path) -> None:
         model_family(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="'gpt2' is not supported"):
+        load_vlm(tmp_path)
+    t5 = {"model_type": "blip-2", "text_config": {"model_type": "t5", "is_encoder_decoder": True}}
+    (tmp_path / "config.json").write_text(json.dumps(t5))
+    with pytest.raises(ValueError, match="encoder-decoder language model"):
         load_vlm(tmp_path)

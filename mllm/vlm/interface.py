@@ -10,8 +10,7 @@ str and PIL images}`. Every family implements:
 - `logits(batch)`: the forward pass [B, T, V].
 - `generate_tokens(batch, **generation_kwargs)`: the new tokens [B, new] of transformers' `generate`, stopping at
   the family's terminators; `decode` turns them into answers.
-- `parameter_groups()`: parameter-name prefixes of the vision tower, the projector and the LLM (freeze flags, LoRA
-  targets).
+- `parameter_groups()`: parameter-name prefixes of the vision tower, the projector and the LLM (the freeze flags).
 - `family` (config.json's model_type) and `box_format` (how the family writes boxes, see `mllm.eval.boxes`).
 
 On top of those, shared here: `answer` (conversations -> answers, greedy unless given other settings), `sft_loss`,
@@ -42,20 +41,6 @@ class VLMBatch:
     """What the family's forward / generate take (input_ids [B, T], attention_mask [B, T], pixels, ...)."""
     labels: torch.Tensor | None = None
     """[B, T] long: the token ids on assistant tokens, IGNORE_INDEX elsewhere; None for a generation batch."""
-
-    def to(self, device: torch.device | str) -> VLMBatch:
-        """Tensors (also inside lists) moved to `device`; floating pixels keep their dtype here (see `cast`)."""
-        return VLMBatch(_to(self.inputs, device), None if self.labels is None else self.labels.to(device))
-
-
-def _to(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    return value
 
 
 class VLM(ABC):
