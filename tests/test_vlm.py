@@ -309,3 +309,23 @@ def test_model_family_refuses_unknown_and_missing_configs(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(t5))
     with pytest.raises(ValueError, match="encoder-decoder language model"):
         load_vlm(tmp_path)
+
+
+def test_assistant_target_and_alignment_by_hand() -> None:
+    from mllm.vlm.chat_labels import align_labels, assistant_target
+
+    # LLaVA-1.5: a space before the answer, no stop string after it: the eos ends the target
+    full, context = "USER: <image>\nQ ASSISTANT: Yes ", "USER: <image>\nQ ASSISTANT:"
+    assert assistant_target(full, context, "Yes", ["</s>"], "</s>", "x") == " Yes</s>"
+    # OneVision: the turn says "assistant \n", the generation prompt "assistant\n": the answer and its stop string
+    full, context = "<|im_start|>assistant \nYes<|im_end|>", "<|im_start|>assistant\n"
+    assert assistant_target(full, context, "Yes", ["<|im_end|>"], "<|im_end|>", "x") == "Yes<|im_end|>"
+    with pytest.raises(ValueError, match="verbatim"):
+        assistant_target(full, context, "No", ["<|im_end|>"], "<|im_end|>", "x")
+    # pad id = eos id (a tokenizer without a pad token): the eos target is still labelled, padding is not
+    bos, image, eos = 1, 9, 2
+    row, mask = [bos, image, image, 5, 6, 7, eos, eos, eos], [1, 1, 1, 1, 1, 1, 1, 0, 0]
+    labels = align_labels(row, mask, [([image, 5, 6], False), ([7, eos], True)], image, 1, "x")
+    assert labels == [IGNORE_INDEX] * 5 + [7, eos, IGNORE_INDEX, IGNORE_INDEX]
+    with pytest.raises(ValueError, match="cannot be located"):
+        align_labels(row, mask, [([image, 5], False), ([6, 7, eos], True), ([4], False)], image, 1, "x")

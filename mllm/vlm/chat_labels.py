@@ -86,21 +86,21 @@ def assistant_pieces(
 
 def align_labels(
     row_ids: Sequence[int],
+    row_mask: Sequence[int],
     piece_ids: list[tuple[list[int], bool]],
-    skip_ids: set[int],
+    image_token_id: int,
     n_leading_specials: int,
     where: str,
 ) -> list[int]:
     """Labels for one processed row: the target pieces' ids at their positions, IGNORE_INDEX elsewhere.
 
-    `row_ids` is the processor's output for the concatenated pieces (image tokens expanded or prepended, a bos
-    possibly added, padding included); `piece_ids` the pieces tokenized on their own; `skip_ids` the image and pad
-    ids, which the processor expands, prepends or adds (the pieces hold one image token per image, or none). Once
-    those are skipped on both sides, the row must be `n_leading_specials` tokens (the
-    bos) followed by exactly the pieces' ids: anything else means the template or the tokenizer joins pieces
-    differently, and guessing would train on wrong tokens, so it is a ValueError."""
-    flat = [(tok, is_target) for ids, is_target in piece_ids for tok in ids if tok not in skip_ids]
-    positions = [p for p, tok in enumerate(row_ids) if tok not in skip_ids]
+    `row_ids` / `row_mask` are the processor's output for the concatenated pieces (image tokens expanded or
+    prepended, a bos possibly added, padding where the mask is 0); `piece_ids` the pieces tokenized on their own,
+    with one image token per image, or none. Once padding and image tokens are skipped on both sides, the row must
+    be `n_leading_specials` tokens (the bos) followed by exactly the pieces' ids: anything else means the template or
+    the tokenizer joins pieces differently, and guessing would train on wrong tokens, so it is a ValueError."""
+    flat = [(tok, is_target) for ids, is_target in piece_ids for tok in ids if tok != image_token_id]
+    positions = [p for p, (tok, keep) in enumerate(zip(row_ids, row_mask)) if keep and tok != image_token_id]
     text_ids = [row_ids[p] for p in positions]
     expected = [tok for tok, _ in flat]
     if len(text_ids) != n_leading_specials + len(expected) or text_ids[n_leading_specials:] != expected:

@@ -216,15 +216,14 @@ class HFVLM(VLM):
         # InstructBLIP's Q-Former reads the instruction only (the prompt before the last answer), never the answer.
         prompts = ["".join(text for text, _ in p[:-1]) for p in pieces]
         inputs = self._process(texts, images, "right", prompts)
-        skip = {self.image_token_id, self.pad_id}
         labels = []
         for b, (row, mask) in enumerate(zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist())):
-            row_ids = [tok if keep else self.pad_id for tok, keep in zip(row, mask)]
             piece_ids = [
                 (self.tokenizer(t, add_special_tokens=False)["input_ids"], tgt) for t, tgt in pieces[b]
             ]
+            where = f"conversation {b}"
             labels.append(
-                align_labels(row_ids, piece_ids, skip, self.n_leading_specials, f"conversation {b}")
+                align_labels(row, mask, piece_ids, self.image_token_id, self.n_leading_specials, where)
             )
         return VLMBatch(inputs, torch.tensor(labels, dtype=torch.long, device=self.device))
 
