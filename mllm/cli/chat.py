@@ -12,6 +12,7 @@ from mllm.cli.common import (
     generation_kwargs_from_args,
     load_model_and_processor,
 )
+from mllm.cli.families import answer_fn_for, is_other_family, load_other_family
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     images = _open_images(args.image)
+    if is_other_family(args.model_dir):
+        return _chat_other_family(args, images)
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
@@ -121,19 +124,8 @@ def run_chat(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    history: list[dict] = []
-    pending_images = images
-    print("Interactive chat: empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            question = input("you> ").strip()
-        except EOFError:
-            break
-        if not question:
-            break
-        content = [*pending_images, question] if pending_images else question
-        pending_images = []
-        history.append({"role": "user", "content": content})
+
+    def reply(history: list[dict]) -> str:
         kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
         if kwargs_stream.get("num_beams", 1) > 1:
             kwargs_stream["num_beams"] = 1
@@ -147,20 +139,61 @@ def run_chat(args: argparse.Namespace) -> int:
             max_slice_nums=args.max_slice_nums,
             **kwargs_stream,
         )
-        print("model> ", end="", flush=True)
         pieces = []
         for piece in streamer:
             pieces.append(piece)
             print(piece, end="", flush=True)
+        return "".join(pieces).strip()
+
+    return _interactive(images, reply)
+
+
+def _interactive(images: list, reply) -> int:
+    """The interactive session: each question (the images go with the first) is added to the history and
+    `reply(history)` prints the model's answer after "model> " and returns it."""
+    history: list[dict] = []
+    pending_images = images
+    print("Interactive chat: empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        history.append(
+            {"role": "user", "content": [*pending_images, question] if pending_images else question}
+        )
+        pending_images = []
+        print("model> ", end="", flush=True)
+        answer = reply(history)
         print()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        history.append({"role": "assistant", "content": answer})
     return 0
+
+
+def _chat_other_family(args: argparse.Namespace, images: list) -> int:
+    """`mllm chat` for a LLaVA / Qwen2-VL / BLIP-family directory (`mllm.vlm`): the same flags, answers printed
+    whole (no streaming)."""
+    vlm = load_other_family(args)
+    kwargs = generation_kwargs_from_args(args)
+    first = {"role": "user", "content": [*images, args.question] if images else args.question}
+    if args.question is not None:
+        print(vlm.answer([[first]], **kwargs)[0])
+        return 0
+
+    def reply(history: list[dict]) -> str:
+        text = vlm.answer([history], **kwargs)[0]
+        print(text, end="", flush=True)
+        return text
+
+    return _interactive(images, reply)
 
 
 def run_answer(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.eval.answer import generate_answers, model_answer_fn
+    from mllm.eval.answer import generate_answers
 
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
@@ -169,8 +202,7 @@ def run_answer(args: argparse.Namespace) -> int:
     if world_size > 1 and device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
     torch.manual_seed(args.seed + rank)
-    model, processor = load_model_and_processor(args.model_dir, device, args.dtype, args.attn_implementation)
-    answer_fn = model_answer_fn(model, processor, _generation_kwargs(args), args.max_slice_nums)
+    answer_fn = answer_fn_for(args, _generation_kwargs(args), device)
     barrier = _start_process_group() if world_size > 1 else None
     try:
         summary = generate_answers(
@@ -180,7 +212,7 @@ def run_answer(args: argparse.Namespace) -> int:
             args.model_name or Path(args.model_dir).name,
             args.batch_size,
             args.limit,
-            length_fn=None if args.no_length_bucketing else answer_fn.prompt_length,
+            length_fn=None if args.no_length_bucketing else getattr(answer_fn, "prompt_length", None),
             shard=(rank, world_size),
             barrier=barrier,
         )

@@ -10,19 +10,14 @@ import json
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags, load_model_and_processor
+from mllm.cli.common import add_model_flags
+from mllm.eval.boxes import BOX_FORMATS  # a light module: re only
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
     "Where is {expr} in image? answer in [x0,y0,x1,y1] format."  # = mllm.eval.ground.DEFAULT_PROMPT
 )
-BOX_FORMATS = (
-    "auto",
-    "mllm",
-    "qwen",
-    "shikra",
-)  # = mllm.eval.boxes.BOX_FORMATS (no import at CLI build time)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +35,8 @@ def _add_shared_flags(parser: argparse.ArgumentParser) -> None:
         "--box-format",
         default="auto",
         choices=BOX_FORMATS,
-        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> if present, else [x0,y0,x1,y1] "
-        "on the 0..1000 grid, or Shikra's 0..1 floats)",
+        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> or Qwen2-VL's <|box_start|> tags if "
+        "present, else [x0,y0,x1,y1] on the 0..1000 grid, or 0..1 floats; qwen25vl: Qwen2.5-VL's pixels)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
     parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
@@ -135,14 +130,10 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
 
 
 def _answer_fn(args: argparse.Namespace):
-    from mllm.eval.answer import model_answer_fn
+    from mllm.cli.families import answer_fn_for
     from mllm.model.chat import decoding_kwargs
 
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
-    kwargs = decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
-    return model_answer_fn(model, processor, kwargs, args.max_slice_nums)
+    return answer_fn_for(args, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens))
 
 
 def run_ground(args: argparse.Namespace) -> int:

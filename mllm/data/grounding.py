@@ -74,9 +74,11 @@ class GroundingPrepConfig:
     mix_image_folder: Path | None = None
     """Folder the mixed SFT file's relative image paths start from; default: that file's folder."""
     box_format: str = "mllm"
-    """Syntax of the boxes written into the conversations: mllm, qwen or shikra."""
+    """Syntax of the boxes written into the conversations, one of `mllm.eval.boxes.OUTPUT_BOX_FORMATS`: ours (mllm),
+    Qwen-VL's (qwen), Shikra's, or a target family's (llava, qwen2vl, qwen25vl)."""
     ref_tags: bool = False
-    """Wrap expressions and phrases as <ref>...</ref> (off: the prompt matches the evaluation prompt)."""
+    """Wrap expressions and phrases as <ref>...</ref> (Qwen2-VL's object_ref tags for qwen2vl / qwen25vl; off: the
+    prompt matches the evaluation prompt)."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -256,7 +258,7 @@ def _region_items(ctx: _Context, path: Path, task: str, templates: list[str]) ->
             ctx.stats.skipped_records += 1
             continue
         box_text = format_boxes([box], size[0], size[1], ctx.config.box_format)
-        expr_text = wrap_ref(expression) if ctx.config.ref_tags else expression
+        expr_text = wrap_ref(expression, ctx.config.box_format) if ctx.config.ref_tags else expression
         if task == "rec":
             user, answer = fill_template(template, {"<expr>": expr_text}), box_text
         else:
@@ -306,7 +308,7 @@ def _grounded_caption(
     def render(match: re.Match) -> str:
         phrase = match.group(1).strip()
         boxes = [kept[i] for i in next(phrase_boxes) if kept[i] is not None]
-        text = wrap_ref(phrase) if config.ref_tags else phrase
+        text = wrap_ref(phrase, config.box_format) if config.ref_tags else phrase
         if not boxes:
             return text
         return f"{text} {format_boxes(boxes, size[0], size[1], config.box_format)}"

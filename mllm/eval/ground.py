@@ -298,5 +298,5 @@ def ground_one(
         raise ValueError(f"--prompt must contain {{expr}}, got {prompt!r}")
     item = QuestionItem(0, prompt.format(expr=expression), image.convert("RGB"), None)
     (answer,), _ = answer_fn([item])
-    box = parse_box(answer, box_format)
+    box = parse_box(answer, box_format, image.size)
     return answer, None if box is None else to_pixels(box, *image.size)

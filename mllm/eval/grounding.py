@@ -106,8 +106,9 @@ def score_item(
     if record.get("pred_bbox") is not None:
         pred = _pixel_box(record["pred_bbox"], where, "pred_bbox")
     elif isinstance(answer, str):
-        grid_box = parse_box(answer, box_format)
-        pred = None if grid_box is None else to_pixels(grid_box, *_size(record, where, image_root))
+        size = _size(record, where, image_root) if box_format == "qwen25vl" else None  # its boxes are pixels
+        grid_box = parse_box(answer, box_format, size)
+        pred = None if grid_box is None else to_pixels(grid_box, *(size or _size(record, where, image_root)))
     else:
         raise _bad(where, "answer", f"expected the model's answer text or a pred_bbox, got {answer!r}")
     overlap = box_iou(gt, pred) if pred is not None else 0.0
