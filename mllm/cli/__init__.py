@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mllm.cli.toy",
     "mllm.cli.demo",
     "mllm.cli.web",
+    "mllm.cli.serve",
 ]
 
 
