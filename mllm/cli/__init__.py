@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mllm.cli.demo",
     "mllm.cli.web",
     "mllm.cli.serve",
+    "mllm.cli.export",
 ]
 
 
