@@ -100,8 +100,34 @@ def greedy_tokens(model_dir: Path) -> list[int]:
     return out[0].tolist()
 
 
+TEXT = "<|im_start|>user\n<image><unk></image>\nWhat is this?<|im_end|>"
+REMOTE_CODE_CHECK = """
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+name = lambda obj: type(obj).__module__.rsplit(".", 1)[-1] + "." + type(obj).__name__
+config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+found = {"config": name(config), "hidden_size": config.hidden_size}
+if len(sys.argv) > 2:
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    found.update(tokenizer=name(tokenizer), ids=tokenizer.encode(sys.argv[2]))
+print(json.dumps(found))
+"""
+
+
+def remote_code_classes(model_dir: Path, text: str | None = None) -> dict:
+    """What transformers' Auto classes build from `model_dir` with trust_remote_code (the tokenizer too, to encode
+    `text`), in a process without mllm."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", REMOTE_CODE_CHECK, str(model_dir), *([text] if text else [])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_export_writes_the_official_layout(tiny_model_dir, official_dir, tmp_path):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mllm.cli import main
 
@@ -130,15 +156,14 @@ def test_export_writes_the_official_layout(tiny_model_dir, official_dir, tmp_pat
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
     assert preprocessor["auto_map"] == PROCESSOR_AUTO_MAP and preprocessor["scale_resolution"] == 448
 
-    # transformers' remote-code path resolves every auto_map entry to the copied files
-    remote = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
-    assert type(remote).__name__ == "MiniCPMVConfig" and "configuration_minicpm" in type(remote).__module__
-    assert remote.hidden_size == 256
-    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
-    reference = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    assert type(tokenizer).__name__ == "MiniCPMVTokenizerFast"
-    text = "<|im_start|>user\n<image><unk></image>\nWhat is this?<|im_end|>"
-    assert tokenizer.encode(text) == reference.encode(text)
+    # transformers' remote-code path resolves every auto_map entry to the copied files. In a fresh process, as in
+    # vLLM's: where mllm is imported, its own registered "minicpmv" config class takes precedence.
+    assert remote_code_classes(out, TEXT) == {
+        "config": "configuration_minicpm.MiniCPMVConfig",
+        "hidden_size": 256,
+        "tokenizer": "tokenization_minicpmv_fast.MiniCPMVTokenizerFast",
+        "ids": AutoTokenizer.from_pretrained(str(tiny_model_dir)).encode(TEXT),
+    }
 
     # and mllm itself reads the export (no remote code run) with the same answers
     assert greedy_tokens(out) == greedy_tokens(tiny_model_dir)
@@ -160,10 +185,7 @@ def test_a_model_loaded_from_the_official_layout_keeps_it_when_saved(official_di
     )
     for name in STAND_INS:  # the remote code came along from the directory the model was loaded from
         assert (tmp_path / "saved" / name).read_bytes() == (official_dir / name).read_bytes()
-    assert (
-        type(AutoConfig.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)).__name__
-        == "MiniCPMVConfig"
-    )
+    assert remote_code_classes(tmp_path / "saved")["config"] == "configuration_minicpm.MiniCPMVConfig"
 
     # loaded from a copy without the .py files: the saved config drops its auto_map instead of pointing at
     # files that are not there (the failure of main: "does not appear to have a file named configuration_minicpm.py")
@@ -172,7 +194,7 @@ def test_a_model_loaded_from_the_official_layout_keeps_it_when_saved(official_di
     MLLMModel.from_pretrained(bare).save_pretrained(tmp_path / "saved_bare")
     saved = json.loads((tmp_path / "saved_bare" / "config.json").read_text())
     assert saved["model_type"] == "minicpmv" and "auto_map" not in saved
-    config = AutoConfig.from_pretrained(str(tmp_path / "saved_bare"), trust_remote_code=True)
+    config = AutoConfig.from_pretrained(str(tmp_path / "saved_bare"), trust_remote_code=True)  # mllm's class
     assert config.model_type == "minicpmv" and config.hidden_size == 256
 
 
