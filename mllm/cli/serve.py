@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags, load_model_and_processor
+from mllm.cli.common import add_listen_flags, add_model_flags, load_model_and_processor
 
 API_KEY_ENV = "MLLM_API_KEY"
 
@@ -17,12 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a model directory over the OpenAI chat-completions API (pip install -e '.[serve]')",
     )
     serve.add_argument("model_dir")
-    serve.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the API)",
-    )
-    serve.add_argument("--port", type=int, default=8000)
+    add_listen_flags(serve, 8000, "API")
     serve.add_argument(
         "--api-key",
         default=None,

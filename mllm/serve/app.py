@@ -318,7 +318,8 @@ class Server:
 
 def run_server(model, processor, config: ServeConfig) -> None:
     """Serve until interrupted (the body of `mllm serve`)."""
-    server = Server(build_app(model, processor, config), config.host, config.port, log_level="info")
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # `mllm --log-level`
+    server = Server(build_app(model, processor, config), config.host, config.port, log_level=level)
     if config.exposed and config.api_key is None:
         logger.warning("--host %s: the API is reachable from other machines and needs no key", config.host)
     logger.info(

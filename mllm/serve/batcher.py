@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mllm.model.chat import generate_batch
 from mllm.serve.schemas import Decoding
 
 logger = logging.getLogger(__name__)
@@ -265,16 +266,7 @@ class BatchEngine:
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)
         self.batch_sizes.append(len(rows))
-        device = next(self.model.parameters()).device
-        output = self.model.generate(
-            input_ids=inputs["input_ids"].to(device),
-            pixel_values=inputs["pixel_values"],
-            tgt_sizes=inputs["tgt_sizes"],
-            image_bound=inputs["image_bound"],
-            attention_mask=inputs["attention_mask"].to(device),
-            tokenizer=tokenizer,
-            **kwargs,
-        )  # [rows, new]
+        output = generate_batch(self.model, inputs, tokenizer, **kwargs)  # [rows, new]
         for row, tokens in zip(rows, output.tolist()):
             if not streams:
                 for token in tokens:
