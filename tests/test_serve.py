@@ -342,14 +342,18 @@ def test_full_queue_is_503_and_a_closed_stream_stops_decoding(model_and_processo
         client = client_for(server)
         messages = [{"role": "user", "content": "Hi"}]
         stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1500, stream=True)
-        next(iter(stream))  # the first answer is being decoded
+        next(iter(stream))
+        deadline = time.monotonic() + 30
+        while not engine.batch_sizes and time.monotonic() < deadline:  # the first answer is being decoded
+            time.sleep(0.01)
+        replies = []
         queued = threading.Thread(
-            target=client.chat.completions.create,
-            kwargs={"model": "tiny", "messages": messages, "max_tokens": 2},
+            target=lambda: replies.append(
+                client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+            )
         )
         queued.start()
-        deadline = time.monotonic() + 30
-        while len(engine._pending) < 1 and time.monotonic() < deadline:
+        while engine.waiting < 1 and time.monotonic() < deadline:  # the second one waits in the queue
             time.sleep(0.01)
         with pytest.raises(openai.InternalServerError, match="queue is full") as error:
             client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
@@ -358,6 +362,9 @@ def test_full_queue_is_503_and_a_closed_stream_stops_decoding(model_and_processo
         stream.close()  # the reader goes away: its 1500 tokens are not decoded
         queued.join(timeout=60)
         assert not queued.is_alive() and time.monotonic() - started < 20
+        assert (
+            replies and replies[0].choices[0].message.content is not None
+        )  # the queued request was answered
         assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices
     finally:
         server.close()

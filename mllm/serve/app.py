@@ -242,7 +242,7 @@ def build_app(model, processor, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": config.model_name}
+        return {"status": "ok", "model": config.model_name, "waiting": service.engine.waiting}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -168,6 +168,12 @@ class BatchEngine:
 
     # -- queue ----------------------------------------------------------------------------------------------------
 
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue (not yet being decoded)."""
+        with self._cond:
+            return len(self._pending)
+
     def submit(self, job: Job) -> None:
         if job.n > self.max_batch_size:
             raise ValueError(f"n={job.n} is more than the server's --max-batch-size {self.max_batch_size}")
