@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=5.0,
-        help="wait for batch-mates after a request arrives at an idle server",
+        default=100.0,
+        help="longest wait for requests still arriving (being read and prepared) before a batch starts",
     )
     serve.add_argument(
         "--max-model-len",

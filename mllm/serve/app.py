@@ -152,9 +152,7 @@ class ChatService:
             decoding=request.decoding(self.config.max_beams),
             max_tokens=prepared.max_tokens,
             n=request.n,
-            on_event=lambda kind, choice, payload: loop.call_soon_threadsafe(
-                events.put_nowait, (kind, choice, payload)
-            ),
+            on_event=lambda kind, choice, payload: post(loop, events, (kind, choice, payload)),
         )
         try:
             self.engine.submit(job)
@@ -213,6 +211,15 @@ class ChatService:
             pending.job.cancelled.set()
 
 
+def post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item: tuple) -> None:
+    """Hand an event from the worker thread to the request's coroutine (dropped once the server's loop is gone)."""
+    if not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # closed between the check and the call, at shutdown
+            pass
+
+
 def sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -252,9 +259,10 @@ def build_app(model, processor, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         service.check_key(request)
-        body = await service.read_body(request)
-        prepared = await run_in_threadpool(service.prepare, body)
-        pending = service.submit(prepared)
+        with service.engine.arriving():
+            body = await service.read_body(request)
+            prepared = await run_in_threadpool(service.prepare, body)
+            pending = service.submit(prepared)
         if prepared.request.stream:
             return StreamingResponse(service.stream(prepared, pending), media_type="text/event-stream")
         return await service.complete(prepared, pending)

@@ -1,8 +1,11 @@
 """Dynamic batching over `MLLMModel.generate`: requests that arrive together are decoded together.
 
 One worker thread owns the model. Requests wait in a bounded queue (`QueueFull` past `max_queue`); the worker takes
-the oldest, waits up to `batch_wait_ms` for batch-mates, and takes every waiting request with the same decoding
-settings until `max_batch_size` sequences (a request with `n` choices is n sequences). The batch is left-padded by
+the oldest and every waiting request with the same decoding settings, until `max_batch_size` sequences (a request
+with `n` choices is n sequences). While other requests are still arriving (announced with `arriving()`: being read,
+their images decoded and sliced), it waits for them, up to `batch_wait_ms`; when none are, it starts at once. (A
+fixed window would either keep a lone client waiting or, when clients send together, let the first request run
+alone while the others are still being prepared.) The batch is left-padded by
 the processor and decoded in one `generate` call, exactly as `mllm answer` batches, so a greedy answer is the same
 alone and batched (tests/test_serve.py). Rows stop on their own: a `RowTracker` stopping criterion reads each row's
 newest token, ends the row at a terminator, a stop string or the row's own max_tokens, and publishes the row's new
@@ -21,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +164,7 @@ class BatchEngine:
         self.batch_wait_s = batch_wait_ms / 1000
         self.terminators = set(model.terminator_ids(processor.tokenizer))
         self._pending: deque[Job] = deque()
+        self._arriving = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -174,6 +179,18 @@ class BatchEngine:
         with self._cond:
             return len(self._pending)
 
+    @contextmanager
+    def arriving(self):
+        """Around the preparation of a request that will be submitted: the worker may wait for it."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
+
     def submit(self, job: Job) -> None:
         if job.n > self.max_batch_size:
             raise ValueError(f"n={job.n} is more than the server's --max-batch-size {self.max_batch_size}")
@@ -186,7 +203,8 @@ class BatchEngine:
             self._cond.notify_all()
 
     def _take_batch(self) -> list[Job] | None:
-        """The oldest waiting job and the compatible ones that arrive within the wait window (None: stopping)."""
+        """The oldest waiting job and the compatible ones, waiting up to batch_wait_ms while more are arriving
+        (None: stopping)."""
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
@@ -212,7 +230,7 @@ class BatchEngine:
                     rows += mate.n
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not self._arriving or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             return batch

@@ -24,8 +24,9 @@ class ServeConfig:
     """Most sequences decoded together in one generate call (`--max-batch-size`; 1 answers one at a time)."""
     max_queue: int = 64
     """Most requests waiting for the model; one more gets 503 (`--max-queue`)."""
-    batch_wait_ms: float = 5.0
-    """How long the batcher waits for batch-mates after the first request of an idle moment (`--batch-wait-ms`)."""
+    batch_wait_ms: float = 100.0
+    """How long the batcher waits for requests that are still arriving (being read and prepared) before it starts a
+    batch (`--batch-wait-ms`); with none arriving it starts at once."""
     max_model_len: int | None = None
     """Prompt plus answer tokens allowed (`--max-model-len`; default: the model's max_position_embeddings)."""
     default_max_tokens: int = 256
