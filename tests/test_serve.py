@@ -233,6 +233,51 @@ def test_batched_answers_equal_answers_alone(model_and_processor):
     assert [results[i] for i in range(4)] == alone
 
 
+def test_the_batcher_waits_for_requests_still_arriving_and_only_for_them(model_and_processor):
+    from mllm.serve.batcher import BatchEngine, Job
+    from mllm.serve.schemas import ChatCompletionRequest
+
+    model, processor = model_and_processor
+    prompt, _ = processor.prepare_chat_inputs([{"role": "user", "content": "Hi"}])
+    encoded = processor.encode(prompt)
+    decoding = ChatCompletionRequest.parse(
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": 0}'
+    )
+    done = threading.Event()
+
+    def job() -> Job:
+        return Job(
+            encoded, decoding.decoding(8), 2, 1, lambda kind, *_: done.set() if kind == "end" else None
+        )
+
+    engine = BatchEngine(model, processor, max_batch_size=4, max_queue=8, batch_wait_ms=20_000)
+    engine.start()
+    try:
+        started = time.monotonic()
+        engine.submit(job())  # nothing else is arriving: decoded at once, not after 20 s
+        assert done.wait(15) and time.monotonic() - started < 15
+        done.clear()
+
+        entered = threading.Event()
+
+        def late() -> None:
+            with engine.arriving():  # a request being read and prepared
+                entered.set()
+                time.sleep(0.5)
+                engine.submit(job())
+
+        with engine.arriving():
+            helper = threading.Thread(target=late)
+            helper.start()
+            entered.wait(10)
+            engine.submit(job())
+        helper.join()
+        assert done.wait(30)
+        assert engine.batch_sizes == [1, 2]  # the second request joined the first one's batch
+    finally:
+        engine.stop()
+
+
 def test_load_64_requests_from_16_clients(server, model_and_processor, tiny_model_dir):
     """Bounded load on loopback: 64 requests, 16 at a time, 8 prompts with different answers; every one answered
     with its own prompt's answer, and the server batched them."""
