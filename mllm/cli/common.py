@@ -19,6 +19,16 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_listen_flags(parser: argparse.ArgumentParser, port: int, what: str) -> None:
+    """--host (this machine only unless told) and --port of a server command."""
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help=f"address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the {what})",
+    )
+    parser.add_argument("--port", type=int, default=port)
+
+
 def add_decoding_flags(parser: argparse.ArgumentParser, default_strategy: str = "greedy") -> None:
     parser.add_argument("--strategy", default=default_strategy, choices=("greedy", "sampling", "beam"))
     parser.add_argument("--num-beams", type=int, default=None, help="beams for --strategy beam (default 3)")

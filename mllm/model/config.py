@@ -140,15 +140,17 @@ class MLLMConfig(PretrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MLLMConfig:
-        """Read config.json of either model_type. (transformers' own reader, seeing a model_type other than the
-        class's, would pick the nested `slice_config` dict because it carries a model_type too.)"""
+        """Read config.json of either model_type, as the class of that type, so that saving keeps it. (transformers'
+        own reader, seeing a model_type other than the class's, would pick the nested `slice_config` dict because it
+        carries a model_type too.)"""
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.pop("model_type", cls.model_type)
         if model_type not in MODEL_TYPES:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: config.json has model_type {model_type!r}, expected one of {MODEL_TYPES}"
             )
-        return cls.from_dict(config_dict, **kwargs)
+        config_class = MiniCPMVConfig if model_type == MiniCPMVConfig.model_type else MLLMConfig
+        return config_class.from_dict(config_dict, **kwargs)
 
     @property
     def vision(self) -> VisionConfig:

@@ -184,6 +184,9 @@ def save_pretrained(model: torch.nn.Module, save_directory, max_shard_size: int 
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
+    from mllm.model.export import carry_remote_code
+
+    carry_remote_code(model.config, out)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("llm.lm_head.weight", None)

@@ -175,10 +175,17 @@ class MLLMProcessor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **image_processor_overrides: Any) -> MLLMProcessor:
-        """Tokenizer (AutoTokenizer, no remote code) and preprocessor_config.json from a checkpoint dir."""
-        from transformers import AutoTokenizer
+        """Tokenizer and preprocessor_config.json from a checkpoint dir, without running remote code: the official
+        layout's tokenizer class (named by its tokenizer_config.json `auto_map`) only adds attribute shortcuts to
+        the fast tokenizer that tokenizer.json describes whole, so that one is loaded directly."""
+        import json
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        config_path = Path(model_dir) / "tokenizer_config.json"
+        remote = config_path.is_file() and "auto_map" in json.loads(config_path.read_text(encoding="utf-8"))
+        loader = PreTrainedTokenizerFast if remote else AutoTokenizer
+        tokenizer = loader.from_pretrained(str(model_dir))
         return cls(tokenizer, MLLMImageProcessor.from_pretrained(model_dir, **image_processor_overrides))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
