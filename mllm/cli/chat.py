@@ -9,8 +9,10 @@ from pathlib import Path
 from mllm.cli.common import (
     add_decoding_flags,
     add_model_flags,
+    add_overwrite_flag,
     generation_kwargs_from_args,
     load_model_and_processor,
+    output_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     answer.add_argument("model_dir")
     answer.add_argument("--questions", required=True, help="objhal_bench-format jsonl")
-    answer.add_argument("--out", required=True, help="answers jsonl (appended; finished items are skipped)")
+    answer.add_argument(
+        "--out",
+        required=True,
+        help="answers jsonl (appended; finished items are skipped; another run's output is refused)",
+    )
+    add_overwrite_flag(answer)
     answer.add_argument("--batch-size", type=int, default=8)
     answer.add_argument("--limit", type=int, default=None, help="only the first N lines")
     answer.add_argument(
@@ -74,30 +81,30 @@ def _distributed_shard() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def _open_images(paths: list[str]):
-    from PIL import Image
+def _open_images(paths: list[str], max_pixels: int):
+    from mllm.io import RecordError, open_image
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, FileNotFoundError) as exc:
-            raise SystemExit(f"--image {path}: cannot read the image ({exc})") from exc
+            images.append(open_image(path, f"--image {path}", max_pixels))
+        except RecordError as exc:
+            raise SystemExit(f"cannot read the image: {exc}") from exc
     return images
 
 
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.model.chat import chat
+    from mllm.model.chat import chat, model_max_length
 
     torch.manual_seed(args.seed)
-    images = _open_images(args.image)
+    images = _open_images(args.image, args.max_image_pixels)
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
     kwargs = _generation_kwargs(args)
+    limits = {"max_slice_nums": args.max_slice_nums, "max_length": model_max_length(model)}
     first = [{"role": "user", "content": [*images, args.question] if images else args.question}]
     if args.question is not None:
         print(
@@ -107,7 +114,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 first,
                 processor.tokenizer,
                 processor,
-                max_slice_nums=args.max_slice_nums,
+                **limits,
                 **kwargs,
             )
         )
@@ -123,21 +130,26 @@ def run_chat(args: argparse.Namespace) -> int:
         if not question:
             break
         content = [*pending_images, question] if pending_images else question
-        pending_images = []
-        history.append({"role": "user", "content": content})
         kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
         if kwargs_stream.get("num_beams", 1) > 1:
             kwargs_stream["num_beams"] = 1
-        streamer = chat(
-            model,
-            None,
-            history,
-            processor.tokenizer,
-            processor,
-            stream=True,
-            max_slice_nums=args.max_slice_nums,
-            **kwargs_stream,
-        )
+        turn = {"role": "user", "content": content}
+        try:
+            streamer = chat(
+                model,
+                None,
+                [*history, turn],
+                processor.tokenizer,
+                processor,
+                stream=True,
+                **limits,
+                **kwargs_stream,
+            )
+        except ValueError as exc:  # a prompt over the model's length, control tokens: ask again
+            print(f"error: {exc}")
+            continue
+        history.append(turn)
+        pending_images = []
         print("model> ", end="", flush=True)
         pieces = []
         for piece in streamer:
@@ -161,7 +173,15 @@ def run_answer(args: argparse.Namespace) -> int:
         device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
     torch.manual_seed(args.seed + rank)
     model, processor = load_model_and_processor(args.model_dir, device, args.dtype, args.attn_implementation)
-    answer_fn = model_answer_fn(model, processor, _generation_kwargs(args), args.max_slice_nums)
+    kwargs = _generation_kwargs(args)
+    answer_fn = model_answer_fn(model, processor, kwargs, args.max_slice_nums)
+    fingerprint = output_fingerprint(
+        args,
+        model,
+        generation={k: v for k, v in kwargs.items() if k != "fast"},
+        seed=args.seed if kwargs.get("do_sample") else None,  # only sampling depends on it
+        max_slice_nums=args.max_slice_nums,
+    )
     barrier = _start_process_group() if world_size > 1 else None
     try:
         summary = generate_answers(
@@ -174,6 +194,9 @@ def run_answer(args: argparse.Namespace) -> int:
             length_fn=None if args.no_length_bucketing else answer_fn.prompt_length,
             shard=(rank, world_size),
             barrier=barrier,
+            fingerprint=fingerprint,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     finally:
         if barrier is not None:

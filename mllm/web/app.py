@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllm.model.chat import model_max_length
 from mllm.web.grounding import draw_boxes, find_boxes
 from mllm.web.session import ChatSession, Decoding, open_images, stream_answer, user_turn
 
@@ -243,14 +244,6 @@ def _preset_penalty(strategy: str) -> float:
     from mllm.model.chat import decoding_kwargs
 
     return decoding_kwargs(strategy).get("repetition_penalty", 1.0)
-
-
-def model_max_length(model) -> int | None:
-    """The longest prompt the model's positions cover (its config's max_position_embeddings)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(
-        getattr(config, "llm_config", None), "max_position_embeddings", None
-    )
 
 
 def quiet_gradio_env() -> None:
