@@ -116,6 +116,20 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield index, RecordError(f"not valid JSON ({exc})")
 
 
+def run_isolated(
+    fn: Callable[[list[Any]], Any], batch: list[Any], on_error: Callable[[Any, RecordError], None]
+) -> list[tuple[list[Any], Any]]:
+    """`[(batch, fn(batch))]`; when `fn` fails on a bad record (a RecordError), the batch is run again one item at a
+    time: the bad items go to `on_error(item, error)` and the others come back as `([item], fn([item]))`."""
+    try:
+        return [(batch, fn(batch))]
+    except RecordError as exc:
+        if len(batch) == 1:
+            on_error(batch[0], exc)
+            return []
+    return [pair for item in batch for pair in run_isolated(fn, [item], on_error)]
+
+
 # -- fingerprints ----------------------------------------------------------------------------------------------------
 
 HEAD_BYTES = 1 << 20
@@ -233,6 +247,11 @@ def _short_base64_image(value: str) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return raw if raw.startswith(_IMAGE_MAGIC) else None
+
+
+def is_base64_image(value: str) -> bool:
+    """The exercise's rule for an image field (longer than BASE64_MIN_LENGTH), or strict base64 of an image file."""
+    return len(value) > BASE64_MIN_LENGTH or _short_base64_image(value) is not None
 
 
 def image_source(value: str, base_dir: Path, field: str = "image") -> Path | io.BytesIO:
@@ -523,8 +542,10 @@ class ResumableJsonl:
         recorded = read_json(self.fingerprint_path) if self.fingerprint_path.exists() else None
         if recorded is not None and not isinstance(recorded, dict):
             raise ValueError(f"{self.fingerprint_path}: not a fingerprint file (expected a JSON object)")
-        if self.rank != 0:  # rank 0 recorded it (or is about to, without a barrier): only check
-            if recorded is not None and differing_keys(recorded, self.fingerprint):
+        if self.rank != 0:  # rank 0 recorded it (or will, when there is no barrier): check, never reset
+            if recorded is None:
+                write_json_atomic(self.fingerprint_path, self.fingerprint)
+            elif differing_keys(recorded, self.fingerprint):
                 keys = ", ".join(differing_keys(recorded, self.fingerprint))
                 raise ValueError(
                     f"{self.what}: rank {self.rank} sees another fingerprint than rank 0 ({keys})"

@@ -39,6 +39,7 @@ from mllm.io import (
     image_source,
     iter_jsonl,
     open_image,
+    run_isolated,
 )
 
 logger = logging.getLogger(__name__)
@@ -204,20 +205,17 @@ def answer_batch(
     inputs: Any,
     errors: Callable[[int, RecordError], None],
 ) -> tuple[list[QuestionItem], list[str], int]:
-    """(items answered, their answers, new tokens) of one batch. A batch that fails on a bad record (a RecordError)
-    is answered again one item at a time, so that only the bad items are reported and the others are answered."""
-    try:
-        if isinstance(inputs, RecordError):
-            raise inputs
-        answers, n_tokens = answer_fn(batch) if inputs is None else answer_fn(batch, inputs)
-        return batch, answers, n_tokens
-    except RecordError as exc:
-        if len(batch) == 1:
-            errors(batch[0].idx, exc)
-            return [], [], 0
+    """(items answered, their answers, new tokens) of one batch with its prepared `inputs` (or a RecordError from
+    preparing them). A batch that fails on a bad record is answered again one item at a time
+    (`mllm.io.run_isolated`), so that only the bad items are reported and the others are answered."""
+    if not isinstance(inputs, RecordError) and inputs is not None:
+        try:
+            answers, n_tokens = answer_fn(batch, inputs)
+            return batch, answers, n_tokens
+        except RecordError:
+            pass  # found again below, item by item
     kept, texts, total = [], [], 0
-    for item in batch:
-        items, answers, n_tokens = answer_batch(answer_fn, [item], None, errors)
+    for items, (answers, n_tokens) in run_isolated(answer_fn, batch, lambda item, exc: errors(item.idx, exc)):
         kept += items
         texts += answers
         total += n_tokens

@@ -11,7 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mllm.train.curves import plot_curves
+from mllm.train.curves import plot_curves_after_training
 from mllm.train.losses import SFT_LOSS_REDUCTIONS
 from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer, default_training_arguments
 
@@ -90,12 +90,6 @@ def run_sft(argv: list[str], task: str = "sft") -> int:
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        try:
-            png = plot_curves(training_args.output_dir)
-        except (
-            ValueError
-        ) as exc:  # e.g. fewer steps than --logging-steps: nothing to plot, the model is saved
-            logger.warning("no loss curve: %s", exc)
-            png = None
+        png = plot_curves_after_training(training_args.output_dir)
         logger.info("%s done: model in %s, curves in %s", task, training_args.output_dir, png)
     return 0
