@@ -299,9 +299,10 @@ def parse_preference_args(argv: list[str]):
 def main(argv: list[str]) -> int:
     """`mllm train preference [flags]`: train, save the model and state, plot loss/rewards/margins vs step."""
     from mllm.train.curves import plot_curves_after_training
-    from mllm.train.runner import resolve_resume
+    from mllm.train.runner import check_output_dir, resolve_resume
 
     model_args, pref_args, training_args = parse_preference_args(argv)
+    check_output_dir(training_args)
     trainer = build_preference_trainer(model_args, pref_args, training_args)
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.save_model(training_args.output_dir)
