@@ -121,10 +121,10 @@ def without_image_tags(text: str) -> str:
 
 def check_control_tokens(text: str, where: str) -> None:
     """Refuse text that contains a ChatML control token (a ValueError naming it and `where`)."""
-    found = [token for token in CONTROL_TOKENS if token in text]
+    found = sorted((text.find(token), token) for token in CONTROL_TOKENS if token in text)
     if found:
         raise ValueError(
-            f"{where}: contains the control token {found[0]!r}; text may not hold ChatML control tokens "
+            f"{where}: contains the control token {found[0][1]!r}; text may not hold ChatML control tokens "
             f"({', '.join(CONTROL_TOKENS)})"
         )
 
