@@ -241,7 +241,7 @@ def iter_items(questions: Path):
     from mllm.eval.answer import parse_question
 
     for idx, line in enumerate(questions.read_text().splitlines()):
-        yield parse_question(line, idx, questions.parent)
+        yield parse_question(json.loads(line), idx, questions.parent)
 
 
 def print_table(decode_rows: list[dict], job: dict | None, device_name: str) -> None:

@@ -107,9 +107,11 @@ def checkpoint_problem(path: Path) -> str | None:
     if not state.is_file():
         return f"no {TRAINER_STATE_NAME}"
     try:
-        json.loads(state.read_bytes().decode("utf-8"))["global_step"]  # noqa: B018 - readability check
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        parsed = json.loads(state.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"{TRAINER_STATE_NAME} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(parsed, dict):
+        return f"{TRAINER_STATE_NAME} is not a JSON object"
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     empty = [p.name for p in weights if p.stat().st_size == 0]
     if empty:
