@@ -47,6 +47,7 @@ otherwise keep it, with the measured reason in its docstring.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -250,7 +251,7 @@ def answer_job(model, processor, args, workdir: Path, engine: str) -> dict:
         "num_beams": kwargs["num_beams"],
         "max_new_tokens": args.job_new_tokens,
         "new_tokens": summary.new_tokens,
-        "prompt_tokens": answer_fn.prompt_length(parse_question(lines[0], 0, workdir)),
+        "prompt_tokens": answer_fn.prompt_length(parse_question(json.loads(lines[0]), 0, workdir)),
         "warmup_s": warm_s,
         "job_s": job_s,
         "items_per_s": summary.succeeded / job_s,

@@ -9,8 +9,10 @@ from pathlib import Path
 from mllm.cli.common import (
     add_decoding_flags,
     add_model_flags,
+    add_overwrite_flag,
     generation_kwargs_from_args,
     load_model_and_processor,
+    output_fingerprint,
 )
 from mllm.cli.families import answer_fn_for, is_other_family, load_other_family
 
@@ -34,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     answer.add_argument("model_dir")
     answer.add_argument("--questions", required=True, help="objhal_bench-format jsonl")
-    answer.add_argument("--out", required=True, help="answers jsonl (appended; finished items are skipped)")
+    answer.add_argument(
+        "--out",
+        required=True,
+        help="answers jsonl (appended; finished items are skipped; another run's output is refused)",
+    )
+    add_overwrite_flag(answer)
     answer.add_argument("--batch-size", type=int, default=8)
     answer.add_argument("--limit", type=int, default=None, help="only the first N lines")
     answer.add_argument(
@@ -84,32 +91,32 @@ def _distributed_shard() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def _open_images(paths: list[str]):
-    from PIL import Image
+def _open_images(paths: list[str], max_pixels: int):
+    from mllm.io import RecordError, open_image
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, FileNotFoundError) as exc:
-            raise SystemExit(f"--image {path}: cannot read the image ({exc})") from exc
+            images.append(open_image(path, f"--image {path}", max_pixels))
+        except RecordError as exc:
+            raise SystemExit(f"cannot read the image: {exc}") from exc
     return images
 
 
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.model.chat import chat
+    from mllm.model.chat import chat, model_max_length
 
     torch.manual_seed(args.seed)
-    images = _open_images(args.image)
+    images = _open_images(args.image, args.max_image_pixels)
     if is_other_family(args.model_dir):
         return _chat_other_family(args, images)
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
     kwargs = _generation_kwargs(args)
+    limits = {"max_slice_nums": args.max_slice_nums, "max_length": model_max_length(model)}
     first = [{"role": "user", "content": [*images, args.question] if images else args.question}]
     if args.question is not None:
         print(
@@ -119,38 +126,28 @@ def run_chat(args: argparse.Namespace) -> int:
                 first,
                 processor.tokenizer,
                 processor,
-                max_slice_nums=args.max_slice_nums,
+                **limits,
                 **kwargs,
             )
         )
         return 0
 
-    def reply(history: list[dict]) -> str:
+    def reply(history: list[dict]):
         kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
         if kwargs_stream.get("num_beams", 1) > 1:
             kwargs_stream["num_beams"] = 1
-        streamer = chat(
-            model,
-            None,
-            history,
-            processor.tokenizer,
-            processor,
-            stream=True,
-            max_slice_nums=args.max_slice_nums,
-            **kwargs_stream,
+        return chat(
+            model, None, history, processor.tokenizer, processor, stream=True, **limits, **kwargs_stream
         )
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            print(piece, end="", flush=True)
-        return "".join(pieces).strip()
 
     return _interactive(images, reply)
 
 
 def _interactive(images: list, reply) -> int:
     """The interactive session: each question (the images go with the first) is added to the history and
-    `reply(history)` prints the model's answer after "model> " and returns it."""
+    `reply(history)` returns the model's answer as an iterable of text pieces, printed after "model> " as they come.
+    A ValueError from `reply` (a prompt over the model's length, control tokens) is printed and the question asked
+    again; the history keeps only answered turns."""
     history: list[dict] = []
     pending_images = images
     print("Interactive chat: empty line or Ctrl-D to quit.")
@@ -161,14 +158,20 @@ def _interactive(images: list, reply) -> int:
             break
         if not question:
             break
-        history.append(
-            {"role": "user", "content": [*pending_images, question] if pending_images else question}
-        )
-        pending_images = []
+        turn = {"role": "user", "content": [*pending_images, question] if pending_images else question}
+        try:
+            pieces = reply([*history, turn])
+        except ValueError as exc:
+            print(f"error: {exc}")
+            continue
         print("model> ", end="", flush=True)
-        answer = reply(history)
+        answer = []
+        for piece in pieces:
+            answer.append(piece)
+            print(piece, end="", flush=True)
         print()
-        history.append({"role": "assistant", "content": answer})
+        history += [turn, {"role": "assistant", "content": "".join(answer).strip()}]
+        pending_images = []
     return 0
 
 
@@ -182,10 +185,8 @@ def _chat_other_family(args: argparse.Namespace, images: list) -> int:
         print(vlm.answer([[first]], **kwargs)[0])
         return 0
 
-    def reply(history: list[dict]) -> str:
-        text = vlm.answer([history], **kwargs)[0]
-        print(text, end="", flush=True)
-        return text
+    def reply(history: list[dict]) -> list[str]:
+        return [vlm.answer([history], **kwargs)[0]]
 
     return _interactive(images, reply)
 
@@ -202,7 +203,15 @@ def run_answer(args: argparse.Namespace) -> int:
     if world_size > 1 and device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
     torch.manual_seed(args.seed + rank)
-    answer_fn = answer_fn_for(args, _generation_kwargs(args), device)
+    kwargs = _generation_kwargs(args)
+    answer_fn, model = answer_fn_for(args, kwargs, device)
+    fingerprint = output_fingerprint(
+        args,
+        model,
+        generation={k: v for k, v in kwargs.items() if k != "fast"},
+        seed=args.seed if kwargs.get("do_sample") else None,  # only sampling depends on it
+        max_slice_nums=args.max_slice_nums,
+    )
     barrier = _start_process_group() if world_size > 1 else None
     try:
         summary = generate_answers(
@@ -215,6 +224,9 @@ def run_answer(args: argparse.Namespace) -> int:
             length_fn=None if args.no_length_bucketing else getattr(answer_fn, "prompt_length", None),
             shard=(rank, world_size),
             barrier=barrier,
+            fingerprint=fingerprint,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     finally:
         if barrier is not None:

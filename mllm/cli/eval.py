@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags
+from mllm.cli.common import add_model_flags, add_overwrite_flag, output_fingerprint
 from mllm.eval.boxes import BOX_FORMATS  # a light module: re only
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def _register_grounding(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N lines of each data file")
     p.add_argument("--vis", type=int, default=0, help="draw N pictures (spread over the splits)")
+    add_overwrite_flag(p)
     _add_shared_flags(p)
     p.set_defaults(func=run_eval_grounding)
 
@@ -108,6 +109,8 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
         limit=args.limit,
         vis=args.vis,
         box_format=args.box_format,
+        overwrite=args.overwrite,
+        max_image_pixels=args.max_image_pixels,
     )
     if args.predictions:
         for path in args.predictions:
@@ -117,8 +120,9 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
         result = score_and_report([(p, args.image_root) for p in args.predictions], config)
     else:
         config.validate()
-        answer_fn = _answer_fn(args)
-        result = evaluate_grounding(config, answer_fn, name)
+        answer_fn, model = _answer_fn(args)
+        fingerprint = output_fingerprint(args, model, max_slice_nums=args.max_slice_nums)
+        result = evaluate_grounding(config, answer_fn, name, fingerprint)
         for run in result.runs:
             print(
                 f"{run.data}: answered {run.answered}, skipped {run.skipped} (already done), "
@@ -137,17 +141,15 @@ def _answer_fn(args: argparse.Namespace):
 
 
 def run_ground(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from mllm.eval.ground import ground_one
     from mllm.eval.grounding import visualize
+    from mllm.io import open_image
 
-    try:
-        with Image.open(args.image) as img:
-            image = img.convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"--image {args.image}: cannot read the image ({exc})") from exc
-    answer, box = ground_one(_answer_fn(args), image, args.expression, args.prompt, args.box_format)
+    image = open_image(
+        args.image, f"--image {args.image}", args.max_image_pixels
+    )  # RecordError: a ValueError
+    answer_fn, _ = _answer_fn(args)
+    answer, box = ground_one(answer_fn, image, args.expression, args.prompt, args.box_format)
     out = args.out or Path(f"{args.image.stem}_ground.png")
     if out.exists():
         logger.warning("overwriting %s", out)

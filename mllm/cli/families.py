@@ -34,15 +34,17 @@ def load_other_family(args: argparse.Namespace, device: str | None = None):
 
 
 def answer_fn_for(args: argparse.Namespace, generation_kwargs: dict, device: str | None = None):
-    """A `generate_answers`-style answer function for `args.model_dir`, whatever its family."""
+    """(a `generate_answers`-style answer function, the torch model it runs) for `args.model_dir`, whatever its
+    family."""
     if is_other_family(args.model_dir):
         from mllm.eval.vlm_answer import vlm_answer_fn
 
-        return vlm_answer_fn(load_other_family(args, device), generation_kwargs)
+        vlm = load_other_family(args, device)
+        return vlm_answer_fn(vlm, generation_kwargs), vlm.model
     from mllm.cli.common import load_model_and_processor
     from mllm.eval.answer import model_answer_fn
 
     model, processor = load_model_and_processor(
         args.model_dir, device or args.device, args.dtype, args.attn_implementation
     )
-    return model_answer_fn(model, processor, generation_kwargs, args.max_slice_nums)
+    return model_answer_fn(model, processor, generation_kwargs, args.max_slice_nums), model

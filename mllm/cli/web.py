@@ -42,5 +42,6 @@ def run_web(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         max_length=args.max_length,
         max_slice_nums=args.max_slice_nums,
+        max_image_pixels=args.max_image_pixels,
     )
     return 0

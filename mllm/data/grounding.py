@@ -22,10 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from mllm.eval.boxes import OUTPUT_BOX_FORMATS, format_boxes, wrap_ref
-from mllm.files import write_text_atomic
+from mllm.io import open_image_header, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +188,8 @@ def _image_size(ctx: _Context, image: Path, record: dict, where: str) -> tuple[f
     if width is not None and height is not None:
         return float(width), float(height)
     if key not in ctx.sizes:
-        try:
-            with Image.open(image) as img:
-                ctx.sizes[key] = img.size
-        except OSError as exc:
-            raise ValueError(f"{where}: cannot read the size of image {image}: {exc}") from exc
+        with open_image_header(image, f"{where}: image {image}") as img:  # RecordError: a ValueError
+            ctx.sizes[key] = img.size
     return ctx.sizes[key]
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mllm.data.grounding import read_jsonl
 from mllm.eval.boxes import iou as box_iou
 from mllm.eval.boxes import parse_box, to_pixels
+from mllm.io import open_image_header
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _size(record: dict, where: str, image_root: Path | None) -> tuple[float, flo
         raise _bad(
             where, "width", "needed to convert the answer to pixels (or an image found under --image-root)"
         )
-    with Image.open(image) as img:
+    with open_image_header(image, f"{where}: image {image}") as img:  # RecordError: a ValueError
         return float(img.size[0]), float(img.size[1])
 
 

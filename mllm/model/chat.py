@@ -37,6 +37,15 @@ def decoding_kwargs(strategy: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+def model_max_length(model) -> int | None:
+    """The longest prompt the model's positions cover (its config's max_position_embeddings): the limit that the
+    web page, `mllm chat` and `mllm answer` check prompts against."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(
+        getattr(config, "llm_config", None), "max_position_embeddings", None
+    )
+
+
 def _with_image(
     msgs: list[dict[str, Any]], image: Image.Image | list[Image.Image] | None
 ) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
@@ -42,25 +42,33 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time; .bin files are memory-mapped so they are not read whole."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        yield from state.items()
+    """Yield (key, tensor) one at a time; .bin files are memory-mapped so they are not read whole. A shard that
+    cannot be read (truncated, corrupt) is a ValueError naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            yield from state.items()
+    except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+        raise ValueError(f"weights file {path} is unreadable (truncated or corrupt?): {exc}") from exc
 
 
 def checkpoint_keys(files: list[Path]) -> set[str]:
-    """Key names without reading tensors (safetensors headers; .bin files are mmapped)."""
+    """Key names without reading tensors (safetensors headers; .bin files are mmapped); an unreadable shard is a
+    ValueError naming it."""
     keys: set[str] = set()
     for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                keys.update(f.keys())
-        else:
-            keys.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    keys.update(f.keys())
+            else:
+                keys.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+        except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+            raise ValueError(f"weights file {path} is unreadable (truncated or corrupt?): {exc}") from exc
     return keys
 
 
