@@ -47,7 +47,7 @@ def server(model_and_processor, tmp_path_factory):
         max_batch_size=16,
         batch_wait_ms=20,
         max_request_bytes=2**20,
-        max_image_pixels=1_500_000,
+        max_request_pixels=1_500_000,
         allowed_local_media_path=root,
     )
     server.media_root, server.engine = root, engine
@@ -363,7 +363,7 @@ def test_key_model_size_and_length_errors(server, client):
     big = Image.new("RGB", (1400, 1200), "white")  # 1.68M pixels > the server's 1.5M
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
-    with pytest.raises(openai.APIStatusError, match="max-image-pixels") as error:
+    with pytest.raises(openai.APIStatusError, match="max-request-pixels") as error:
         client.chat.completions.create(model="tiny", messages=image_message(url=data_url(buffer.getvalue())))
     assert error.value.status_code == 413
     with pytest.raises(openai.APIStatusError, match="max-request-bytes") as error:
@@ -438,3 +438,16 @@ def test_port_in_use_is_a_clear_error():
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
             bind("127.0.0.1", port)
+
+
+def test_image_budget_caps_each_image_and_the_request():
+    from mllm.serve.images import ImageBudget
+    from mllm.serve.schemas import APIError
+
+    budget = ImageBudget(max_pixels=1000, max_image_pixels=600)
+    budget.take((20, 30), "a")  # 600: at the per-image cap
+    with pytest.raises(APIError, match="max-image-pixels") as error:
+        budget.take((25, 25), "b")  # 625 > 600 on its own
+    assert error.value.status == 413
+    with pytest.raises(APIError, match="max-request-pixels"):
+        budget.take((20, 25), "c")  # 500 fits the image cap, but 600 + 500 > 1000

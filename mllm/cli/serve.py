@@ -49,10 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-request-bytes", type=int, default=32 * 2**20, help="largest request body (413 above)"
     )
     serve.add_argument(
-        "--max-image-pixels",
+        "--max-request-pixels",
         type=int,
         default=40_000_000,
-        help="pixels of all images of a request (413 above)",
+        help="pixels of all images of a request together (413 above; --max-image-pixels caps each one)",
     )
     serve.add_argument(
         "--allowed-local-media-path",
@@ -87,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens,
         max_request_bytes=args.max_request_bytes,
+        max_request_pixels=args.max_request_pixels,
         max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=args.allowed_local_media_path,
         max_slice_nums=args.max_slice_nums,

@@ -109,7 +109,10 @@ class ChatService:
             )
         request.decoding(self.config.max_beams)  # settings errors before any image work
         messages = to_chat_messages(
-            request.messages, self.config.allowed_local_media_path, self.config.max_image_pixels
+            request.messages,
+            self.config.allowed_local_media_path,
+            self.config.max_request_pixels,
+            self.config.max_image_pixels,
         )
         try:
             with self._encode_lock:

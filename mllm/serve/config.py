@@ -33,8 +33,10 @@ class ServeConfig:
     """Answer tokens when a request gives no max_tokens (`--default-max-tokens`), cut to what the context leaves."""
     max_request_bytes: int = 32 * 2**20
     """Largest request body; a bigger one gets 413 (`--max-request-bytes`)."""
-    max_image_pixels: int = 40_000_000
-    """Most pixels of all images of one request together; more gets 413 (`--max-image-pixels`)."""
+    max_request_pixels: int = 40_000_000
+    """Most pixels of all images of one request together; more gets 413 (`--max-request-pixels`)."""
+    max_image_pixels: int = 64 * 1024 * 1024
+    """Most pixels of one image, as in every other entry point (`--max-image-pixels`, `mllm.io`); more gets 413."""
     allowed_local_media_path: Path | None = None
     """`file://` image URLs are read only from under this folder; without it they are refused
     (`--allowed-local-media-path`)."""
@@ -61,6 +63,10 @@ class ServeConfig:
             (
                 self.max_request_bytes >= 1024,
                 f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}",
+            ),
+            (
+                self.max_request_pixels >= 1,
+                f"--max-request-pixels must be positive, got {self.max_request_pixels}",
             ),
             (self.max_image_pixels >= 1, f"--max-image-pixels must be positive, got {self.max_image_pixels}"),
             (self.max_beams >= 1, f"--max-beams must be at least 1, got {self.max_beams}"),

@@ -20,19 +20,29 @@ from mllm.serve.schemas import APIError, Message
 
 
 class ImageBudget:
-    """Pixels left for one request's images (`--max-image-pixels` covers all of them together)."""
+    """Pixels left for one request's images (`--max-request-pixels` covers all of them together,
+    `--max-image-pixels` each one)."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, max_image_pixels: int):
         self.max_pixels = max_pixels
+        self.max_image_pixels = max_image_pixels
         self.used = 0
 
     def take(self, size: tuple[int, int], where: str) -> None:
+        if size[0] * size[1] > self.max_image_pixels:
+            raise APIError(
+                413,
+                f"{where}: {size[0]}x{size[1]} is more than the server's limit of {self.max_image_pixels} pixels "
+                "per image (--max-image-pixels)",
+                param=where,
+                code="image_too_large",
+            )
         self.used += size[0] * size[1]
         if self.used > self.max_pixels:
             raise APIError(
                 413,
                 f"{where}: {size[0]}x{size[1]} brings the request's images to {self.used} pixels, more than the "
-                f"server's limit of {self.max_pixels} (--max-image-pixels)",
+                f"server's limit of {self.max_pixels} (--max-request-pixels)",
                 param=where,
                 code="image_too_large",
             )
@@ -89,10 +99,12 @@ def decode_image(data: bytes, budget: ImageBudget, where: str) -> Image.Image:
         ) from None
 
 
-def to_chat_messages(messages: list[Message], allowed_root: Path | None, max_pixels: int) -> list[dict]:
+def to_chat_messages(
+    messages: list[Message], allowed_root: Path | None, max_pixels: int, max_image_pixels: int
+) -> list[dict]:
     """OpenAI messages -> `processor.prepare_chat_inputs` messages (content: strings and PIL images in order).
     `developer` is the newer name of `system`."""
-    budget = ImageBudget(max_pixels)
+    budget = ImageBudget(max_pixels, max_image_pixels)
     converted = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
