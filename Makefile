@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,web]"
+	$(BIN)/pip install --quiet -e ".[dev,web,deepspeed]"
 	# Gradio caps Pillow below 13, but pixel parity with the reference needs Pillow 13's bicubic resize
 	# (tests/test_image_processing.py); the page works with 13. pip prints the conflict and goes on.
 	$(BIN)/pip install --quiet "pillow>=13"
