@@ -40,7 +40,7 @@ several GPUs ZeRO-3 shards the fp32 states instead (8 GPUs: 12 GB each), which i
 
 The JSON (--out) is rewritten after every step, so a timeout still leaves the finished steps: per step its status,
 wall time (process start and model loading included), tokens/s where tokens are counted (Trainer's count of input
-tokens over its train_runtime; for answers the decoded tokens over the wall time), and the peak GPU memory seen by
+tokens, padding included, over its train_runtime; for answers the decoded tokens over the wall time), and the peak GPU memory seen by
 NVML while it ran; plus the GPU name and the library versions. Exit status 0 only when every step passed.
 """
 
@@ -115,12 +115,13 @@ TINY = Settings(6, 8, 3, 3, 2, 4, 2, 4)
 def random_tensor(
     name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator
 ) -> torch.Tensor:
-    """A weight at a realistic scale: matrices N(0, 0.02), norm weights 1, biases and the rest 0."""
+    """A weight at a realistic scale: matrices N(0, 0.02); vectors named `weight` are norm scales (RMSNorm, and the
+    resampler's LayerNorms `ln_q`, `ln_kv`, `ln_post`, whose names lack "norm"): 1; biases 0."""
     if len(shape) >= 2:
         return (
             torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
         )
-    if "norm" in name:
+    if name.endswith(".weight"):
         return torch.ones(shape, device=device, dtype=dtype)
     return torch.zeros(shape, device=device, dtype=dtype)
 
@@ -333,7 +334,10 @@ class Rehearsal:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(args.out)
         self.result = json.loads(self.out.read_text()) if args.only and self.out.is_file() else self.header()
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # this interpreter's bin first: its `ninja` builds DeepSpeed's CPU op (a ninja of another version on PATH hashes
+        # the build commands differently and rebuilds it, a minute each time)
+        path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path}
         if self.device.type == "cpu":
             self.env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
@@ -406,6 +410,8 @@ class Rehearsal:
             "1",
             "--master_port",
             str(free_port()),
+            "-m",
+            "mllm",
         ]
 
     # -- steps ------------------------------------------------------------------------------------------------------
@@ -461,7 +467,7 @@ class Rehearsal:
             "no",
         ]
         argv += ["--logging-steps", "1", "--report-to", "none", "--max-length", "2048", "--seed", "0"]
-        return argv + ["--include-num-input-tokens-seen", "non_padding"]
+        return argv + ["--include-num-input-tokens-seen", "true"]
 
     def lora(self) -> list[str]:
         return [
@@ -622,7 +628,7 @@ def compare_with_base(out: Path, base: Path) -> dict:
 
     model = MLLMModel.from_pretrained(out, torch_dtype=torch.bfloat16)
     saved = model.state_dict()
-    changed, matrices, frozen_changed, empty = 0, 0, 0, 0
+    changed, matrices, frozen_changed, empty, unchanged = 0, 0, 0, 0, []
     for path in checkpoint_files(base):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -634,6 +640,8 @@ def compare_with_base(out: Path, base: Path) -> dict:
                 elif before.dim() >= 2:
                     matrices += 1
                     changed += moved
+                    if not moved:
+                        unchanged.append(key)
     ok = empty == 0 and changed == matrices and frozen_changed == 0
     return {
         "ok": ok,
@@ -641,6 +649,7 @@ def compare_with_base(out: Path, base: Path) -> dict:
         "changed": changed,
         "frozen_changed": frozen_changed,
         "empty": empty,
+        "unchanged": unchanged[:10],
     }
 
 
