@@ -5,10 +5,13 @@ Usage (one GPU; about 5 minutes on an H200, the first thing to run on a GPU):
     python benchmarks/gpu_rehearsal.py --tiny --out rehearsal.json      # every step on CPU at a tiny shape (CI)
     python benchmarks/gpu_rehearsal.py --only zero3_full fsdp_full ...  # some steps again (the checkpoint is kept)
 
-The device machine has no network and its image lacks deepspeed (and holds an older transformers): carry wheels made
-here, `pip wheel --no-deps -w .whl deepspeed==0.19.8 hjson` and `pip download --no-deps -d .whl transformers==5.25.0
-peft==0.21.2 accelerate==1.16.0`, and start the command with `pip install -q --no-index --no-deps --target /tmp/site
-.whl/*.whl && export PYTHONPATH=/tmp/site:$PWD &&`.
+The device machine has no network and its image (Python 3.12, torch 2.11) lacks deepspeed and pydantic and holds older
+transformers / huggingface_hub. Carry wheels (the device README's recipe for `pip download --only-binary=:all:
+--python-version 3.12 --platform manylinux...` into .whl): transformers==5.25.0 huggingface_hub==2.4.0 kernels==0.19.1
+peft==0.21.2 accelerate==1.16.0 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
+typing-inspection==0.4.5, plus deepspeed built here (`pip wheel --no-deps -w .whl deepspeed==0.19.8`: a pure-Python
+wheel), then start the command with `pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export
+PYTHONPATH=/tmp/site:$PWD &&` (every step's `python -m mllm` inherits it).
 
 Every step is an `mllm` command in its own process (as a user runs it), in this order; estimates for one H200:
  1. checkpoint      a random-weight checkpoint of the 2.6 shape (8.1B parameters, the official key layout, bf16, 5 GB

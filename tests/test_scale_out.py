@@ -250,6 +250,31 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
     assert largest <= RESUME_TOLERANCE
 
 
+def test_save_pretrained_is_transformers_with_the_official_layout(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """What Trainer passes after gathering shards is what gets written; the key layout is the official checkpoint's."""
+    from safetensors.torch import load_file
+
+    from mllm.model.modeling import MLLMModel
+
+    model = MLLMModel.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "plain")
+    assert (
+        load_file(tmp_path / "plain" / "model.safetensors").keys()
+        == load_file(tiny_model_dir / "model.safetensors").keys()
+    )
+    gathered = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}  # as if from ZeRO-3 shards
+    model.save_pretrained(tmp_path / "gathered", state_dict=gathered)
+    assert all(
+        (v == 0.5).all() for v in MLLMModel.from_pretrained(tmp_path / "gathered").state_dict().values()
+    )
+    model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not any((tmp_path / "other_rank").glob("*.safetensors"))
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+
+
 def test_fsdp_on_cpu_is_refused_naming_the_flag(tmp_path: Path, small_model_dir: Path, capsys) -> None:
     """accelerate only switches to FSDP for accelerator processes; on CPUs it would train without sharding."""
     from test_sft import make_sft_files
