@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,web,serve]"
+	$(BIN)/pip install --quiet -e ".[dev,web,serve,deepspeed]"
 	# Gradio 6 caps Pillow below 13; the image processor gives the reference's pixels under 12 and 13 alike.
 	$(BIN)/pip check
 	touch $(STAMP)

@@ -1,4 +1,4 @@
-"""Strict checkpoint loading and saving for `MLLMModel`.
+"""Strict checkpoint loading for `MLLMModel` (saving is transformers' own `save_pretrained`).
 
 Loading builds the module tree on the meta device (no memory), checks the checkpoint's key names against the model's
 before reading any tensor, then reads one tensor at a time, casts and moves it, and assigns it into the model. Peak
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -173,55 +172,6 @@ def load_pretrained(
     config.dtype = dtype
     model.eval()
     return model
-
-
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / bytes -> bytes."""
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-def save_pretrained(model: torch.nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
-    """config.json + model.safetensors, or shards model-0000i-of-0000n.safetensors and their index."""
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    from mllm.model.export import carry_remote_code
-
-    carry_remote_code(model.config, out)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("llm.lm_head.weight", None)
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    for stale in [*out.glob("model-*-of-*.safetensors"), out / SAFE_SINGLE, out / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFE_SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / SAFE_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
 
 
 MODEL_DIR_FILES = (

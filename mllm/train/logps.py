@@ -59,22 +59,20 @@ class PairLogps:
     """[2B] float32."""
 
 
-def concatenated_forward(model: Any, batch: dict[str, Any], encoder: Any = None) -> PairLogps:
-    """Chosen and rejected rows in one forward; each pair's image goes through the vision tower once.
+def concatenated_forward(model: Any, batch: dict[str, Any]) -> PairLogps:
+    """Chosen and rejected rows in one forward; each pair's image goes through the vision tower once (the model
+    maps the B encoded images to the 2B rows by `image_index`).
 
-    `encoder` is the module that has `get_vision_hidden_states` (default: `model`); the trainer passes the
-    unwrapped model there and the (possibly DDP/DeepSpeed-wrapped) model as `model`, so the language-model forward
-    still goes through the wrapper."""
-    encoder = model if encoder is None else encoder
-    vision = encoder.get_vision_hidden_states(
-        {"pixel_values": batch["pixel_values"], "tgt_sizes": batch["tgt_sizes"]}
-    )  # B x [n_slices, Q, D]
+    Everything, vision included, runs inside the model's forward, so a DDP, DeepSpeed ZeRO-3 or FSDP wrapper
+    gathers the parameters it needs around it."""
     data = {
         "input_ids": batch["input_ids"],  # [2B, T]
         "attention_mask": batch["attention_mask"],
         "position_ids": batch["position_ids"],
         "image_bound": batch["image_bound"],
-        "vision_hidden_states": [vision[i] for i in batch["image_index"].tolist()],  # 2B entries, shared
+        "pixel_values": batch["pixel_values"],  # B images
+        "tgt_sizes": batch["tgt_sizes"],
+        "image_index": batch["image_index"],  # [2B]: row -> image
     }
     logits = model(data).logits  # [2B, T, V]
     labels = batch["labels"].to(logits.device)

@@ -171,7 +171,7 @@ class PreferenceTrainer(Trainer):
         suffix = "_avg_logps" if args.use_average_logp else "_logps"
         if "ref_chosen" + suffix not in inputs:
             raise ValueError(f"batch {inputs.get('idx')} has no reference log-probs (see --logps)")
-        result = concatenated_forward(model, inputs, self.accelerator.unwrap_model(model))
+        result = concatenated_forward(model, inputs)
         n = len(inputs["idx"])
         policy = result.averages if args.use_average_logp else result.sums  # [2B]
         ref_chosen = inputs["ref_chosen" + suffix].to(policy.device)  # [B]

@@ -9,6 +9,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -55,11 +57,33 @@ class MLLMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and not accelerator_available():
+            # Without it accelerate finds no distributed backend on a CPU-only machine and counts one process per
+            # launch: under torchrun the processes then train unsynchronised copies (plain DDP) or, under DeepSpeed,
+            # the "auto" train_batch_size is filled for one process and DeepSpeed's batch assertion stops both.
+            logger.info("no GPU or other accelerator: training on the CPU (--use-cpu true)")
+            self.use_cpu = True
         super().__post_init__()
         if self.loss_reduction not in SFT_LOSS_REDUCTIONS:
             raise ValueError(
                 f"--loss-reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
             )
+        if self.fsdp and self.distributed_state.distributed_type in CPU_OR_SINGLE:
+            raise ValueError(
+                f"--fsdp needs GPUs (or other accelerators) in processes started by torchrun: accelerate shards "
+                f"only over those, and here ({self.distributed_state.distributed_type.value}) it would train "
+                "without FSDP. On CPUs use --deepspeed configs/ds_zero3.json to shard instead."
+            )
+
+
+CPU_OR_SINGLE = (DistributedType.NO, DistributedType.MULTI_CPU)
+"""Accelerate's process layouts in which it ignores an FSDP plugin."""
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (torch.accelerator, torch >= 2.6; else CUDA)."""
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
 FINISHED_MODEL_FILES = ("config.json", "adapter_config.json", TRAINER_STATE_NAME)
