@@ -48,7 +48,7 @@ def save_model(args, device: torch.device, workdir: Path) -> tuple[Path, float]:
     """The random model and the processor in a model directory; returns it and the seconds the save took."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_mllm(TINY_SHAPE if args.tiny else {}, device, dtype)
-    processor = toy_processor(workdir, small_images=args.tiny)
+    processor = toy_processor(workdir, small_images=args.tiny, vocab_size=model.config.vocab_size)
     model_dir = workdir / "model"
     start = time.perf_counter()
     model.save_pretrained(model_dir)

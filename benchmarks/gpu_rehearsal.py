@@ -115,25 +115,12 @@ TINY = Settings(6, 8, 3, 3, 2, 4, 2, 4)
 # -- the checkpoint --------------------------------------------------------------------------------------------------
 
 
-def random_tensor(
-    name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator
-) -> torch.Tensor:
-    """A weight at a realistic scale: matrices N(0, 0.02); vectors named `weight` are norm scales (RMSNorm, and the
-    resampler's LayerNorms `ln_q`, `ln_kv`, `ln_post`, whose names lack "norm"): 1; biases 0."""
-    if len(shape) >= 2:
-        return (
-            torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
-        )
-    if name.endswith(".weight"):
-        return torch.ones(shape, device=device, dtype=dtype)
-    return torch.zeros(shape, device=device, dtype=dtype)
-
-
 def write_checkpoint(out: Path, config, device: torch.device, dtype: torch.dtype, shard_bytes: int) -> dict:
     """config.json + safetensors shards of random weights in the model's key layout, made tensor by tensor on
     `device` and written shard by shard (peak host memory: one shard)."""
     from safetensors.torch import save_file
 
+    from mllm.model.loading import random_tensor
     from mllm.model.modeling import MLLMModel
 
     with torch.device("meta"):
@@ -168,15 +155,18 @@ def write_checkpoint(out: Path, config, device: torch.device, dtype: torch.dtype
     return {"parameters": parameters, "bytes": total, "shards": len(groups)}
 
 
-def write_processor(out: Path, corpus: list[str], tiny: bool) -> None:
-    """The toy BPE tokenizer (the real special tokens and chat template) and the slicing settings."""
+def write_processor(out: Path, corpus: list[str], tiny: bool, vocab_size: int) -> None:
+    """The toy BPE tokenizer (the real special tokens and chat template), padded to the model's `vocab_size`, and
+    the slicing settings."""
     from transformers import AutoTokenizer
 
+    from mllm.bench import pad_vocabulary
     from mllm.data.toy_tokenizer import build_toy_tokenizer
     from mllm.processing.image_processing import MLLMImageProcessor
     from mllm.processing.processor import MLLMProcessor
 
     build_toy_tokenizer(corpus, out / "tokenizer", vocab_size=700)
+    pad_vocabulary(out / "tokenizer", vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     images = MLLMImageProcessor(scale_resolution=56, max_slice_nums=1) if tiny else MLLMImageProcessor()
     MLLMProcessor(tokenizer, images).save_pretrained(out)
@@ -427,7 +417,7 @@ class Rehearsal:
         config = MLLMConfig(**(SHAPE_TINY if self.args.tiny else {}))
         dtype = torch.bfloat16
         figures = write_checkpoint(self.model, config, self.device, dtype, shard_bytes=5 * 10**9)
-        write_processor(self.model, corpus(self.files), self.args.tiny)
+        write_processor(self.model, corpus(self.files), self.args.tiny, config.vocab_size)
         seconds = time.perf_counter() - start
         return {
             "status": "ok",

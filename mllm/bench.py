@@ -193,9 +193,10 @@ def _rebuild_rotary(model, device: torch.device):
     return model
 
 
-def toy_processor(workdir: Path, small_images: bool):
+def toy_processor(workdir: Path, small_images: bool, vocab_size: int | None = None):
     """The toy BPE tokenizer (built in code) with MiniCPM-V's slicing settings (`small_images`: one 56-px view per
-    image, for CPU smoke runs)."""
+    image, for CPU smoke runs); with `vocab_size`, padded to the model's vocabulary (`pad_vocabulary`), as a model
+    directory that mllm loads needs."""
     from transformers import AutoTokenizer
 
     from mllm.data.toy_tokenizer import build_toy_tokenizer
@@ -203,11 +204,34 @@ def toy_processor(workdir: Path, small_images: bool):
     from mllm.processing.processor import MLLMProcessor
 
     build_toy_tokenizer(TOKENIZER_CORPUS * 4, workdir / "tokenizer", vocab_size=600)
+    if vocab_size is not None:
+        pad_vocabulary(workdir / "tokenizer", vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     image_processor = (
         MLLMImageProcessor(scale_resolution=56, max_slice_nums=1) if small_images else MLLMImageProcessor()
     )
     return MLLMProcessor(tokenizer, image_processor)
+
+
+def pad_vocabulary(tokenizer_dir: Path, vocab_size: int) -> None:
+    """Grow the toy tokenizer to `vocab_size` entries, as the real one fills its embedding table: unreachable
+    `<|unused_i|>` vocabulary entries go between the BPE vocabulary and the special tokens (whose ids move up).
+
+    mllm refuses a tokenizer of at most half the config's `vocab_size` (a foreign or truncated tokenizer), and the
+    real shape keeps its 151,666-row embedding; entries in the BPE vocabulary (not added tokens) keep loading fast."""
+    from mllm.data.toy_tokenizer import SPECIAL_TOKENS, tokenizer_config, write_config_json
+
+    path = tokenizer_dir / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    fillers = vocab_size - len(vocab) - len(SPECIAL_TOKENS)
+    if fillers < 0:
+        raise ValueError(f"the toy tokenizer has more than {vocab_size} entries already")
+    vocab.update({f"<|unused_{i}|>": len(vocab) + i for i in range(fillers)})
+    for k, token in enumerate(data["added_tokens"]):
+        token["id"] = len(vocab) + k
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    write_config_json(tokenizer_dir / "tokenizer_config.json", tokenizer_config(len(vocab)))
 
 
 def write_job(workdir: Path, items: int, seed: int = 0) -> Path:

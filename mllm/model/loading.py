@@ -118,18 +118,28 @@ def reset_buffers(model: torch.nn.Module, device: torch.device) -> None:
             module.reset_buffers(device)
 
 
+def random_tensor(
+    name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """A weight at a realistic scale for shape-only runs (benchmarks): matrices N(0, 0.02); vectors named `weight`
+    are norm scales (RMSNorm, LayerNorm, and the resampler's `ln_q`, `ln_kv`, `ln_post`, whose names lack "norm"): 1;
+    biases 0."""
+    if len(shape) >= 2:
+        return (
+            torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
+        )
+    if name.endswith(".weight"):
+        return torch.ones(shape, device=device, dtype=dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
 def fill_random_(model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-    """Random weights at a realistic scale for shape-only runs (benchmarks): matrices ~ N(0, 0.02), norm weights 1,
-    biases 0. Fills parameters only; see `reset_buffers` for the non-persistent buffers."""
+    """Every parameter of `model` (on `device`) filled by `random_tensor`'s rule. Fills parameters only; see
+    `reset_buffers` for the non-persistent buffers."""
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.zero_()
+            param.copy_(random_tensor(name, param.shape, param.dtype, param.device, generator))
 
 
 def load_pretrained(

@@ -168,9 +168,15 @@ class MLLMModel(PreTrainedModel):
         transformers 5 writes safetensors only: `safe_serialization=False` is refused rather than ignored."""
         if kwargs.pop("safe_serialization", True) is False:
             raise ValueError("safe_serialization=False: transformers 5 saves safetensors only")
+        architectures = self.config.architectures
         super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-        if kwargs.get("is_main_process", True):
-            carry_remote_code(self.config, Path(save_directory))
+        if not kwargs.get("is_main_process", True):
+            return
+        if architectures and self.config.architectures != architectures:
+            # transformers names this class; a checkpoint of the official layout keeps its ["MiniCPMV"]
+            self.config.architectures = architectures
+            self.config.save_pretrained(save_directory)
+        carry_remote_code(self.config, Path(save_directory))
 
     # -- vision ---------------------------------------------------------------------------------------------------
 
