@@ -7,7 +7,7 @@ An item of the SFT format (REFERENCE.md section 2):
 
 The prompt is built by the same code as inference: the tokenizer's chat template renders the conversation and the
 image processor writes each image's placeholder. Only the assistant's tokens and their closing `<|im_end|>` are
-targets; everything else is -100. Token ids, labels and image bounds are computed once, when the dataset is opened,
+targets; everything else is IGNORE_INDEX. Token ids, labels and image bounds are computed once, when the dataset is opened,
 from the image headers alone (sizes, no pixel decoding), so that a broken item fails at once with its file, id and
 reason, and over-long items are truncated or skipped before training starts. Pixels are read in `__getitem__`.
 """
@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image_header
+from mllm.model.losses import IGNORE_INDEX
 from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor, check_control_tokens
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SFT_IMAGE_TOKEN = "<image>"
 """How an image is marked in the content of the SFT format (single-image items)."""
 
@@ -335,7 +335,7 @@ def data_collator(
 ) -> dict[str, Any]:
     """Right-pad a list of dataset samples into a training batch.
 
-    `input_ids` are padded with `pad_token_id`, `labels` with -100, `position_ids` with 0; `attention_mask` comes
+    `input_ids` are padded with `pad_token_id`, `labels` with IGNORE_INDEX, `position_ids` with 0; `attention_mask` comes
     from the real lengths. With `max_length`, samples are cut first without cutting an image placeholder (slices
     that no longer fit are dropped with their pixels). Image fields stay per-sample lists."""
     if max_length is not None:

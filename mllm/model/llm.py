@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mllm.model.config import MLLMConfig
+from mllm.model.losses import sft_loss
 
 
 class RMSNorm(nn.Module):
@@ -356,7 +357,7 @@ class LLMForCausalLM(LLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` [B, T] with -100 on ignored positions gives the mean next-token cross-entropy in `.loss`.
+        """`labels` [B, T] with IGNORE_INDEX on ignored positions gives the mean next-token cross-entropy in `.loss`.
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last)."""
         hidden, cache = self.model(
             input_ids=input_ids,
@@ -369,14 +370,5 @@ class LLMForCausalLM(LLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # [B, T, V]
-        loss = next_token_loss(logits, labels) if labels is not None else None
+        loss = sft_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of token t+1 given tokens <= t over labels != -100, computed in float32."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [B*(T-1)]
-    if not bool((shift_labels != -100).any()):
-        return shift_logits.sum() * 0.0  # nothing to learn from, but keep the graph connected
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)

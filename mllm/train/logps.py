@@ -35,7 +35,7 @@ from mllm.io import (
     tokenizer_fingerprint,
     write_text_atomic,
 )
-from mllm.train.losses import get_batch_logps
+from mllm.model.losses import IGNORE_INDEX, get_batch_logps
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PairLogps:
     logits: torch.Tensor
     """[2B, T, V]."""
     per_token: torch.Tensor
-    """[2B, T-1] float32, 0 where the label is -100."""
+    """[2B, T-1] float32, 0 where the label is IGNORE_INDEX."""
     sums: torch.Tensor
     """[2B] float32."""
     averages: torch.Tensor
@@ -135,7 +135,7 @@ def read_records(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
 def pair_records(batch: dict[str, Any], result: PairLogps) -> Iterator[dict[str, Any]]:
     """Per pair of the batch, the JSON record (per-token log-probs at response positions only)."""
     n = len(batch["idx"])
-    mask = batch["labels"][:, 1:] != -100  # [2B, T-1]
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [2B, T-1]
     per_token = result.per_token.detach().float().cpu()
     for b, idx in enumerate(batch["idx"]):
         record: dict[str, Any] = {"idx": idx}

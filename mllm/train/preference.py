@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 from mllm.data.preference import PreferenceDataset, preference_collator
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
-from mllm.train.losses import PREFERENCE_LOSS_TYPES, preference_loss
+from mllm.train.losses import IGNORE_INDEX, PREFERENCE_LOSS_TYPES, preference_loss
 from mllm.train.sft import MAX_IMAGE_PIXELS_HELP, ModelArguments, load_for_training
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class PreferenceTrainer(Trainer):
             "logps/ref_rejected": ref_rejected.mean(),
         }
         if args.sft_weight > 0:
-            n_tokens = (inputs["labels"][:n, 1:] != -100).sum().clamp(min=1)
+            n_tokens = (inputs["labels"][:n, 1:] != IGNORE_INDEX).sum().clamp(min=1)
             sft = -result.per_token[:n].sum() / n_tokens  # token-mean cross-entropy of the chosen responses
             metrics["loss/preference"] = loss.detach()
             metrics["loss/sft"] = sft.detach()

@@ -25,7 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.data.sft import SupervisedDataset, data_collator
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
-from mllm.train.losses import sft_loss, sft_loss_per_sample
+from mllm.model.losses import sft_loss, sft_loss_per_sample
 
 logger = logging.getLogger(__name__)
 

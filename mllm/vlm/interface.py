@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mllm.model.chat import decoding_kwargs
-from mllm.train.losses import get_batch_logps, sft_loss
+from mllm.model.losses import get_batch_logps, sft_loss
 
 Conversation = list[dict[str, Any]]
 MODULE_GROUPS = ("vision", "projector", "llm")
@@ -98,7 +98,7 @@ class VLM(ABC):
         return sum(1 for row in tokens.tolist() for tok in row if tok not in stops)
 
     def sft_loss(self, batch: VLMBatch) -> torch.Tensor:
-        """Next-token cross-entropy over the assistant tokens of a labelled batch (`mllm.train.losses.sft_loss`)."""
+        """Next-token cross-entropy over the assistant tokens of a labelled batch (`mllm.model.losses.sft_loss`)."""
         if batch.labels is None:
             raise ValueError("sft_loss needs a batch prepared with with_labels=True")
         return sft_loss(self.logits(batch), batch.labels)
