@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllm.model.inputs import MLLMInputs
+
 SHAPE = dict(
     vocab_size=1024,
     hidden_size=256,
@@ -39,17 +41,6 @@ SHAPE = dict(
     vision_config=dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2),
 )
 CORPUS = ["A red circle and a blue square on a white table.", "Describe this image in detail, please."] * 8
-
-
-def to_device(value: Any, device: str) -> Any:
-    """Tensors inside dicts and lists moved to `device` (the processor's batch is nested)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    return value
 
 
 def build(workdir: Path):
@@ -82,21 +73,16 @@ def logits(model, batch: dict, attn: str, device: str, dtype: torch.dtype) -> to
     model.config._attn_implementation = attn  # what tests/test_model_fixture.py switches
     model.llm.config._attn_implementation = attn
     with torch.inference_mode():
-        out = model(to_device(batch, device)).logits.float().cpu()
+        out = model(MLLMInputs(batch).to(device)).logits.float().cpu()  # a moved copy
     mask = batch["attention_mask"].bool()
     return out[mask]  # [real tokens, vocab]: padded rows are not compared
 
 
 def greedy_tokens(model, chat: dict, tokenizer, **options) -> torch.Tensor:
     """24 greedy tokens per prompt (no early stop: a random model picks terminators at once)."""
-    device = next(model.parameters()).device
     with torch.inference_mode():
         tokens = model.generate(
-            input_ids=chat["input_ids"].to(device),
-            pixel_values=chat["pixel_values"],
-            tgt_sizes=chat["tgt_sizes"],
-            image_bound=chat["image_bound"],
-            attention_mask=chat["attention_mask"].to(device),
+            chat,
             tokenizer=tokenizer,
             do_sample=False,
             num_beams=1,
@@ -169,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         gpu.train()
-        batch = to_device(batch, device)
+        batch = MLLMInputs(batch).to(device)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = gpu(batch, labels=labels).loss
         loss.backward()

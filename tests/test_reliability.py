@@ -223,7 +223,7 @@ def test_7_web_uploads_are_capped_bombs_named_and_decoded_under_the_model_lock(t
     bomb.write_bytes(header_only_png(30000, 30000))
     big = tmp_path / "big.png"
     Image.new("RGB", (200, 200), "white").save(big)
-    handle = web_app.ModelHandle(None, None, None, None, threading.Lock(), max_image_pixels=10_000)
+    handle = web_app.ModelHandle(None, None, None, threading.Lock(), max_image_pixels=10_000)
     _, status, *_ = list(web_app.respond(handle, ChatSession(), [str(bomb)], "What?", Decoding(), False))[-1]
     assert status.startswith("**Error:**") and "bomb.png" in status and "decompression bomb" in status
     _, status, *_ = list(web_app.respond(handle, ChatSession(), [str(big)], "What?", Decoding(), False))[-1]

@@ -23,9 +23,9 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def model_and_processor(small_model_dir):
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    return load_model_and_processor(str(small_model_dir), "cpu", "auto")
+    return load(small_model_dir, "cpu", "auto")
 
 
 def start(model_and_processor, **settings):

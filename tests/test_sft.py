@@ -294,9 +294,9 @@ def test_lora_saves_merges_and_matches(tmp_path: Path, small_model_dir: Path) ->
         got = merged(batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # The inference commands read the LoRA directory directly (base from the adapter config, merged in memory).
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    direct, _ = load_model_and_processor(str(tmp_path / "lora"), "cpu", "float32")
+    direct, _ = load(tmp_path / "lora", "cpu", "float32")
     with torch.no_grad():
         torch.testing.assert_close(direct(batch).logits, expected, rtol=1e-4, atol=1e-4)
     base = MLLMModel.from_pretrained(small_model_dir).eval()

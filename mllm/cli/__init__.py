@@ -1,5 +1,9 @@
 """The `mllm` command line. Each subcommand lives in its own module of this package, which defines
-`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments)."""
+`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments). The evaluations are
+one group, `mllm eval chair|vqa|grounding|decoding` (`mllm.cli.eval`).
+
+Every command module is imported to build the parser, so they import only argparse and light modules at their top;
+the library (torch, transformers) is imported inside each command's `run`, which keeps `mllm --help` fast."""
 
 from __future__ import annotations
 
@@ -10,14 +14,11 @@ from importlib import import_module
 
 # Subcommand modules, in the order `mllm --help` lists them. A module may register several commands.
 COMMAND_MODULES = [
-    "mllm.cli.chair",
     "mllm.cli.chat",
-    "mllm.cli.compare",
-    "mllm.cli.vqa",
+    "mllm.cli.eval",
     "mllm.cli.train",
     "mllm.cli.logp",
     "mllm.cli.grounding",
-    "mllm.cli.eval",
     "mllm.cli.toy",
     "mllm.cli.demo",
     "mllm.cli.web",
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, " ".join(extra))
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    legacy_model = getattr(args, "legacy_model", None)  # an older spelling, e.g. `mllm logp --model DIR`
+    if legacy_model is not None:
+        if args.model is not None and args.model != legacy_model:
+            parser.error(f"{args.command}: give the model once (MODEL, or the older --model)")
+        args.model = legacy_model
+    if getattr(args, "model_required", False) and args.model is None:
+        parser.error(f"{args.command}: the model directory MODEL is required")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

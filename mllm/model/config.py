@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 MODEL_TYPES = ("mllm", "minicpmv")
 PROJECTORS = ("resampler", "merge", "mlp")
@@ -261,12 +261,10 @@ class MiniCPMVConfig(MLLMConfig):
     model_type = "minicpmv"
 
 
-def register_auto_classes() -> None:
-    """Make `AutoConfig.from_pretrained` understand "mllm" and "minicpmv" (called by the model module)."""
-    from transformers import AutoConfig
-
+def register_auto_config() -> None:
+    """Make `AutoConfig.from_pretrained` understand "mllm" and "minicpmv" (called when this module is imported)."""
     for config_class in (MLLMConfig, MiniCPMVConfig):
-        try:
-            AutoConfig.register(config_class.model_type, config_class)
-        except ValueError:
-            pass  # already registered in this process
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+
+
+register_auto_config()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from mllm.data.preference import PreferenceDataset, ReferenceLogps, preference_collator
 from mllm.io import (
@@ -94,7 +95,7 @@ def make_header(model_dir: str | Path, dataset: PreferenceDataset) -> dict[str, 
         "tokenizer": tokenizer_fingerprint(model_dir),
         "data": data_fingerprint(dataset.data_path),
         "max_length": dataset.max_length,
-        "max_slice_nums": dataset.max_slice_nums,
+        "max_slice_nums": dataset.processor.max_slice_nums,
         "n_items": len(dataset),
     }
 
@@ -246,8 +247,6 @@ def _write_share(
     num_workers: int,
 ) -> None:
     """Append one record per pair of `todo` to this process's part, flushed and synced after each batch."""
-    from torch.utils.data import DataLoader, Subset
-
     if not todo:
         return
     loader = DataLoader(

@@ -11,7 +11,7 @@ str and PIL images}`. Every family implements:
 - `generate_tokens(batch, **generation_kwargs)`: the new tokens [B, new] of transformers' `generate`, stopping at
   the family's terminators; `decode` turns them into answers.
 - `parameter_groups()`: parameter-name prefixes of the vision tower, the projector and the LLM (the freeze flags).
-- `family` (config.json's model_type) and `box_format` (how the family writes boxes, see `mllm.eval.boxes`).
+- `family` (config.json's model_type) and `box_format` (how the family writes boxes, see `mllm.boxes`).
 
 On top of those, shared here: `answer` (conversations -> answers, greedy unless given other settings), `sft_loss`,
 `response_logps` (per-sample log-probability of each conversation's assistant tokens), `freeze`.
@@ -49,7 +49,7 @@ class VLM(ABC):
     family: str
     """config.json's model_type ("minicpmv", "llava", "qwen2_vl", ...)."""
     box_format: str
-    """The box syntax the family writes (a `mllm.eval.boxes.OUTPUT_BOX_FORMATS` name)."""
+    """The box syntax the family writes (a `mllm.boxes.OUTPUT_BOX_FORMATS` name)."""
     model: torch.nn.Module
     """The underlying transformers model (for optimisers, peft, save_pretrained)."""
 
@@ -80,7 +80,7 @@ class VLM(ABC):
 
     @abstractmethod
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write the model and its processor files so that `load_vlm(out_dir)` opens them again."""
+        """Write the model and its processor files so that `mllm.load_vlm(out_dir)` opens them again."""
 
     @property
     def device(self) -> torch.device:
