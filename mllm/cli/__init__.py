@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, parsed arguments) of a command line, with the shared fix-ups: a question left after the options
+    (`chat`), an older `--model` folded into MODEL; usage errors exit as argparse's do."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse binds an optional positional before the options that follow it (`chat DIR --image X "question"`
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         args.model = legacy_model
     if getattr(args, "model_required", False) and args.model is None:
         parser.error(f"{args.command}: the model directory MODEL is required")
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
