@@ -30,16 +30,9 @@ import torch
 from mllm.model.inputs import MLLMInputs
 
 SHAPE = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2),
+    hidden_size=256, intermediate_size=512, vision_config=dict(hidden_size=128, intermediate_size=256)
 )
+"""The checked model: the benchmarks' `bench-tiny` preset, twice as wide."""
 CORPUS = ["A red circle and a blue square on a white table.", "Describe this image in detail, please."] * 8
 
 
@@ -53,7 +46,7 @@ def build(workdir: Path):
     from mllm.processing.processor import MLLMProcessor
 
     torch.manual_seed(0)
-    model = MLLMModel(MLLMConfig(**SHAPE, attn_implementation="eager")).eval()
+    model = MLLMModel(MLLMConfig.from_preset("bench-tiny", **SHAPE, attn_implementation="eager")).eval()
     build_toy_tokenizer(CORPUS, workdir / "tokenizer", vocab_size=600)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     processor = MLLMProcessor(tokenizer, MLLMImageProcessor(scale_resolution=224, max_slice_nums=4))

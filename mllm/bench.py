@@ -37,18 +37,6 @@ TOKENIZER_CORPUS = [
     "On the dining table there are several cups, a bottle of wine and a bowl of oranges.",
 ]
 JOB_QUESTION = "Describe this image in detail."
-TINY_SHAPE = dict(
-    vocab_size=1024,
-    hidden_size=128,  # the resampler's smallest width
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
-)
-"""The benchmarks' --tiny model (MLLMConfig fields): seconds on a CPU."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -131,11 +119,15 @@ class ResultFile:
         write_json_atomic(self.path, self.payload)
 
 
-def random_mllm(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """MLLMModel of `shape` (MLLMConfig fields) with random weights: built on meta (no host memory), filled on
-    `device`."""
+def model_preset(tiny: bool) -> str:
+    """The benchmarks' model size: `bench-tiny` (--tiny: seconds on a CPU) or MiniCPM-V 2.6's 8B shape."""
+    return "bench-tiny" if tiny else "minicpmv-2.6"
 
-    config = MLLMConfig(**shape, attn_implementation="sdpa")
+
+def random_mllm(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides: Any):
+    """MLLMModel of a named size (`MLLMConfig.from_preset`, `overrides` on top) with random weights: built on meta
+    (no host memory), filled on `device`."""
+    config = MLLMConfig.from_preset(preset, **overrides, attn_implementation="sdpa")
     with torch.device("meta"):
         model = MLLMModel(config)
     model = model.to(dtype).to_empty(device=device)

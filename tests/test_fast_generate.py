@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixture_data import batch_data, expected, single_sample
-from fixture_data import generate_on as run
-from tiny_llm import TINY_LLM
+from helpers.fixture_data import batch_data, expected, single_sample
+from helpers.fixture_data import generate_on as run
 from transformers import AutoTokenizer
 
 from mllm.model.config import MLLMConfig
 from mllm.model.fast_generate import FastGenerator
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.modeling import MLLMModel
+from mllm.model.presets import preset_fields
 
-TINY = dict(TINY_LLM, max_position_embeddings=512, attention_bias=True)
+TINY = preset_fields("tiny-llm", max_position_embeddings=512, attention_bias=True)
 PAD = 0
 
 

@@ -163,7 +163,7 @@ def test_4_kill_during_torn_tail_repair_of_a_large_file_loses_nothing(tmp_path):
 
 
 def test_5_training_refuses_an_output_dir_with_a_finished_model(small_model_dir, tmp_path, capsys):
-    from test_sft import make_sft_files
+    from helpers.data_files import make_sft_files
 
     data = make_sft_files(tmp_path / "d", 2)
     out = tmp_path / "run"
@@ -177,8 +177,9 @@ def test_5_training_refuses_an_output_dir_with_a_finished_model(small_model_dir,
 
 
 def test_5_overwrite_output_dir_deletes_the_old_checkpoints(tmp_path):
+    from helpers.training import cpu_training_args
+
     from mllm.train.runner import check_output_dir
-    from tests.training_helpers import cpu_training_args
 
     out = tmp_path / "run"
     (out / "checkpoint-60").mkdir(parents=True)
@@ -350,8 +351,9 @@ def test_10_image_mark_without_an_image_names_the_item(small_model_dir, tmp_path
 
 
 def test_10_resume_auto_falls_back_past_a_torn_state_or_an_empty_optimizer(tmp_path, caplog):
+    from helpers.training import cpu_training_args
+
     from mllm.train.runner import resolve_resume
-    from tests.training_helpers import cpu_training_args
 
     for step in (10, 20, 30):
         folder = tmp_path / f"checkpoint-{step}"
@@ -391,7 +393,7 @@ def test_10_control_tokens_in_text_are_refused(small_model_dir):
 
 
 def test_10_preference_training_that_logged_nothing_exits_0(small_model_dir, tmp_path):
-    from test_preference import make_preference_file
+    from helpers.data_files import make_preference_file
 
     from mllm.train.preference import main as preference_main
 

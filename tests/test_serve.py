@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from helpers.web import chat_greedy, fixture_image
 from PIL import Image
-from web_helpers import chat_greedy, fixture_image
 
 from mllm.model.chat import chat, decoding_kwargs
 

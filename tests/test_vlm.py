@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
+from helpers.vlm_tiny import FAMILIES, build_tiny
 from PIL import Image
-from vlm_tiny import FAMILIES, build_tiny
 
 from mllm.api import load_vlm
 from mllm.model.chat import decoding_kwargs

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers.web import MAX_LENGTH, QUESTION, chat_greedy, fixture_image, start_server
 from PIL import Image
-from web_helpers import MAX_LENGTH, QUESTION, chat_greedy, fixture_image, start_server
 
 NEW_TOKENS = 24
 

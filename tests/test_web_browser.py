@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.web import QUESTION, chat_greedy, fixture_image, start_server
 from PIL import Image
-from web_helpers import QUESTION, chat_greedy, fixture_image, start_server
 
 NEW_TOKENS = 20
 TIMEOUT_S = 90

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from mllm.model.presets import preset_fields
+
 MODEL_TYPES = ("mllm", "minicpmv")
 PROJECTORS = ("resampler", "merge", "mlp")
 VISION_STEMS = ("patch", "conv", "cnn")
@@ -190,6 +192,12 @@ class MLLMConfig(PretrainedConfig):
             )
         config_class = MiniCPMVConfig if model_type == MiniCPMVConfig.model_type else MLLMConfig
         return config_class.from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MLLMConfig:
+        """A config of a named size (`mllm.model.presets.PRESETS`: "minicpmv-2.6", "toy", "bench-tiny",
+        "tiny-llm"), `overrides` on top (`vision_config` merged key by key), litgpt's `Config.from_name`."""
+        return cls(**preset_fields(name, **overrides))
 
     @property
     def vision(self) -> VisionConfig:
