@@ -75,6 +75,23 @@ def training_argv(options: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Close the group Trainer opened under torchrun: a gloo group left open when the interpreter exits aborts the
+    process ("terminate called without an active exception", SIGABRT) after the model was saved, so torchrun reports
+    a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
     argv = training_argv(args.options)
     if args.task == "preference":
         from mllm.train.preference import main as preference_main
