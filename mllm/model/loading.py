@@ -22,6 +22,23 @@ logger = logging.getLogger(__name__)
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
+HUB_KWARGS = (
+    "trust_remote_code",
+    "adapter_kwargs",
+    "_from_auto",
+    "_from_pipeline",
+    "revision",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "subfolder",
+    "code_revision",
+)
+"""Download and remote-code options that transformers' Auto classes pass along to a
+model's or a processor's `from_pretrained`; a local directory needs none, so both drop them."""
+
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The weight files of a checkpoint directory, safetensors preferred; a clear error when none or some are missing."""

@@ -34,7 +34,7 @@ from mllm.model.export import carry_remote_code
 from mllm.model.fast_generate import FastGenerator
 from mllm.model.inputs import BATCH_FIELDS, MLLMInputs, positions_from_mask
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.loading import load_pretrained
+from mllm.model.loading import HUB_KWARGS, load_pretrained
 from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
@@ -108,23 +108,6 @@ def normalize_rows(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[N, Q, D] -> the same with each slice's rows centred over Q and scaled to RMS 1 (`normalize_image_rows`)."""
     centred = rows - rows.mean(dim=1, keepdim=True)
     return centred / (centred.float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().to(rows.dtype) + eps)
-
-
-HUB_KWARGS = (
-    "trust_remote_code",
-    "adapter_kwargs",
-    "_from_auto",
-    "_from_pipeline",
-    "revision",
-    "cache_dir",
-    "force_download",
-    "proxies",
-    "token",
-    "local_files_only",
-    "subfolder",
-    "code_revision",
-)
-"""Download and remote-code options that transformers' Auto classes pass along; a local directory needs none."""
 
 
 class MLLMModel(PreTrainedModel, GenerationMixin):

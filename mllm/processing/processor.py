@@ -30,6 +30,7 @@ from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
 from mllm.model.config import MiniCPMVConfig, MLLMConfig
 from mllm.model.inputs import MLLMInputs, positions_from_mask
+from mllm.model.loading import HUB_KWARGS
 from mllm.processing.image_processing import MLLMImageProcessor, to_rgb
 
 if TYPE_CHECKING:
@@ -253,22 +254,6 @@ def pad_rows(
         ids[b, start : start + len(seq)] = seq
         mask[b, start : start + len(seq)] = 1
     return ids, mask
-
-
-HUB_KWARGS = (
-    "trust_remote_code",
-    "_from_auto",
-    "_from_pipeline",
-    "revision",
-    "cache_dir",
-    "force_download",
-    "proxies",
-    "token",
-    "local_files_only",
-    "subfolder",
-    "code_revision",
-)
-"""Download and remote-code options that transformers' Auto classes pass along; a local directory needs none."""
 
 
 def chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
