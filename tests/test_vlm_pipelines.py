@@ -20,10 +20,14 @@ from PIL import Image
 
 from mllm.api import load_vlm
 from mllm.cli import main
-from mllm.data.conversations import ConversationPairs
+from mllm.data.conversations import ConversationDataset, ConversationPairs, VLMCollator
 from mllm.data.preference import open_image
 from mllm.model.chat import decoding_kwargs
+from mllm.model.losses import sft_loss
 from mllm.train.logps import load_reference_logps, read_records
+from mllm.train.runner import MLLMTrainingArguments
+from mllm.train.sft import ModelArguments, load_for_training
+from mllm.vlm import as_vlm
 
 TRAIN_FLAGS = ["--report-to", "none", "--logging-steps", "1", "--save-strategy", "no", "--seed", "0"]
 
@@ -106,3 +110,121 @@ def test_logp_equals_a_direct_computation(family_dir, family_vlm, tmp_path, caps
         pairs.collator()([pairs[0]])
     before = out.read_bytes()
     assert main(argv) == 0 and out.read_bytes() == before  # a rerun finds the work done and keeps the file
+
+
+def _trainable_groups(model, vlm) -> set[str]:
+    base = dict(vlm.model.named_parameters())
+    groups = set()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            plain = name.removeprefix("base_model.model.")
+            plain = plain.replace(".modules_to_save.default.", ".").replace(".lora_A.default", "")
+            plain = plain.replace(".lora_B.default", "")
+            plain = plain if plain in base else plain.replace(".base_layer", "")
+            groups.add(vlm.group_of(plain))
+    return groups
+
+
+def test_freeze_flags_map_to_the_familys_groups(family_dir, tmp_path) -> None:
+    args = MLLMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    only_projector = ModelArguments(
+        model=str(family_dir), tune_vision=False, tune_llm=False, tune_resampler=True
+    )
+    model, processor = load_for_training(only_projector, args)
+    vlm = as_vlm(model, processor)
+    assert _trainable_groups(model, vlm) == {"projector"}
+    vision_and_llm = ModelArguments(model=str(family_dir), tune_vision=True, tune_resampler=False)
+    model, _ = load_for_training(vision_and_llm, args)
+    assert _trainable_groups(model, vlm) == {"vision", "llm"}
+    lora = ModelArguments(model=str(family_dir), use_lora=True, lora_r=4, tune_resampler=False)
+    model, _ = load_for_training(lora, args)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert _trainable_groups(model, vlm) == {"llm"}
+
+
+def _dataset_loss(model_dir: Path, data: Path) -> float:
+    """The SFT loss of a model directory (or LoRA checkpoint) over every item of `data`, in one batch."""
+    vlm = load_vlm(model_dir, device="cpu")
+    dataset = ConversationDataset(data)
+    batch = VLMCollator(vlm, 4096)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = vlm.model(**batch["inputs"], use_cache=False).logits
+    return float(sft_loss(logits, batch["labels"]))
+
+
+@pytest.mark.parametrize(("family", "lora"), [("llava", False), ("qwen2_vl", True), ("blip-2", False)])
+def test_sft_through_the_cli_lowers_the_loss(family, lora, tmp_path, capsys) -> None:
+    model_dir = _tiny(family, tmp_path)
+    data = make_sft_files(tmp_path / "data", n=4)
+    out = tmp_path / "sft"
+    argv = ["train", "sft", str(model_dir), "--data", str(data), "--out", str(out), *TRAIN_FLAGS]
+    argv += ["--max-steps", "6", "--per-device-train-batch-size", "4", "--learning-rate", "2e-3"]
+    argv += ["--use-lora", "true", "--lora-r", "8"] if lora else ["--tune-vision", "true"]
+    assert main(argv) == 0
+    before, after = _dataset_loss(model_dir, data), _dataset_loss(out, data)
+    assert after < before - 0.5, (before, after)
+    if lora:
+        _check_merge_lora(model_dir, out, tmp_path, capsys)
+
+
+def _check_merge_lora(model_dir: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """merge-lora writes a plain model whose logits are those of the base with the adapter on (peft, unmerged)."""
+    from peft import PeftModel
+
+    merged = tmp_path / "merged"
+    assert main(["merge-lora", str(model_dir), str(checkpoint), str(merged)]) == 0
+    assert not (merged / "adapter_config.json").exists()
+    base = load_vlm(model_dir, device="cpu")
+    adapter = PeftModel.from_pretrained(base.model, str(checkpoint)).eval()
+    data = json.loads((tmp_path / "data" / "train.json").read_text())
+    image = Image.open(tmp_path / "data" / data[0]["image"]).convert("RGB")
+    batch = base.prepare(
+        [[{"role": "user", "content": [image, "Is it red?"]}, {"role": "assistant", "content": "Yes"}]],
+        with_labels=True,
+    )
+    with torch.no_grad():
+        expected = adapter(**batch.inputs, use_cache=False).logits
+        got = load_vlm(merged, device="cpu").logits(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (
+        main(["merge-lora", str(model_dir), str(checkpoint), str(merged)]) == 2
+    )  # never overwritten silently
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_preference_through_the_cli_lowers_the_loss(family, tmp_path) -> None:
+    model_dir = _tiny(family, tmp_path)
+    data = make_preference_file(tmp_path / "pref", n=4)
+    out = tmp_path / "dpo"
+    argv = ["train", "preference", str(model_dir), "--data", str(data), "--out", str(out), *TRAIN_FLAGS]
+    argv += ["--max-steps", "6", "--per-device-train-batch-size", "4", "--learning-rate", "2e-3"]
+    argv += ["--loss-type", "dpo", "--logp-batch-size", "2"]
+    assert main(argv) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [row["loss"] for row in history if "loss" in row]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference: -log sigmoid(0)
+    assert losses[-1] < losses[0] - 0.1, losses
+    header, _ = read_records(out / "reference_logps.jsonl")
+    assert header["n_items"] == 4
+
+
+def test_ground_reads_the_familys_own_box_syntax_by_default(tmp_path, capsys, monkeypatch) -> None:
+    """Qwen2.5-VL writes absolute pixels, which `auto` would read as the 0..1000 grid: auto means the family's own."""
+    from mllm.boxes import parse_box, to_pixels
+    from mllm.vlm.hf import HFVLM
+
+    model_dir = _tiny("qwen2_5_vl", tmp_path)
+    answer = "<|object_ref_start|>it<|object_ref_end|><|box_start|>(10,12),(30,40)<|box_end|>"
+    monkeypatch.setattr(HFVLM, "decode", lambda self, tokens: [answer] * len(tokens))
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (112, 84), (255, 255, 255)).save(path)
+    argv = ["ground", str(model_dir), "it", "--image", str(path), "--out", str(tmp_path / "found.png")]
+    assert main([*argv, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def pixels(box_format: str) -> list[float]:
+        return [round(v, 1) for v in to_pixels(parse_box(answer, box_format, (112, 84)), 112, 84)]
+
+    assert result["box_pixels"] == pixels("qwen25vl") == [10.0, 12.0, 30.0, 40.0] != pixels("auto")
