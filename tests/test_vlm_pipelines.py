@@ -9,7 +9,10 @@ the vision tower) and BLIP-2 (full, OPT behind a Q-Former); preference training 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +231,111 @@ def test_ground_reads_the_familys_own_box_syntax_by_default(tmp_path, capsys, mo
         return [round(v, 1) for v in to_pixels(parse_box(answer, box_format, (112, 84)), 112, 84)]
 
     assert result["box_pixels"] == pixels("qwen25vl") == [10.0, 12.0, 30.0, 40.0] != pixels("auto")
+
+
+def _request(colour: tuple[int, int, int] | None, question: str = QUESTION) -> list[dict]:
+    """OpenAI chat messages: one user turn with a 40x36 image of `colour` (none for None) and `question`."""
+    content: list[dict] = [{"type": "text", "text": question}]
+    if colour is not None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 36), colour).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": content}]
+
+
+def _conversation(colour: tuple[int, int, int] | None, question: str = QUESTION) -> list[dict]:
+    content = [question] if colour is None else [Image.new("RGB", (40, 36), colour), question]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_serve_answers_a_familys_requests_as_the_interface_alone_and_batched(family, tmp_path) -> None:
+    """The server's path for every family is `vlm.prepare` + `vlm.generate_tokens` (two families: a Llama
+    tokenizer with a bos, a Qwen one without): plain and streamed answers over HTTP, then four requests of different
+    lengths, with and without an image, decoded in one batch, each as the interface answers it alone."""
+    import openai
+
+    from mllm.serve.app import Server, build_app
+    from mllm.serve.batcher import BatchEngine, Job
+    from mllm.serve.config import ServeConfig
+
+    model_dir = _tiny(family, tmp_path)
+    vlm = load_vlm(model_dir, device="cpu")
+    greedy = decoding_kwargs("greedy", max_new_tokens=6)
+    app = build_app(vlm.model, vlm.processor, ServeConfig(model_name="tiny", port=0))
+    server = Server(app, "127.0.0.1", 0).start()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        reply = client.chat.completions.create(
+            model="tiny", messages=_request((200, 10, 10)), temperature=0, max_tokens=6
+        )
+        chunks = client.chat.completions.create(
+            model="tiny", messages=_request((200, 10, 10)), temperature=0, max_tokens=6, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        server.close()
+    expected = vlm.answer([_conversation((200, 10, 10))], **greedy)[0]
+    assert expected and reply.choices[0].message.content == streamed == expected
+    prompt_tokens = vlm.prepare([_conversation((200, 10, 10))]).inputs["input_ids"].shape[1]
+    assert reply.usage.prompt_tokens == prompt_tokens
+
+    service = app.state.service
+    asks = [
+        ((10, 200, 10), QUESTION),
+        (None, "Is there a dog?"),
+        ((10, 10, 200), "Describe the picture."),
+        (None, "Yes"),
+    ]
+    engine = BatchEngine(vlm.model, vlm.processor, max_batch_size=4, max_queue=8, batch_wait_ms=0)
+    results: dict[int, str] = {}
+    for i, (colour, question) in enumerate(asks):
+        body = json.dumps({"messages": _request(colour, question), "temperature": 0, "max_tokens": 6})
+        prepared = service.prepare(body.encode())
+        engine.submit(
+            Job(
+                prepared.encoded,
+                prepared.request.decoding(8),
+                6,
+                1,
+                lambda kind, choice, payload, i=i: (
+                    results.__setitem__(i, payload[0]) if kind == "done" else None
+                ),
+            )
+        )
+    engine.start()  # all four are waiting: one batch
+    deadline = time.monotonic() + 60
+    while len(results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop()
+    assert engine.batch_sizes == [4]
+    assert [results[i] for i in range(4)] == [vlm.answer([_conversation(c, q)], **greedy)[0] for c, q in asks]
+
+
+def test_web_page_answers_with_the_family_and_draws_its_boxes(tmp_path, monkeypatch) -> None:
+    """The page's answer step (`respond`, what the Send button runs) on a Qwen2.5-VL directory: the answer is the
+    interface's greedy answer; in grounding mode a box in the family's own syntax (pixels) is drawn where it is."""
+    from mllm.vlm.hf import HFVLM
+    from mllm.web.app import model_handle, respond
+    from mllm.web.session import ChatSession, Decoding
+
+    vlm = load_vlm(_tiny("qwen2_5_vl", tmp_path), device="cpu")
+    handle = model_handle(vlm.model, vlm.processor)
+    assert handle.box_format == "qwen25vl" and handle.max_length == 512
+    path = tmp_path / "white.png"
+    Image.new("RGB", (112, 84), "white").save(path)
+    decoding = Decoding(max_new_tokens=5)
+    shown, status, picture, _ = list(respond(handle, ChatSession(), [str(path)], QUESTION, decoding, False))[
+        -1
+    ]
+    conversation = [{"role": "user", "content": [Image.open(path).convert("RGB"), QUESTION]}]
+    expected = vlm.answer([conversation], **decoding.kwargs())[0]
+    assert expected and shown[-1]["content"][0]["text"] == expected and status == "Done."
+
+    answer = "<|object_ref_start|>square<|object_ref_end|><|box_start|>(28,21),(84,63)<|box_end|>"
+    monkeypatch.setattr(HFVLM, "decode", lambda self, tokens: [answer] * len(tokens))
+    _, status, picture, _ = list(respond(handle, ChatSession(), [str(path)], "Where?", decoding, True))[-1]
+    assert status == "Done: 1 box(es) drawn."
+    assert picture.getpixel((28, 40)) != (255, 255, 255)  # the left edge at x = 28 pixels
+    assert picture.getpixel((56, 42)) == (255, 255, 255)  # inside the box: untouched

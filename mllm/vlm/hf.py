@@ -270,6 +270,9 @@ class HFVLM(VLM):
 
     # -- training plumbing ------------------------------------------------------------------------------------------
 
+    def terminator_ids(self) -> list[int]:
+        return list(self.terminators)
+
     def stop_ids(self) -> set[int]:
         return {*self.terminators, self.pad_id}
 

@@ -76,6 +76,10 @@ class VLM(ABC):
         """New tokens -> answers: cut at the first terminator, special tokens such as box tags kept, stripped."""
 
     @abstractmethod
+    def terminator_ids(self) -> list[int]:
+        """Token ids that end an answer (what `decode` cuts at)."""
+
+    @abstractmethod
     def stop_ids(self) -> set[int]:
         """Token ids that end an answer or pad it after its end (terminators and the pad id)."""
 

@@ -66,6 +66,9 @@ class MiniCPMVVLM(VLM):
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.model._decode_text(tokens, self.tokenizer)
 
+    def terminator_ids(self) -> list[int]:
+        return list(self.model.terminator_ids(self.tokenizer))
+
     def stop_ids(self) -> set[int]:
         return {*self.model.terminator_ids(self.tokenizer), self.processor.pad_token_id}
 

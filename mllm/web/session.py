@@ -1,7 +1,8 @@
 """The page's logic without Gradio: one conversation, the decoding panel's settings, one streamed answer.
 
-Inference goes through `mllm.model.chat.chat` (processor -> `MLLMModel.generate`) exactly as `mllm chat` does;
-this module only turns page inputs into its arguments. Every bad input is a `ValueError` whose message the page
+Inference goes through `mllm.model.chat.chat` (processor -> `MLLMModel.generate`) exactly as `mllm chat` does, and
+for the other families of `mllm.vlm` through their interface (`prepare`, `generate_tokens`, `decode`: one piece, not
+streamed); this module only turns page inputs into its arguments. Every bad input is a `ValueError` whose message the page
 shows as it is.
 """
 
@@ -19,6 +20,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image, open_image_header
 from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
+from mllm.processing.processor import MLLMProcessor
+from mllm.vlm import VLM, as_vlm
 
 
 @dataclass
@@ -145,6 +148,8 @@ def stream_answer(
     caller can report it before changing anything. Beam search yields once, with the finished answer.
     """
     kwargs = decoding.kwargs()
+    if not isinstance(processor, MLLMProcessor):
+        return iter([family_answer(as_vlm(model, processor), messages, kwargs, max_length)])
     common = {"max_length": max_length, **kwargs}
     if not decoding.streams:
         answer = chat(model, None, messages, processor.tokenizer, processor, **common)
@@ -162,6 +167,23 @@ def stream_answer(
         **common,
     )
     return _accumulate(streamer, stop)
+
+
+def family_answer(
+    vlm: VLM, messages: list[dict[str, Any]], kwargs: dict[str, Any], max_length: int | None
+) -> str:
+    """The answer of another family than ours (`mllm.vlm`), in one piece: its prompt checked against `max_length`
+    (a ValueError, as for ours), then `generate` and `decode` as `mllm chat` answers with it."""
+    batch = vlm.prepare([messages])
+    n_tokens = batch.inputs["input_ids"].shape[1]
+    if max_length is not None and n_tokens > max_length:
+        raise ValueError(f"The prompt has {n_tokens} tokens, more than the {max_length} this page allows")
+    return vlm.decode(vlm.generate_tokens(batch, **kwargs))[0]
+
+
+def answers_in_one_piece(processor: Any, decoding: Decoding) -> bool:
+    """Beam search, and every family but ours (whose `chat` streams), answer in one piece."""
+    return not decoding.streams or not isinstance(processor, MLLMProcessor)
 
 
 class _StopWhenSet(StoppingCriteria):
