@@ -175,18 +175,13 @@ class ConversationPairs(PreferenceDataset):
         question = _text_field(raw, "question", where)
         responses = {name: _text_field(raw, name, where) for name in ("chosen", "rejected")}
         source = self._image_source(raw, where)
-        with open_image(source, where, self.max_image_pixels):
-            pass
+        open_image(source, where, self.max_image_pixels).close()  # the header: unreadable, bomb, over the cap
         reference = parse_inline_logps(raw["logps"], where) if raw.get("logps") is not None else None
         return ConversationPair(idx, question, responses["chosen"], responses["rejected"], source, reference)
 
     def set_reference(self, records: dict[Any, ReferenceLogps], source: str) -> None:
-        missing = [pair.idx for pair in self.pairs if pair.idx not in records]
-        if missing:
-            raise ValueError(
-                f"{source}: no reference log-probs for {len(missing)} items of {self.data_path} "
-                f"(first idx: {missing[:5]}); recompute them with `mllm logp`"
-            )
+        """Attach reference log-probs (their token counts are checked by the collator, against the labels)."""
+        self.check_covered(records, source)
         for pair in self.pairs:
             pair.reference = records[pair.idx]
 

@@ -209,16 +209,20 @@ class PreferenceDataset(Dataset):
 
     def set_reference(self, records: dict[Any, ReferenceLogps], source: str) -> None:
         """Attach reference log-probs; every pair needs one with matching token counts."""
+        self.check_covered(records, source)
+        for pair in self.pairs:
+            check_token_counts(pair, records[pair.idx], source)
+        for pair in self.pairs:
+            pair.reference = records[pair.idx]
+
+    def check_covered(self, records: dict[Any, Any], source: str) -> None:
+        """Refuse reference log-probs that leave some pair of this data without one."""
         missing = [pair.idx for pair in self.pairs if pair.idx not in records]
         if missing:
             raise ValueError(
                 f"{source}: no reference log-probs for {len(missing)} items of {self.data_path} "
                 f"(first idx: {missing[:5]}); recompute them with `mllm logp`"
             )
-        for pair in self.pairs:
-            check_token_counts(pair, records[pair.idx], source)
-        for pair in self.pairs:
-            pair.reference = records[pair.idx]
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -179,7 +179,9 @@ class SFTTrainer(Trainer):
         """`--train-sampling-strategy group_by_length` with the lengths the dataset already knows (Trainer's own
         path would load every sample, images included, to measure it); anything else is Trainer's."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, ConversationDataset):
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(
+            dataset, ConversationDataset
+        ):
             raise ValueError(
                 "--train-sampling-strategy group_by_length: another family's items have no length before its "
                 "processor expands their images (at batch time); use the default sampling"
