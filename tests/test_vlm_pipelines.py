@@ -339,3 +339,25 @@ def test_web_page_answers_with_the_family_and_draws_its_boxes(tmp_path, monkeypa
     assert status == "Done: 1 box(es) drawn."
     assert picture.getpixel((28, 40)) != (255, 255, 255)  # the left edge at x = 28 pixels
     assert picture.getpixel((56, 42)) == (255, 255, 255)  # inside the box: untouched
+
+
+def test_sft_of_a_family_under_deepspeed_zero3_in_two_processes(tmp_path) -> None:
+    """torchrun x2 with ZeRO-3 (as tests/test_scale_out.py runs ours): transformers' from_pretrained would build a
+    family's model inside deepspeed.zero.Init before the CPU process group exists and stop both processes; the
+    weights load whole (`full_weights_on_load`) and the gathered model saved at the end has learnt."""
+    import subprocess
+
+    from helpers.training import distributed_env, torchrun
+
+    model_dir = _tiny("qwen2_vl", tmp_path)
+    data = make_sft_files(tmp_path / "data", n=8)
+    out = tmp_path / "zero3"
+    config = Path(__file__).resolve().parents[1] / "configs" / "ds_zero3.json"
+    command = torchrun(
+        2, "-m", "mllm", "train", "sft", str(model_dir), "--data", str(data), "--out", str(out)
+    )
+    command += ["--deepspeed", str(config), "--per-device-train-batch-size", "2", "--max-steps", "4"]
+    command += ["--learning-rate", "1e-3", *TRAIN_FLAGS]
+    result = subprocess.run(command, env=distributed_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _dataset_loss(out, data) < _dataset_loss(model_dir, data) - 1.0

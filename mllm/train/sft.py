@@ -14,6 +14,8 @@ Trainer's own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import deepspeed as hf_deepspeed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.api import load
@@ -275,6 +279,31 @@ def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+@contextmanager
+def full_weights_on_load() -> Iterator[None]:
+    """Under `--deepspeed` ZeRO-3 before DeepSpeed's communication is set up (CPU training: accelerate opens a torch
+    process group, DeepSpeed's own comes later), load whole weights, as our loader always does: transformers'
+    from_pretrained (the other families) would build the model inside `deepspeed.zero.Init`, which then takes the world
+    size as 1 (DeepSpeed's batch-size assertion stopped both processes of a torchrun launch). DeepSpeed partitions the
+    weights when Trainer starts it, as for ours. Where it is set up (GPUs), zero.Init partitions while loading, as
+    transformers intends."""
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed.comm  # installed: ZeRO-3 is on
+
+    if deepspeed.comm.is_initialized():
+        yield
+        return
+    # the object registered (by TrainingArguments, or accelerate's copy of it): transformers keeps only a weakref
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def load_for_training(
     args: ModelArguments, training_args: TrainingArguments, max_slice_nums: int | None = None
 ):
@@ -288,9 +317,10 @@ def load_for_training(
     torch_dtype = resolve_weights_dtype(args.weights_dtype, training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model, processor = load(
-        args.model, "cpu", torch_dtype, args.attn_implementation, max_slice_nums=max_slice_nums
-    )
+    with full_weights_on_load():
+        model, processor = load(
+            args.model, "cpu", torch_dtype, args.attn_implementation, max_slice_nums=max_slice_nums
+        )
     model.train()
     if isinstance(model, MLLMModel):
         set_trainable(model, args)
