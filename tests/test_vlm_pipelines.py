@@ -314,8 +314,8 @@ def test_serve_answers_a_familys_requests_as_the_interface_alone_and_batched(fam
 
 
 def test_web_page_answers_with_the_family_and_draws_its_boxes(tmp_path, monkeypatch) -> None:
-    """The page's answer step (`respond`, what the Send button runs) on a Qwen2.5-VL directory: the answer is the
-    interface's greedy answer; in grounding mode a box in the family's own syntax (pixels) is drawn where it is."""
+    """The page's answer step (`respond`, what the Send button runs) on a Qwen2.5-VL directory: the greedy answer
+    streams and ends as the interface's, beam search answers in one piece; in grounding mode a box in the family's own syntax (pixels) is drawn where it is."""
     from mllm.vlm.hf import HFVLM
     from mllm.web.app import model_handle, respond
     from mllm.web.session import ChatSession, Decoding
@@ -326,12 +326,16 @@ def test_web_page_answers_with_the_family_and_draws_its_boxes(tmp_path, monkeypa
     path = tmp_path / "white.png"
     Image.new("RGB", (112, 84), "white").save(path)
     decoding = Decoding(max_new_tokens=5)
-    shown, status, picture, _ = list(respond(handle, ChatSession(), [str(path)], QUESTION, decoding, False))[
-        -1
-    ]
+    steps = list(respond(handle, ChatSession(), [str(path)], QUESTION, decoding, False))
+    shown, status, picture, _ = steps[-1]
     conversation = [{"role": "user", "content": [Image.open(path).convert("RGB"), QUESTION]}]
     expected = vlm.answer([conversation], **decoding.kwargs())[0]
     assert expected and shown[-1]["content"][0]["text"] == expected and status == "Done."
+    growing = [step[0][-1]["content"][0]["text"] for step in steps[:-1] if step[0][-1]["role"] == "assistant"]
+    assert len(set(growing)) > 2 and all(expected.startswith(text) for text in growing)  # streamed
+    beam = Decoding(strategy="beam", num_beams=2, max_new_tokens=5)
+    shown, *_ = list(respond(handle, ChatSession(), [str(path)], QUESTION, beam, False))[-1]
+    assert shown[-1]["content"][0]["text"] == vlm.answer([conversation], **beam.kwargs())[0]  # one piece
 
     answer = "<|object_ref_start|>square<|object_ref_end|><|box_start|>(28,21),(84,63)<|box_end|>"
     monkeypatch.setattr(HFVLM, "decode", lambda self, tokens: [answer] * len(tokens))

@@ -25,7 +25,6 @@ from mllm.web.grounding import draw_boxes, find_boxes
 from mllm.web.session import (
     ChatSession,
     Decoding,
-    answers_in_one_piece,
     check_images,
     open_images,
     stream_answer,
@@ -122,9 +121,7 @@ def _answer(handle, session, paths, question, decoding, grounding, settings):
     dropped."""
     epoch = session.epoch
     shown = [*session.display, *_user_display(question, paths)]
-    label = (
-        "the answer comes in one piece" if answers_in_one_piece(handle.processor, decoding) else "streaming"
-    )
+    label = "beam search: the answer comes in one piece" if not decoding.streams else "streaming"
     with handle.lock:
         if session.epoch != epoch:
             return
