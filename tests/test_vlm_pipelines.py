@@ -156,22 +156,48 @@ def _dataset_loss(model_dir: Path, data: Path) -> float:
     return float(sft_loss(logits, batch["labels"]))
 
 
-@pytest.mark.parametrize(("family", "lora"), [("llava", False), ("qwen2_vl", True), ("blip-2", False)])
-def test_sft_through_the_cli_lowers_the_loss(family, lora, tmp_path, capsys) -> None:
+def _grounding_data(root: Path) -> Path:
+    """`prepare-grounding --box-format qwen2vl` on four REC records (a red square in each quarter of a 56x56 image)."""
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i, (x0, y0) in enumerate([(4, 4), (28, 4), (4, 28), (28, 28)]):
+        image = Image.new("RGB", (56, 56), "white")
+        image.paste((220, 30, 30), (x0, y0, x0 + 24, y0 + 24))
+        image.save(root / "images" / f"{i}.png")
+        records.append(
+            {"img_path": f"{i}.png", "expression": "the red square", "bbox": [x0, y0, x0 + 24, y0 + 24]}
+        )
+    (root / "rec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = root / "train.json"
+    argv = ["prepare-grounding", "--rec", str(root / "rec.jsonl"), "--image-root", str(root / "images")]
+    assert main([*argv, "--out", str(out), "--box-format", "qwen2vl"]) == 0
+    assert "<|box_start|>" in json.loads(out.read_text())[0]["conversations"][1]["content"]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "lora"),
+    [("llava", "sft", False), ("qwen2_vl", "grounding", True), ("blip-2", "sft", False)],
+)
+def test_sft_through_the_cli_lowers_the_loss(family, task, lora, tmp_path, capsys) -> None:
+    """SFT (full, the vision tower tuned too) and grounding (LoRA, on data in Qwen2-VL's own box syntax)."""
     model_dir = _tiny(family, tmp_path)
-    data = make_sft_files(tmp_path / "data", n=4)
+    data = (
+        _grounding_data(tmp_path / "data") if task == "grounding" else make_sft_files(tmp_path / "data", n=4)
+    )
     out = tmp_path / "sft"
-    argv = ["train", "sft", str(model_dir), "--data", str(data), "--out", str(out), *TRAIN_FLAGS]
+    argv = ["train", task, str(model_dir), "--data", str(data), "--out", str(out), *TRAIN_FLAGS]
     argv += ["--max-steps", "6", "--per-device-train-batch-size", "4", "--learning-rate", "2e-3"]
     argv += ["--use-lora", "true", "--lora-r", "8"] if lora else ["--tune-vision", "true"]
     assert main(argv) == 0
     before, after = _dataset_loss(model_dir, data), _dataset_loss(out, data)
     assert after < before - 0.5, (before, after)
     if lora:
-        _check_merge_lora(model_dir, out, tmp_path, capsys)
+        image = Image.open(json.loads(data.read_text())[0]["image"]).convert("RGB")
+        _check_merge_lora(model_dir, out, tmp_path, image, capsys)
 
 
-def _check_merge_lora(model_dir: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+def _check_merge_lora(model_dir: Path, checkpoint: Path, tmp_path: Path, image: Image.Image, capsys) -> None:
     """merge-lora writes a plain model whose logits are those of the base with the adapter on (peft, unmerged)."""
     from peft import PeftModel
 
@@ -180,8 +206,6 @@ def _check_merge_lora(model_dir: Path, checkpoint: Path, tmp_path: Path, capsys)
     assert not (merged / "adapter_config.json").exists()
     base = load_vlm(model_dir, device="cpu")
     adapter = PeftModel.from_pretrained(base.model, str(checkpoint)).eval()
-    data = json.loads((tmp_path / "data" / "train.json").read_text())
-    image = Image.open(tmp_path / "data" / data[0]["image"]).convert("RGB")
     batch = base.prepare(
         [[{"role": "user", "content": [image, "Is it red?"]}, {"role": "assistant", "content": "Yes"}]],
         with_labels=True,
