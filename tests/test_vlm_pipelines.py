@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -389,3 +390,27 @@ def test_sft_of_a_family_under_deepspeed_zero3_in_two_processes(tmp_path) -> Non
     result = subprocess.run(command, env=distributed_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _dataset_loss(out, data) < _dataset_loss(model_dir, data) - 1.0
+
+
+def test_family_items_the_model_cannot_take_are_refused_naming_them(tmp_path) -> None:
+    """At batch time (a family's length is known once its processor expanded the images): an item over --max-length,
+    and a multi-turn conversation LLaVA-1.5's template cannot label, are refused with the file and the item ids."""
+    vlm = load_vlm(_tiny("llava", tmp_path), device="cpu")
+    data = make_sft_files(tmp_path / "data", n=2)
+    items = json.loads(data.read_text())
+    items[1]["conversations"] += [
+        {"role": "user", "content": "And the colour?"},
+        {"role": "assistant", "content": "Red."},
+    ]
+    data.write_text(json.dumps(items))
+    dataset = ConversationDataset(data)
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(data))}: items \[0\] are \[\d+\] tokens long .* over --max-length 8",
+    ):
+        VLMCollator(vlm, 8, str(data))([dataset[0]])
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(data))}, items \[1\]: conversation 0: this chat template"
+    ):
+        VLMCollator(vlm, 4096, str(data))([dataset[1]])
+    assert VLMCollator(vlm, 4096, str(data))([dataset[0]])["labels"].shape[0] == 1

@@ -38,7 +38,7 @@ from mllm.data.sft import (
     normalise_messages,
     read_json_list,
 )
-from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image_header
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, open_image_header
 from mllm.model.losses import IGNORE_INDEX
 from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor
 from mllm.vlm import VLM, as_vlm
@@ -72,20 +72,26 @@ def conversation_of(
     return conversation
 
 
-def check_lengths(labels: torch.Tensor, attention: torch.Tensor, ids: list[Any], max_length: int) -> None:
-    """Refuse rows longer than `max_length` tokens, naming their items."""
+def check_lengths(attention: torch.Tensor, ids: list[Any], max_length: int, source: str) -> None:
+    """Refuse rows longer than `max_length` tokens, naming the data and the items."""
     lengths = attention.sum(dim=1).tolist()  # [B]
     over = [(ids[r % len(ids)], n) for r, n in enumerate(lengths) if n > max_length]
     if over:
         raise ValueError(
-            f"items {[i for i, _ in over]} are {[n for _, n in over]} tokens long with the family's image tokens, "
+            f"{source}: items {[i for i, _ in over]} are {[n for _, n in over]} tokens long with the family's image tokens, "
             f"over --max-length {max_length}; shorten them or raise --max-length"
         )
 
 
-def cpu_batch(vlm: VLM, conversations: list[list[dict[str, Any]]]) -> tuple[dict[str, Any], torch.Tensor]:
-    """(the family's model inputs, labels [B, T]) of labelled conversations, on the CPU."""
-    batch = vlm.prepare(conversations, with_labels=True, device="cpu")
+def cpu_batch(
+    vlm: VLM, conversations: list[list[dict[str, Any]]], ids: list[Any], source: str
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """(the family's model inputs, labels [B, T]) of labelled conversations, on the CPU; a conversation the family
+    refuses (e.g. several turns its template cannot label) is a ValueError naming the data file and the items."""
+    try:
+        batch = vlm.prepare(conversations, with_labels=True, device="cpu")
+    except ValueError as exc:
+        raise ValueError(f"{source}, items {ids}: {exc}") from exc
     assert batch.labels is not None
     return batch.inputs, batch.labels
 
@@ -139,17 +145,15 @@ class VLMCollator:
     """SFT samples -> `{"inputs", "labels"}` through the family's `prepare` (right-padded, labels on the assistant
     tokens); rows over `max_length` are refused."""
 
-    def __init__(self, vlm: VLM, max_length: int) -> None:
+    def __init__(self, vlm: VLM, max_length: int, source: str = "SFT data") -> None:
         self.vlm = vlm
         self.max_length = max_length
+        self.source = source
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [e["id"] for e in examples]
-        try:
-            inputs, labels = cpu_batch(self.vlm, [e["conversation"] for e in examples])
-        except RecordError as exc:
-            raise ValueError(f"items {ids}: {exc}") from exc
-        check_lengths(labels, inputs["attention_mask"], ids, self.max_length)
+        inputs, labels = cpu_batch(self.vlm, [e["conversation"] for e in examples], ids, self.source)
+        check_lengths(inputs["attention_mask"], ids, self.max_length, self.source)
         return {"inputs": inputs, "labels": labels}
 
 
@@ -236,8 +240,8 @@ class PairCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [e["idx"] for e in examples]
         conversations = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        inputs, labels = cpu_batch(self.vlm, conversations)
-        check_lengths(labels, inputs["attention_mask"], ids, self.max_length)
+        inputs, labels = cpu_batch(self.vlm, conversations, ids, self.source)
+        check_lengths(inputs["attention_mask"], ids, self.max_length, self.source)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # [2B]
         n = len(examples)
         for b, e in enumerate(examples):

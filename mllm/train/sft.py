@@ -343,7 +343,7 @@ def make_collator(processor, data_args: DataArguments, model: torch.nn.Module | 
     """Our `data_collator`, or for another family (`model` then needed) its `VLMCollator`."""
     if isinstance(processor, MLLMProcessor):
         return partial(data_collator, pad_token_id=processor.pad_token_id, max_length=data_args.max_length)
-    return VLMCollator(as_vlm(model, processor), data_args.max_length)
+    return VLMCollator(as_vlm(model, processor), data_args.max_length, "--data / --eval-data")
 
 
 def sft_dataset(path: str, processor, data_args: DataArguments) -> Dataset:
