@@ -13,13 +13,13 @@ import base64
 import io
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.data_files import QUESTION, make_preference_file, make_sft_files
 from helpers.vlm_tiny import FAMILIES, build_tiny
+from helpers.web import answers_in_one_batch
 from PIL import Image
 
 from mllm.api import load_vlm
@@ -282,7 +282,7 @@ def test_serve_answers_a_familys_requests_as_the_interface_alone_and_batched(fam
     import openai
 
     from mllm.serve.app import Server, build_app
-    from mllm.serve.batcher import BatchEngine, Job
+    from mllm.serve.batcher import BatchEngine
     from mllm.serve.config import ServeConfig
 
     model_dir = _tiny(family, tmp_path)
@@ -314,28 +314,14 @@ def test_serve_answers_a_familys_requests_as_the_interface_alone_and_batched(fam
         (None, "Yes"),
     ]
     engine = BatchEngine(vlm.model, vlm.processor, max_batch_size=4, max_queue=8, batch_wait_ms=0)
-    results: dict[int, str] = {}
-    for i, (colour, question) in enumerate(asks):
+    jobs = []
+    for colour, question in asks:
         body = json.dumps({"messages": _request(colour, question), "temperature": 0, "max_tokens": 6})
         prepared = service.prepare(body.encode())
-        engine.submit(
-            Job(
-                prepared.encoded,
-                prepared.request.decoding(8),
-                6,
-                1,
-                lambda kind, choice, payload, i=i: (
-                    results.__setitem__(i, payload[0]) if kind == "done" else None
-                ),
-            )
-        )
-    engine.start()  # all four are waiting: one batch
-    deadline = time.monotonic() + 60
-    while len(results) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    engine.stop()
+        jobs.append((prepared.encoded, prepared.request.decoding(8), 6))
+    results = answers_in_one_batch(engine, jobs)
     assert engine.batch_sizes == [4]
-    assert [results[i] for i in range(4)] == [vlm.answer([_conversation(c, q)], **greedy)[0] for c, q in asks]
+    assert results == [vlm.answer([_conversation(c, q)], **greedy)[0] for c, q in asks]
 
 
 def test_web_page_answers_with_the_family_and_draws_its_boxes(tmp_path, monkeypatch) -> None:
