@@ -7,7 +7,8 @@ project reads.
     vlm = mllm.load_vlm("Qwen2-VL-2B-Instruct")                              # the same, behind one interface
 
 The command line, the web page, the server and the demo load through here. Which implementation is used follows
-config.json's model_type (`mllm.vlm.model_family`); a LoRA directory (adapter_config.json) names its base model.
+config.json's model_type (`mllm.vlm.model_family`); a LoRA directory (adapter_config.json) of any family names its
+base model.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def lora_base(path: Path) -> Path | None:
     return Path(base)
 
 
-def merge_adapter(model: MLLMModel, adapter_dir: str | Path) -> MLLMModel:
+def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """`model` with the LoRA adapter of `adapter_dir` (and the modules trained fully beside it) merged in."""
     from peft import PeftModel  # peft's import is slow; only LoRA directories need it
 
@@ -83,7 +84,8 @@ def load(
     slicing settings `processor_overrides` change (e.g. `max_slice_nums=1`; None values are ignored); a LoRA
     checkpoint gives its base with the adapter merged, the processor files read from the checkpoint. A directory
     of transformers' image-text-to-text families (`mllm.vlm.HF_TYPES`) gives transformers' model and processor,
-    which take no overrides. `attn_implementation` defaults to "sdpa" for ours."""
+    which take no overrides; a LoRA checkpoint of such a family its base (and the base's processor) with the
+    adapter merged. `attn_implementation` defaults to "sdpa" for ours."""
     path = Path(path)
     overrides = {k: v for k, v in processor_overrides.items() if v is not None}
     device = resolve_device(device)
@@ -91,14 +93,16 @@ def load(
     base = lora_base(path)
     family = model_family(base or path)
     if family not in MINICPMV_TYPES:
-        if base is not None:
-            raise ValueError(f"{path}: LoRA checkpoints are read for MiniCPM-V models only, not {family}")
         if overrides:
             raise ValueError(
                 f"{path}: {', '.join(f'--{k.replace(chr(95), chr(45))}' for k in overrides)} is a MiniCPM-V "
                 f"setting; the {family} processor decides its tiling itself"
             )
-        return load_hf_family(path, device, torch_dtype)
+        if base is None:
+            return load_hf_family(path, device, torch_dtype)
+        model, processor = load_hf_family(base, device, torch_dtype)
+        logger.info("merging the LoRA adapter of %s into %s", path, base)
+        return merge_adapter(model, path).eval(), processor
     processor = MLLMProcessor.from_pretrained(
         path, **overrides
     )  # checks the tokenizer before the weights load

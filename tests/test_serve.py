@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from helpers.web import chat_greedy, fixture_image
+from helpers.web import answers_in_one_batch, chat_greedy, fixture_image
 from PIL import Image
 
 from mllm.model.chat import chat, decoding_kwargs
@@ -194,7 +194,7 @@ def test_local_files_only_under_the_allowed_folder(client, server, model_and_pro
 def test_batched_answers_equal_answers_alone(model_and_processor):
     """Requests decoded in one batch (different prompt lengths, with and without images) give the tokens each
     gives alone."""
-    from mllm.serve.batcher import BatchEngine, Job
+    from mllm.serve.batcher import BatchEngine
     from mllm.serve.schemas import ChatCompletionRequest
 
     model, processor = model_and_processor
@@ -210,27 +210,13 @@ def test_batched_answers_equal_answers_alone(model_and_processor):
         b'{"messages": [{"role": "user", "content": "x"}], "temperature": 0}'
     )
     engine = BatchEngine(model, processor, max_batch_size=4, max_queue=8, batch_wait_ms=0)
-    results: dict[int, str] = {}
-    for i, conversation in enumerate(conversations):
+    jobs = []
+    for conversation in conversations:
         prompt, images = processor.prepare_chat_inputs(conversation)
-        engine.submit(
-            Job(
-                processor.encode(prompt, images),
-                decoding.decoding(8),
-                TOKENS,
-                1,
-                lambda kind, choice, payload, i=i: (
-                    results.__setitem__(i, payload[0]) if kind == "done" else None
-                ),
-            )
-        )
-    engine.start()  # all four are waiting: one batch
-    deadline = time.monotonic() + 60
-    while len(results) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    engine.stop()
+        jobs.append((processor.encode(prompt, images), decoding.decoding(8), TOKENS))
+    results = answers_in_one_batch(engine, jobs)
     assert engine.batch_sizes == [4]
-    assert [results[i] for i in range(4)] == alone
+    assert results == alone
 
 
 def test_the_batcher_waits_for_requests_still_arriving_and_only_for_them(model_and_processor):

@@ -58,8 +58,9 @@ def _add_shared_flags(parser: argparse.ArgumentParser) -> None:
         "--box-format",
         default="auto",
         choices=BOX_FORMATS,
-        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> or Qwen2-VL's <|box_start|> tags if "
-        "present, else [x0,y0,x1,y1] on the 0..1000 grid, or 0..1 floats; qwen25vl: Qwen2.5-VL's pixels)",
+        help="how the model writes boxes (auto: for another family than MiniCPM-V its own syntax; for ours Qwen's "
+        "<box>(x,y),(x,y)</box> or Qwen2-VL's <|box_start|> tags if present, else [x0,y0,x1,y1] on the 0..1000 grid, "
+        "or 0..1 floats; qwen25vl: Qwen2.5-VL's pixels)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
     parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
@@ -143,6 +144,7 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
     else:
         config.validate()
         answer_fn, model = _answer_fn(args)
+        config.box_format = args.box_format  # auto -> the family's own
         fingerprint = output_fingerprint(args, model, max_slice_nums=args.max_slice_nums)
         result = evaluate_grounding(config, answer_fn, name, fingerprint)
         for run in result.runs:
@@ -156,11 +158,19 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
 
 
 def _answer_fn(args: argparse.Namespace):
-    """(greedy answer function, model) of `args.model`, whatever its family."""
+    """(greedy answer function, model) of `args.model`, whatever its family. `--box-format auto` becomes the box
+    syntax of a family other than ours (`VLM.box_format`: Qwen2.5-VL's pixels, for one, cannot be told from a
+    0..1000 grid by reading them); ours keeps auto, which reads every syntax it writes."""
     from mllm.eval.answer import model_answer_fn
     from mllm.model.chat import decoding_kwargs
+    from mllm.vlm import as_vlm
+    from mllm.vlm.minicpmv import MiniCPMVVLM
 
     model, processor = load_from_args(args)
+    vlm = as_vlm(model, processor)
+    if args.box_format == "auto" and not isinstance(vlm, MiniCPMVVLM):
+        args.box_format = vlm.box_format
+        logger.info("--box-format auto: the %s family's own, %s", vlm.family, vlm.box_format)
     return model_answer_fn(
         model, processor, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
     ), model

@@ -64,7 +64,7 @@ def _init_distributed(device: str | None) -> tuple[str | None, bool]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.data.preference import PreferenceDataset
+    from mllm.data.conversations import preference_data
     from mllm.train.logps import compute_reference_logps
 
     if args.batch_size <= 0:
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     device, distributed = _init_distributed(args.device)
     try:
         model, processor = load_from_args(args, device)
-        dataset = PreferenceDataset(
-            args.data, processor, args.image_root, args.max_length, args.max_image_pixels
+        dataset = preference_data(
+            args.data, model, processor, args.image_root, args.max_length, args.max_image_pixels
         )
         out = compute_reference_logps(
             model,
@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             args.model,
             batch_size=args.batch_size,
-            pad_token_id=processor.pad_token_id,
             num_workers=args.num_workers,
             overwrite=args.overwrite,
         )

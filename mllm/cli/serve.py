@@ -73,7 +73,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             "mllm serve needs fastapi and uvicorn, from the optional extra: pip install -e '.[serve]'"
         )
-    from mllm.model.modeling import MLLMModel
     from mllm.serve.app import run_server
     from mllm.serve.config import ServeConfig
 
@@ -94,7 +93,5 @@ def run_serve(args: argparse.Namespace) -> int:
         max_beams=args.max_beams,
     )
     model, processor = load_from_args(args)
-    if not isinstance(model, MLLMModel):
-        raise ValueError(f"{args.model}: mllm serve runs MiniCPM-V models (model_type mllm or minicpmv) only")
     run_server(model, processor, config)
     return 0

@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
         score_predictions,
     )
     from mllm.io import file_fingerprint, write_json_atomic
-    from mllm.model.modeling import MLLMModel
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
@@ -70,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     items = load_vqa_items(args.data, args.image_root, args.limit)  # bad data fails before the model loads
     out = Path(args.out) if args.out else default_out(args.model, args.data)
     model, processor = load_from_args(args)
-    if not isinstance(model, MLLMModel):
-        raise ValueError(f"{args.model}: eval vqa runs MiniCPM-V models (model_type mllm or minicpmv) only")
     answer_fn = model_vqa_fn(model, processor, args.max_new_tokens, args.max_image_pixels)
     model_name = str(Path(args.model).resolve())
     fingerprint = output_fingerprint(

@@ -19,7 +19,9 @@ import base64
 import binascii
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,19 +209,29 @@ class PreferenceDataset(Dataset):
 
     def set_reference(self, records: dict[Any, ReferenceLogps], source: str) -> None:
         """Attach reference log-probs; every pair needs one with matching token counts."""
+        self.check_covered(records, source)
+        for pair in self.pairs:
+            check_token_counts(pair, records[pair.idx], source)
+        for pair in self.pairs:
+            pair.reference = records[pair.idx]
+
+    def check_covered(self, records: dict[Any, Any], source: str) -> None:
+        """Refuse reference log-probs that leave some pair of this data without one."""
         missing = [pair.idx for pair in self.pairs if pair.idx not in records]
         if missing:
             raise ValueError(
                 f"{source}: no reference log-probs for {len(missing)} items of {self.data_path} "
                 f"(first idx: {missing[:5]}); recompute them with `mllm logp`"
             )
-        for pair in self.pairs:
-            check_token_counts(pair, records[pair.idx], source)
-        for pair in self.pairs:
-            pair.reference = records[pair.idx]
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def collator(self, pad_token_id: int | None = None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The collate function of these pairs (`preference_collator`, padding with `pad_token_id`, by default the
+        processor's)."""
+        pad = self.processor.pad_token_id if pad_token_id is None else pad_token_id
+        return partial(preference_collator, pad_token_id=pad)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
@@ -285,13 +297,18 @@ def preference_collator(examples: list[dict[str, Any]], pad_token_id: int = 0) -
         "tgt_sizes": [e["tgt_sizes"] for e in examples],
         "image_index": torch.arange(len(examples)).repeat(2),  # [2B]
     }
+    return {**batch, **reference_fields(examples, batch["idx"])}
+
+
+def reference_fields(examples: list[dict[str, Any]], ids: list[Any]) -> dict[str, torch.Tensor]:
+    """`ref_chosen_logps`, `ref_rejected_logps`, `ref_chosen_avg_logps`, `ref_rejected_avg_logps` ([B] float32) of
+    pairs that all carry reference log-probs; {} when none does; a ValueError naming `ids` when only some do."""
     references = [e.get("reference") for e in examples]
+    fields = {}
     if all(ref is not None for ref in references):
         for key in ("chosen_logp", "rejected_logp", "chosen_avg_logp", "rejected_avg_logp"):
             values = [getattr(ref, key) for ref in references]
-            batch[f"ref_{key}s"] = torch.tensor(values, dtype=torch.float32)  # [B]
+            fields[f"ref_{key}s"] = torch.tensor(values, dtype=torch.float32)  # [B]
     elif any(ref is not None for ref in references):
-        raise ValueError(
-            f"reference log-probs are known for some pairs of the batch but not for {batch['idx']}"
-        )
-    return batch
+        raise ValueError(f"reference log-probs are known for some pairs of the batch but not for {ids}")
+    return fields

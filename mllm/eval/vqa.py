@@ -2,7 +2,8 @@
 
 Each item's question is its first user turn with that turn's images; the reference is its first assistant turn. The
 model answers with batched greedy decoding, through the same prompt code as training (the SFT markers become the
-processor's image markers and the tokenizer's chat template renders the turn). Answers and references are normalised
+processor's image markers and the tokenizer's chat template renders the turn; for the other families of `mllm.vlm`
+their own chat template and processor). Answers and references are normalised
 the same way: first word, lower-cased, punctuation stripped at both ends; only "yes" and "no" count, so anything else
 is wrong and listed in the report. The category is the folder name of the item's (first) image.
 
@@ -22,10 +23,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mllm.data.conversations import marked_content
 from mllm.data.sft import attach_image_markers, find_image, normalise_messages, read_json_list
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, ResumableJsonl, open_image, run_isolated
 from mllm.model.chat import decoding_kwargs, model_max_length
 from mllm.processing.processor import IMAGE_MARKER
+from mllm.vlm import as_vlm
+from mllm.vlm.minicpmv import MiniCPMVVLM
 
 logger = logging.getLogger(__name__)
 
@@ -254,10 +258,15 @@ def model_vqa_fn(
     max_new_tokens: int = 8,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
-    """A batch of items -> greedy answers from an MLLMModel, one generate call per batch. An unreadable image, one
-    over `max_image_pixels` or a prompt over the model's positions is a RecordError."""
+    """A batch of items -> greedy answers, one generate call per batch, from any family `mllm.load` returns: ours
+    through the processor's prompt code (the question's image markers in place), the others through their
+    `mllm.vlm` interface (the markers become the images of our chat format, `marked_content`). An unreadable image,
+    one over `max_image_pixels` or a prompt the processor refuses (for ours: over the model's positions) is a
+    RecordError."""
     kwargs = decoding_kwargs("greedy", max_new_tokens=max_new_tokens)
-    max_length = model_max_length(model)
+    vlm = as_vlm(model, processor)
+    minicpmv = isinstance(vlm, MiniCPMVVLM)
+    max_length = model_max_length(model) if minicpmv else None
 
     def answer(batch: list[VQAItem]) -> list[str]:
         images = [
@@ -265,6 +274,17 @@ def model_vqa_fn(
             for item in batch
         ]
         try:
+            if not minicpmv:
+                conversations = [
+                    [
+                        {
+                            "role": "user",
+                            "content": marked_content(item.question, item_images, f"item {item.idx}"),
+                        }
+                    ]
+                    for item, item_images in zip(batch, images, strict=True)
+                ]
+                return vlm.decode(vlm.generate_tokens(vlm.prepare(conversations), **kwargs))
             prompts = [
                 processor.prepare_chat_inputs([{"role": "user", "content": item.question}])[0]
                 for item in batch

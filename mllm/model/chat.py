@@ -41,9 +41,12 @@ def model_max_length(model) -> int | None:
     """The longest prompt the model's positions cover (its config's max_position_embeddings): the limit that the
     web page, `mllm chat` and `mllm answer` check prompts against."""
     config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(
+    found = getattr(config, "max_position_embeddings", None) or getattr(
         getattr(config, "llm_config", None), "max_position_embeddings", None
     )
+    if found is None and hasattr(config, "get_text_config"):  # transformers' families: the text model's
+        found = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return found
 
 
 def _with_image(

@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mllm.model.chat import model_max_length
 from mllm.serve.batcher import BatchEngine, Job, QueueFull
 from mllm.serve.config import ServeConfig
 from mllm.serve.images import to_chat_messages
@@ -65,9 +66,11 @@ class ChatService:
         self.engine = BatchEngine(
             model, processor, config.max_batch_size, config.max_queue, config.batch_wait_ms
         )
-        self.context = config.max_model_len or int(model.config.max_position_embeddings)
+        self.context = config.max_model_len or int(model_max_length(model))
         self.created = int(time.time())
-        self._encode_lock = threading.Lock()  # one tokenizer, shared by the request threads
+        self._encode_lock = (
+            self.engine.encode_lock
+        )  # one tokenizer, shared by the request threads and the worker
 
     def check_key(self, request: Request) -> None:
         if self.config.api_key is None:
@@ -116,8 +119,12 @@ class ChatService:
         )
         try:
             with self._encode_lock:
-                prompt, images = self.processor.prepare_chat_inputs(messages)
-                encoded = self.processor.encode(prompt, images)
+                if self.engine.minicpmv:
+                    prompt, images = self.processor.prepare_chat_inputs(messages)
+                    encoded = self.processor.encode(prompt, images)
+                else:  # another family: the conversation, and its prompt's ids for the context check and usage
+                    batch = self.engine.vlm.prepare([messages], device="cpu")
+                    encoded = {"conversation": messages, "input_ids": batch.inputs["input_ids"][0]}
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return Prepared(

@@ -1,4 +1,5 @@
-"""Dynamic batching over `MLLMModel.generate`: requests that arrive together are decoded together.
+"""Dynamic batching over `MLLMModel.generate` (or, for the other families of `mllm.vlm`, `VLM.generate_tokens` on
+`VLM.prepare`'s batch): requests that arrive together are decoded together.
 
 One worker thread owns the model. Requests wait in a bounded queue (`QueueFull` past `max_queue`); the worker takes
 the oldest and every waiting request with the same decoding settings, until `max_batch_size` sequences (a request
@@ -32,6 +33,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mllm.serve.schemas import Decoding
+from mllm.vlm import as_vlm
+from mllm.vlm.minicpmv import MiniCPMVVLM
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request: its encoded prompt (the processor's `encode` output), settings and where results go.
+    """One request: its encoded prompt (the processor's `encode` output; for another family `{"conversation",
+    "input_ids"}`, the prompt's ids only counting its tokens), settings and where results go.
 
     `on_event` is called from the worker thread with ("delta", choice, text), ("done", choice, (text,
     finish_reason, completion_tokens)) and finally ("end", None, None) or ("error", None, message)."""
@@ -75,9 +79,20 @@ class RowState:
     that: trailing whitespace, an incomplete character and a possible start of a stop string wait for the next
     token, so the deltas join to exactly the final text."""
 
-    def __init__(self, tokenizer, terminators: set[int], limit: int, stop: tuple[str, ...], publish):
+    def __init__(
+        self,
+        tokenizer,
+        terminators: set[int],
+        limit: int,
+        stop: tuple[str, ...],
+        publish,
+        drop_bos: bool = True,
+    ):
         self.tokenizer, self.terminators, self.limit, self.stop = tokenizer, terminators, limit, stop
         self.publish = publish
+        self.drop_bos = (
+            drop_bos  # MiniCPM-V's decoding drops a leading bos; the families' (`VLM.decode`) do not
+        )
         self.tokens: list[int] = []
         self.count = 0
         self.text = ""
@@ -95,7 +110,7 @@ class RowState:
         if token in self.terminators:
             self._finish("stop")
             return
-        if self.count > 1 or token != self.tokenizer.bos_token_id:
+        if self.count > 1 or not self.drop_bos or token != self.tokenizer.bos_token_id:
             self.tokens.append(token)
         self.text = self.tokenizer.decode(self.tokens).lstrip()
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
@@ -159,9 +174,13 @@ class BatchEngine:
 
     def __init__(self, model, processor, max_batch_size: int, max_queue: int, batch_wait_ms: float):
         self.model, self.processor = model, processor
+        self.vlm = as_vlm(model, processor)
+        self.minicpmv = isinstance(self.vlm, MiniCPMVVLM)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.batch_wait_s = batch_wait_ms / 1000
-        self.terminators = set(model.terminator_ids(processor.tokenizer))
+        self.terminators = set(self.vlm.terminator_ids())
+        self.encode_lock = threading.Lock()
+        """Held around every use of the tokenizer (request threads encode, the worker prepares other families')."""
         self._pending: deque[Job] = deque()
         self._arriving = 0
         self._cond = threading.Condition()
@@ -278,10 +297,13 @@ class BatchEngine:
         for job in batch:
             for choice in range(job.n):
                 publish = _publisher(job, choice)
-                rows.append(RowState(tokenizer, self.terminators, job.max_tokens, decoding.stop, publish))
+                rows.append(
+                    RowState(
+                        tokenizer, self.terminators, job.max_tokens, decoding.stop, publish, self.minicpmv
+                    )
+                )
                 encoded.append(job.encoded)
                 cancelled.append(job.cancelled)
-        inputs = self.processor.collate(encoded)
         kwargs = {**decoding.generate_kwargs, "max_new_tokens": max(job.max_tokens for job in batch)}
         streams = decoding.num_beams == 1
         if streams:
@@ -289,7 +311,13 @@ class BatchEngine:
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)
         self.batch_sizes.append(len(rows))
-        output = self.model.generate(inputs, tokenizer=tokenizer, **kwargs)  # [rows, new]
+        if self.minicpmv:
+            inputs = self.processor.collate(encoded)
+            output = self.model.generate(inputs, tokenizer=tokenizer, **kwargs)  # [rows, new]
+        else:  # another family: its processor pads the rows' conversations (`ChatService.prepare` checked them)
+            with self.encode_lock:
+                batch = self.vlm.prepare([e["conversation"] for e in encoded])
+            output = self.vlm.generate_tokens(batch, **kwargs)  # [rows, new]
         for row, tokens in zip(rows, output.tolist()):
             if not streams:
                 for token in tokens:

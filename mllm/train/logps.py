@@ -20,14 +20,13 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from mllm.data.preference import PreferenceDataset, ReferenceLogps, preference_collator
+from mllm.data.preference import PreferenceDataset, ReferenceLogps
 from mllm.io import (
     ResumableJsonl,
     comparable,
@@ -66,16 +65,19 @@ def concatenated_forward(model: Any, batch: dict[str, Any]) -> PairLogps:
 
     Everything, vision included, runs inside the model's forward, so a DDP, DeepSpeed ZeRO-3 or FSDP wrapper
     gathers the parameters it needs around it."""
-    data = {
-        "input_ids": batch["input_ids"],  # [2B, T]
-        "attention_mask": batch["attention_mask"],
-        "position_ids": batch["position_ids"],
-        "image_bound": batch["image_bound"],
-        "pixel_values": batch["pixel_values"],  # B images
-        "tgt_sizes": batch["tgt_sizes"],
-        "image_index": batch["image_index"],  # [2B]: row -> image
-    }
-    logits = model(data).logits  # [2B, T, V]
+    if "inputs" in batch:  # another family's batch (mllm.data.conversations): its keywords, each row's images
+        logits = model(**batch["inputs"], use_cache=False).logits  # [2B, T, V]
+    else:
+        data = {
+            "input_ids": batch["input_ids"],  # [2B, T]
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+            "image_bound": batch["image_bound"],
+            "pixel_values": batch["pixel_values"],  # B images
+            "tgt_sizes": batch["tgt_sizes"],
+            "image_index": batch["image_index"],  # [2B]: row -> image
+        }
+        logits = model(data).logits  # [2B, T, V]
     labels = batch["labels"].to(logits.device)
     per_token, sums, averages = get_batch_logps(logits, labels, return_all=True)
     return PairLogps(logits, per_token, sums, averages)
@@ -95,7 +97,7 @@ def make_header(model_dir: str | Path, dataset: PreferenceDataset) -> dict[str, 
         "tokenizer": tokenizer_fingerprint(model_dir),
         "data": data_fingerprint(dataset.data_path),
         "max_length": dataset.max_length,
-        "max_slice_nums": dataset.processor.max_slice_nums,
+        "max_slice_nums": getattr(dataset.processor, "max_slice_nums", None),  # MiniCPM-V's slicing only
         "n_items": len(dataset),
     }
 
@@ -183,7 +185,7 @@ def compute_reference_logps(
     out_path: str | Path,
     model_dir: str | Path,
     batch_size: int = 8,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     barrier: Callable[[], None] | None = None,
@@ -243,7 +245,7 @@ def _write_share(
     output: ResumableJsonl,
     todo: list[int],
     batch_size: int,
-    pad_token_id: int,
+    pad_token_id: int | None,
     num_workers: int,
 ) -> None:
     """Append one record per pair of `todo` to this process's part, flushed and synced after each batch."""
@@ -252,7 +254,7 @@ def _write_share(
     loader = DataLoader(
         Subset(dataset, todo),
         batch_size=batch_size,
-        collate_fn=partial(preference_collator, pad_token_id=pad_token_id),
+        collate_fn=dataset.collator(pad_token_id),
         num_workers=num_workers,
     )
     for number, batch in enumerate(loader, 1):

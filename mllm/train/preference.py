@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from mllm.data.preference import PreferenceDataset, preference_collator
+from mllm.data.conversations import preference_data
+from mllm.data.preference import PreferenceDataset
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.curves import plot_curves_after_training
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
@@ -226,7 +226,6 @@ def attach_reference(
     model_args: ModelArguments,
     pref_args: PreferenceArguments,
     training_args: TrainingArguments,
-    pad_token_id: int,
 ) -> None:
     """Load the reference log-probs from `logps`, or first compute them with the initial model (each process its
     share) into OUTPUT_DIR/default_file; items that all carry inline log-probs need neither."""
@@ -248,7 +247,6 @@ def attach_reference(
             path,
             model_args.model,
             batch_size=pref_args.logp_batch_size,
-            pad_token_id=pad_token_id,
             rank=training_args.process_index,
             world_size=training_args.world_size,
         )
@@ -261,12 +259,10 @@ def build_preference_trainer(
     model, processor = load_for_training(model_args, training_args, pref_args.max_slice_nums)
 
     def pairs(data: str, logps: str | None, default_file: str) -> PreferenceDataset:
-        dataset = PreferenceDataset(
-            data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_image_pixels
+        dataset = preference_data(
+            data, model, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_image_pixels
         )
-        attach_reference(
-            model, dataset, logps, default_file, model_args, pref_args, training_args, processor.pad_token_id
-        )
+        attach_reference(model, dataset, logps, default_file, model_args, pref_args, training_args)
         return dataset
 
     train = pairs(pref_args.data, pref_args.logps, REFERENCE_FILE)
@@ -278,7 +274,7 @@ def build_preference_trainer(
         args=training_args,
         train_dataset=train,
         eval_dataset=held_out,
-        data_collator=partial(preference_collator, pad_token_id=processor.pad_token_id),
+        data_collator=train.collator(),
         processing_class=processor,
         preference_args=pref_args,
     )

@@ -14,20 +14,28 @@ Trainer's own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import deepspeed as hf_deepspeed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.api import load
+from mllm.data.conversations import ConversationDataset, VLMCollator
 from mllm.data.sft import SupervisedDataset, data_collator
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.model.losses import sft_loss, sft_loss_per_sample
 from mllm.model.modeling import MLLMModel
+from mllm.processing.processor import MLLMProcessor
+from mllm.vlm import VLM, as_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +165,10 @@ class SFTTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        data = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(data)
+        if "inputs" in inputs:  # another family's batch (mllm.data.conversations): its forward keywords
+            outputs = model(**inputs["inputs"], use_cache=False)
+        else:
+            outputs = model({k: v for k, v in inputs.items() if k != "labels"})
         if self.per_sample_loss:
             loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
         else:
@@ -173,10 +183,75 @@ class SFTTrainer(Trainer):
         """`--train-sampling-strategy group_by_length` with the lengths the dataset already knows (Trainer's own
         path would load every sample, images included, to measure it); anything else is Trainer's."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(
+            dataset, ConversationDataset
+        ):
+            raise ValueError(
+                "--train-sampling-strategy group_by_length: another family's items have no length before its "
+                "processor expands their images (at batch time); use the default sampling"
+            )
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+def set_family_trainable(vlm: VLM, args: ModelArguments) -> None:
+    """The freeze flags on another family's groups (`VLM.parameter_groups`): --tune-vision the vision tower,
+    --tune-resampler the projector (LLaVA's multi_modal_projector, Qwen2-VL's merger, BLIP-2's Q-Former, query
+    tokens and language projection), --tune-llm the language model (frozen under LoRA, which adds adapters)."""
+    vlm.freeze(
+        vision=not args.tune_vision, projector=not args.tune_resampler, llm=not args.tune_llm or args.use_lora
+    )
+
+
+def family_lora_config(vlm: VLM, args: ModelArguments):
+    """peft LoRA settings for another family: adapters on the LLM group's linear layers (the output head excepted)
+    unless --lora-target-modules names others; the modules of the vision and projector groups being tuned are
+    saved beside the adapter. A group member that is a bare parameter (BLIP-2's query_tokens, OneVision's
+    image_newline) cannot be saved by peft: it stays frozen under LoRA, and the log says so."""
+    from peft import LoraConfig
+
+    if args.lora_target_modules == LLM_LORA_TARGETS:
+        head = {
+            name for name, module in vlm.model.named_modules() if module is vlm.model.get_output_embeddings()
+        }
+        targets: str | list[str] = [
+            name
+            for name, module in vlm.model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name not in head and vlm.group_of(name + ".") == "llm"
+        ]
+    else:
+        targets = args.lora_target_modules
+    saved: list[str] = []
+    groups = vlm.parameter_groups()
+    for group, on in (("vision", args.tune_vision), ("projector", args.tune_resampler)):
+        for prefix in groups[group] if on else ():
+            name = prefix.rstrip(".")
+            if any(name.startswith(kept + ".") for kept in saved):
+                continue  # inside a module already saved whole (Qwen2-VL's merger in its visual tower)
+            if _is_module(vlm.model, name):
+                saved.append(name)
+            else:
+                logger.warning(
+                    "LoRA: %s of the %s model is a bare parameter; it stays frozen", name, vlm.family
+                )
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=saved or None,
+        bias="none",
+    )
+
+
+def _is_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
@@ -204,6 +279,31 @@ def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+@contextmanager
+def full_weights_on_load() -> Iterator[None]:
+    """Under `--deepspeed` ZeRO-3 before DeepSpeed's communication is set up (CPU training: accelerate opens a torch
+    process group, DeepSpeed's own comes later), load whole weights, as our loader always does: transformers'
+    from_pretrained (the other families) would build the model inside `deepspeed.zero.Init`, which then takes the world
+    size as 1 (DeepSpeed's batch-size assertion stopped both processes of a torchrun launch). DeepSpeed partitions the
+    weights when Trainer starts it, as for ours. Where it is set up (GPUs), zero.Init partitions while loading, as
+    transformers intends."""
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed.comm  # installed: ZeRO-3 is on
+
+    if deepspeed.comm.is_initialized():
+        yield
+        return
+    # the object registered (by TrainingArguments, or accelerate's copy of it): transformers keeps only a weakref
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def load_for_training(
     args: ModelArguments, training_args: TrainingArguments, max_slice_nums: int | None = None
 ):
@@ -217,25 +317,42 @@ def load_for_training(
     torch_dtype = resolve_weights_dtype(args.weights_dtype, training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model, processor = load(
-        args.model, "cpu", torch_dtype, args.attn_implementation, max_slice_nums=max_slice_nums
-    )
-    if not isinstance(model, MLLMModel):
-        raise ValueError(
-            f"--model {args.model}: mllm train fine-tunes MiniCPM-V models (model_type mllm or minicpmv)"
+    with full_weights_on_load():
+        model, processor = load(
+            args.model, "cpu", torch_dtype, args.attn_implementation, max_slice_nums=max_slice_nums
         )
     model.train()
-    set_trainable(model, args)
-    if args.use_lora:
-        model = apply_lora(model, args)
+    if isinstance(model, MLLMModel):
+        set_trainable(model, args)
+        if args.use_lora:
+            model = apply_lora(model, args)
+    else:
+        vlm = as_vlm(model, processor)
+        set_family_trainable(vlm, args)
+        if args.use_lora:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, family_lora_config(vlm, args))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
     return model, processor
 
 
-def make_collator(processor, data_args: DataArguments):
-    return partial(data_collator, pad_token_id=processor.pad_token_id, max_length=data_args.max_length)
+def make_collator(processor, data_args: DataArguments, model: torch.nn.Module | None = None):
+    """Our `data_collator`, or for another family (`model` then needed) its `VLMCollator`."""
+    if isinstance(processor, MLLMProcessor):
+        return partial(data_collator, pad_token_id=processor.pad_token_id, max_length=data_args.max_length)
+    return VLMCollator(as_vlm(model, processor), data_args.max_length, "--data / --eval-data")
+
+
+def sft_dataset(path: str, processor, data_args: DataArguments) -> Dataset:
+    """The SFT data tokenized by our processor (`SupervisedDataset`), or as conversations for another family."""
+    if isinstance(processor, MLLMProcessor):
+        return SupervisedDataset(
+            path, processor, data_args.image_folder, data_args.max_length, data_args.max_image_pixels
+        )
+    return ConversationDataset(path, data_args.image_folder, data_args.max_image_pixels)
 
 
 def build_sft_trainer(
@@ -245,25 +362,13 @@ def build_sft_trainer(
     trainer_cls: type[Trainer] = SFTTrainer,
 ) -> Trainer:
     model, processor = load_for_training(model_args, training_args, data_args.max_slice_nums)
-    train = SupervisedDataset(
-        data_args.data, processor, data_args.image_folder, data_args.max_length, data_args.max_image_pixels
-    )
-    evaluation = (
-        SupervisedDataset(
-            data_args.eval_data,
-            processor,
-            data_args.image_folder,
-            data_args.max_length,
-            data_args.max_image_pixels,
-        )
-        if data_args.eval_data
-        else None
-    )
+    train = sft_dataset(data_args.data, processor, data_args)
+    evaluation = sft_dataset(data_args.eval_data, processor, data_args) if data_args.eval_data else None
     return trainer_cls(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=make_collator(processor, data_args),
+        data_collator=make_collator(processor, data_args, model),
         processing_class=processor,
     )

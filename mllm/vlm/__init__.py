@@ -37,7 +37,10 @@ def model_family(model_dir: str | Path) -> str:
 
 def as_vlm(model: Any, processor: Any) -> VLM:
     """A loaded (model, processor) pair behind the family interface: ours as `MiniCPMVVLM`, transformers' families
-    as `HFVLM` (by the model config's model_type)."""
+    as `HFVLM` (by the model config's model_type). A peft-wrapped model is seen through to its base model (whose
+    parameters the wrapper trains), so that a training collator can prepare batches for it."""
+    if hasattr(model, "get_base_model"):  # peft's PeftModel
+        model = model.get_base_model()
     if isinstance(model, MLLMModel):
         return MiniCPMVVLM(model, processor)
     return HFVLM(model, processor, model.config.model_type)

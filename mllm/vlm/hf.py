@@ -78,9 +78,9 @@ HF_FAMILIES = tuple(BOX_FORMATS)  # = mllm.vlm.HF_TYPES
 BLIP_FAMILIES = ("blip-2", "instructblip")
 
 
-def load_hf_family(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_hf_family(model_dir: str | Path, device: str, dtype: torch.dtype | str) -> tuple[Any, Any]:
     """(model in eval mode on `device`, processor) of a transformers checkpoint directory of a supported family; what
-    `mllm.load` returns for such a directory."""
+    `mllm.load` returns for such a directory. `dtype` may be "auto" (the dtype config.json names)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     family = config.get("model_type")
@@ -190,14 +190,20 @@ class HFVLM(VLM):
         flat = [image for images in per_sample for image in images]
         return flat or None
 
-    def prepare(self, conversations: list[Conversation], with_labels: bool = False) -> VLMBatch:
+    def prepare(
+        self,
+        conversations: list[Conversation],
+        with_labels: bool = False,
+        device: str | torch.device | None = None,
+    ) -> VLMBatch:
+        device = self.device if device is None else device
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("conversations: expected a non-empty list of conversations")
         converted = [hf_messages(c, f"conversation {b}") for b, c in enumerate(conversations)]
         images = self._images([imgs for _, imgs in converted])
         if not with_labels:
             texts = [self.render(messages, True) for messages, _ in converted]
-            return VLMBatch(self._process(texts, images, "left", texts))
+            return VLMBatch(self._process(texts, images, "left", texts, device))
         pieces = [
             assistant_pieces(
                 self.render,
@@ -212,7 +218,7 @@ class HFVLM(VLM):
         texts = ["".join(text for text, _ in p) for p in pieces]
         # InstructBLIP's Q-Former reads the instruction only (the prompt before the last answer), never the answer.
         prompts = ["".join(text for text, _ in p[:-1]) for p in pieces]
-        inputs = self._process(texts, images, "right", prompts)
+        inputs = self._process(texts, images, "right", prompts, device)
         labels = []
         for b, (row, mask) in enumerate(zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist())):
             piece_ids = [
@@ -222,12 +228,17 @@ class HFVLM(VLM):
             labels.append(
                 align_labels(row, mask, piece_ids, self.image_token_id, self.n_leading_specials, where)
             )
-        return VLMBatch(inputs, torch.tensor(labels, dtype=torch.long, device=self.device))
+        return VLMBatch(inputs, torch.tensor(labels, dtype=torch.long, device=device))
 
     def _process(
-        self, texts: list[str], images: list[Image.Image] | None, side: str, qformer_texts: list[str]
+        self,
+        texts: list[str],
+        images: list[Image.Image] | None,
+        side: str,
+        qformer_texts: list[str],
+        device: str | torch.device,
     ) -> dict[str, Any]:
-        """transformers' processor on the batch, padded on `side`, moved to the model (pixels in its dtype)."""
+        """transformers' processor on the batch, padded on `side`, moved to `device` (pixels in the model's dtype)."""
         inputs = dict(
             self.processor(text=texts, images=images, padding=True, padding_side=side, return_tensors="pt")
         )
@@ -236,10 +247,7 @@ class HFVLM(VLM):
             inputs["qformer_input_ids"] = qformer["input_ids"]
             inputs["qformer_attention_mask"] = qformer["attention_mask"]
         dtype = self.model.dtype
-        return {
-            k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
-            for k, v in inputs.items()
-        }
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
     # -- forward, generation ----------------------------------------------------------------------------------------
 
@@ -261,6 +269,9 @@ class HFVLM(VLM):
         return texts
 
     # -- training plumbing ------------------------------------------------------------------------------------------
+
+    def terminator_ids(self) -> list[int]:
+        return list(self.terminators)
 
     def stop_ids(self) -> set[int]:
         return {*self.terminators, self.pad_id}

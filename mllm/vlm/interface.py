@@ -54,8 +54,14 @@ class VLM(ABC):
     """The underlying transformers model (for optimisers, peft, save_pretrained)."""
 
     @abstractmethod
-    def prepare(self, conversations: list[Conversation], with_labels: bool = False) -> VLMBatch:
-        """Conversations -> a batch on the model's device (see the module docstring)."""
+    def prepare(
+        self,
+        conversations: list[Conversation],
+        with_labels: bool = False,
+        device: str | torch.device | None = None,
+    ) -> VLMBatch:
+        """Conversations -> a batch on `device` (default: the model's; a training collator asks for the CPU, where
+        Trainer's data loader wants its batches); see the module docstring."""
 
     @abstractmethod
     def logits(self, batch: VLMBatch) -> torch.Tensor:
@@ -68,6 +74,10 @@ class VLM(ABC):
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """New tokens -> answers: cut at the first terminator, special tokens such as box tags kept, stripped."""
+
+    @abstractmethod
+    def terminator_ids(self) -> list[int]:
+        """Token ids that end an answer (what `decode` cuts at)."""
 
     @abstractmethod
     def stop_ids(self) -> set[int]:

@@ -25,15 +25,21 @@ class MiniCPMVVLM(VLM):
         self.tokenizer = processor.tokenizer
         self.family = model.config.model_type
 
-    def prepare(self, conversations: list[Conversation], with_labels: bool = False) -> VLMBatch:
+    def prepare(
+        self,
+        conversations: list[Conversation],
+        with_labels: bool = False,
+        device: str | torch.device | None = None,
+    ) -> VLMBatch:
+        device = self.device if device is None else device
         if not with_labels:
-            return VLMBatch(self.processor.chat_batch(conversations).to(self.device))
+            return VLMBatch(self.processor.chat_batch(conversations).to(device))
         rows = [self._example(c, f"conversation {b}") for b, c in enumerate(conversations)]
         inputs = self.processor.collate(rows, padding_side="right")
         labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # [B, T]
         for b, row in enumerate(rows):
             labels[b, : len(row["labels"])] = row["labels"]
-        return VLMBatch(inputs.to(self.device), labels.to(self.device))
+        return VLMBatch(inputs.to(device), labels.to(device))
 
     def _example(self, conversation: Conversation, where: str) -> dict[str, Any]:
         """One conversation -> a training row (ids, labels on the assistant turns, image slices)."""
@@ -59,6 +65,9 @@ class MiniCPMVVLM(VLM):
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.model._decode_text(tokens, self.tokenizer)
+
+    def terminator_ids(self) -> list[int]:
+        return list(self.model.terminator_ids(self.tokenizer))
 
     def stop_ids(self) -> set[int]:
         return {*self.model.terminator_ids(self.tokenizer), self.processor.pad_token_id}

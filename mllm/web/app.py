@@ -19,9 +19,17 @@ from typing import Any
 from mllm.api import load
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS
 from mllm.model.chat import decoding_kwargs, model_max_length
-from mllm.model.modeling import MLLMModel
+from mllm.vlm import as_vlm
+from mllm.vlm.minicpmv import MiniCPMVVLM
 from mllm.web.grounding import draw_boxes, find_boxes
-from mllm.web.session import ChatSession, Decoding, check_images, open_images, stream_answer, user_turn
+from mllm.web.session import (
+    ChatSession,
+    Decoding,
+    check_images,
+    open_images,
+    stream_answer,
+    user_turn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ class ModelHandle:
     lock: threading.Lock
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Uploads over this many pixels (and decompression bombs) are refused from their headers."""
+    box_format: str = "auto"
+    """How grounding mode reads boxes: auto for ours, another family's own syntax (`VLM.box_format`)."""
 
 
 def error_text(message: str) -> str:
@@ -70,11 +80,11 @@ def _assistant(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def _grounding_picture(session: ChatSession, answer: str, enabled: bool):
+def _grounding_picture(session: ChatSession, answer: str, enabled: bool, box_format: str = "auto"):
     """The last image with the answer's boxes drawn (None when grounding is off or there is nothing to draw)."""
     if not enabled or not session.images:
         return None
-    boxes = find_boxes(answer)
+    boxes = find_boxes(answer, box_format, session.images[-1].size)
     return draw_boxes(session.images[-1], boxes) if boxes else None
 
 
@@ -142,14 +152,15 @@ def _answer(handle, session, paths, question, decoding, grounding, settings):
     session.messages = [*messages, {"role": "assistant", "content": answer}]
     session.display = [*shown, _assistant(answer)]
     session.images.extend(images)
-    yield session.display, *_finished(session, answer, grounding), True
+    yield session.display, *_finished(session, answer, grounding, handle.box_format), True
 
 
-def _finished(session: ChatSession, answer: str, grounding: bool):
+def _finished(session: ChatSession, answer: str, grounding: bool, box_format: str = "auto"):
     """The status line and grounding picture once an answer is complete."""
-    picture = _grounding_picture(session, answer, grounding)
+    picture = _grounding_picture(session, answer, grounding, box_format)
     if picture is not None:
-        return f"Done: {len(find_boxes(answer))} box(es) drawn.", picture
+        n_boxes = len(find_boxes(answer, box_format, session.images[-1].size))
+        return f"Done: {n_boxes} box(es) drawn.", picture
     if not grounding:
         return "Done.", None
     return ("Done (no box in the answer)." if session.images else "Done (no image to draw boxes on)."), None
@@ -271,6 +282,22 @@ def launch(app, host: str, port: int, block: bool = True):
     return app
 
 
+def model_handle(
+    model, processor, max_length: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> ModelHandle:
+    """The page's handle on a loaded model of any family: the prompt limit (default: the model's positions) and
+    the box syntax grounding mode reads (auto for ours, another family's own)."""
+    vlm = as_vlm(model, processor)
+    return ModelHandle(
+        model,
+        processor,
+        max_length or model_max_length(model),
+        threading.Lock(),
+        max_image_pixels,
+        "auto" if isinstance(vlm, MiniCPMVVLM) else vlm.box_format,
+    )
+
+
 def serve(
     model_dir: str | Path,
     host: str = "127.0.0.1",
@@ -287,11 +314,7 @@ def serve(
     page (the body of `mllm web`)."""
     quiet_gradio_env()
     model, processor = load(model_dir, device, dtype, attn_implementation, max_slice_nums=max_slice_nums)
-    if not isinstance(model, MLLMModel):
-        raise ValueError(f"{model_dir}: mllm web runs MiniCPM-V models (model_type mllm or minicpmv) only")
-    handle = ModelHandle(
-        model, processor, max_length or model_max_length(model), threading.Lock(), max_image_pixels
-    )
+    handle = model_handle(model, processor, max_length, max_image_pixels)
     logger.info("serving %s on http://%s:%d", model_dir, host, port)
     if host not in LOOPBACK_HOSTS:
         logger.warning("--host %s: the page is reachable from other machines and has no login", host)

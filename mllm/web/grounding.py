@@ -1,7 +1,8 @@
 """Grounding mode of the page: every box of an answer, with a label, drawn on the image.
 
 Boxes are read with `mllm.boxes.parse_box` (all syntaxes it knows: `[x0, y0, x1, y1]` on 0..1000, Qwen's
-`<box>(x1,y1),(x2,y2)</box>`, Shikra's 0..1 floats). `parse_box` returns the first box of a text, so the answer is
+`<box>(x1,y1),(x2,y2)</box>`, Qwen2-VL's `<|box_start|>...<|box_end|>`, Shikra's 0..1 floats; for another family
+than ours, the family's own syntax). `parse_box` returns the first box of a text, so the answer is
 cut into pieces that each end with a box's closing mark and each piece is parsed on its own.
 """
 
@@ -13,17 +14,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mllm.boxes import parse_box, to_pixels
 
-_PIECE_END_RE = re.compile(r"(?<=\])|(?<=</box>)")
-_REF_RE = re.compile(r"<ref>(.*?)</ref>", re.DOTALL)
-_BOX_START_RE = re.compile(r"<box>|\[")
-_TAG_RE = re.compile(r"</?\w+>")
+_PIECE_END_RE = re.compile(r"(?<=\])|(?<=</box>)|(?<=<\|box_end\|>)")
+_REF_RE = re.compile(r"<ref>(.*?)</ref>|<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.DOTALL)
+_BOX_START_RE = re.compile(r"<box>|<\|box_start\|>|\[")
+_TAG_RE = re.compile(r"</?\w+>|<\|\w+\|>")
 _COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 _LABEL_WORDS = 4
 
 
 def _label(piece: str, index: int) -> str:
     """What a box is of: the last `<ref>...</ref>` before it, else the last few words before it, else 'box N'."""
-    refs = _REF_RE.findall(piece)
+    refs = ["".join(groups) for groups in _REF_RE.findall(piece)]
     if refs:
         return refs[-1].strip() or f"box {index}"
     start = _BOX_START_RE.search(piece)
@@ -32,11 +33,14 @@ def _label(piece: str, index: int) -> str:
     return " ".join(words[-_LABEL_WORDS:]) or f"box {index}"
 
 
-def find_boxes(text: str) -> list[tuple[str, tuple[float, float, float, float]]]:
-    """Every box in `text` as (label, box on the 0..1000 grid), in order of appearance."""
+def find_boxes(
+    text: str, box_format: str = "auto", size: tuple[int, int] | None = None
+) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Every box in `text` as (label, box on the 0..1000 grid), in order of appearance; `box_format` as
+    `parse_box` reads it (another family's own syntax; qwen25vl needs the image's `size`)."""
     found = []
     for piece in _PIECE_END_RE.split(text or ""):
-        box = parse_box(piece)
+        box = parse_box(piece, box_format, size)
         if box is not None and box[2] > box[0] and box[3] > box[1]:
             found.append((_label(piece, len(found) + 1), box))
     return found

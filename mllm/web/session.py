@@ -1,12 +1,14 @@
 """The page's logic without Gradio: one conversation, the decoding panel's settings, one streamed answer.
 
-Inference goes through `mllm.model.chat.chat` (processor -> `MLLMModel.generate`) exactly as `mllm chat` does;
-this module only turns page inputs into its arguments. Every bad input is a `ValueError` whose message the page
+Inference goes through `mllm.model.chat.chat` (processor -> `MLLMModel.generate`) exactly as `mllm chat` does, and
+for the other families of `mllm.vlm` through their interface (`prepare`, `generate_tokens` with a streamer,
+`decode`); this module only turns page inputs into its arguments. Every bad input is a `ValueError` whose message the page
 shows as it is.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +18,12 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image, open_image_header
 from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
+from mllm.processing.processor import MLLMProcessor
+from mllm.vlm import VLM, VLMBatch, as_vlm
 
 
 @dataclass
@@ -145,6 +150,12 @@ def stream_answer(
     caller can report it before changing anything. Beam search yields once, with the finished answer.
     """
     kwargs = decoding.kwargs()
+    if not isinstance(processor, MLLMProcessor):
+        vlm = as_vlm(model, processor)
+        batch = family_prompt(vlm, messages, max_length)
+        if not decoding.streams:
+            return iter(vlm.decode(vlm.generate_tokens(batch, **kwargs)))
+        return family_stream(vlm, batch, kwargs)
     common = {"max_length": max_length, **kwargs}
     if not decoding.streams:
         answer = chat(model, None, messages, processor.tokenizer, processor, **common)
@@ -162,6 +173,67 @@ def stream_answer(
         **common,
     )
     return _accumulate(streamer, stop)
+
+
+def family_prompt(vlm: VLM, messages: list[dict[str, Any]], max_length: int | None) -> VLMBatch:
+    """Another family's (`mllm.vlm`) generation batch of the conversation; a prompt over `max_length` is a
+    ValueError, as for ours."""
+    batch = vlm.prepare([messages])
+    n_tokens = batch.inputs["input_ids"].shape[1]
+    if max_length is not None and n_tokens > max_length:
+        raise ValueError(f"The prompt has {n_tokens} tokens, more than the {max_length} this page allows")
+    return batch
+
+
+def family_stream(vlm: VLM, batch: VLMBatch, kwargs: dict[str, Any]) -> Iterator[str]:
+    """Another family's answer as it grows: `generate` runs in a thread and hands each new token over through a
+    transformers streamer; each item is `vlm.decode` of the tokens so far, so the last one is `mllm chat`'s answer.
+    Closing the iterator early stops the generation."""
+    tokens: queue.Queue[int | None] = queue.Queue()
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            criteria = StoppingCriteriaList([_StopWhenSet(stop)])
+            vlm.generate_tokens(batch, streamer=_TokenFeed(tokens), stopping_criteria=criteria, **kwargs)
+        except BaseException as exc:  # handed to the reader, which raises it
+            failed.append(exc)
+        finally:
+            tokens.put(None)
+
+    worker = threading.Thread(target=run, name="family-answer", daemon=True)
+    worker.start()
+    seen: list[int] = []
+    try:
+        while (token := tokens.get()) is not None:
+            seen.append(token)
+            yield vlm.decode(torch.tensor([seen]))[0]
+        worker.join()
+        if failed:
+            raise failed[0]
+        if not seen:
+            yield ""
+    finally:
+        stop.set()
+
+
+class _TokenFeed(BaseStreamer):
+    """transformers' streamer interface: the prompt first (skipped), then each new token of the one row."""
+
+    def __init__(self, tokens: queue.Queue) -> None:
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(int(token))
+
+    def end(self) -> None:
+        """The reader learns the end from the generating thread (after an error too)."""
 
 
 class _StopWhenSet(StoppingCriteria):

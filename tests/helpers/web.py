@@ -36,3 +36,26 @@ def chat_greedy(model, processor, msgs, max_new_tokens: int, **overrides) -> str
 
     kwargs = decoding_kwargs("greedy", max_new_tokens=max_new_tokens, **overrides)
     return chat(model, None, msgs, processor.tokenizer, processor, **kwargs)
+
+
+def answers_in_one_batch(engine, jobs: list[tuple[dict, object, int]], timeout_s: float = 60.0) -> list[str]:
+    """Queue (encoded prompt, decoding, max_tokens) jobs on a stopped `mllm.serve.batcher.BatchEngine`, start it
+    (all are waiting: one batch), wait for every answer and stop it; the answers in job order."""
+    import time
+
+    from mllm.serve.batcher import Job
+
+    results: dict[int, str] = {}
+    for i, (encoded, decoding, max_tokens) in enumerate(jobs):
+
+        def done(kind, choice, payload, i=i):
+            if kind == "done":
+                results[i] = payload[0]
+
+        engine.submit(Job(encoded, decoding, max_tokens, 1, done))
+    engine.start()
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop()
+    return [results.get(i) for i in range(len(jobs))]
