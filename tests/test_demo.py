@@ -96,6 +96,42 @@ def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo
     assert after["chair"]["sampled"]["CHAIRi"] < before["chair"]["sampled"]["CHAIRi"]
 
 
+METRICS_KEYS = (
+    "yes_no.accuracy",
+    "yes_no.pair_accuracy",
+    "yes_no.per_category.count.accuracy",
+    "yes_no.blind_accuracy",
+    "grounding.acc",
+    "grounding.blind_acc",
+    "chair.greedy.CHAIRi",
+    "chair.sampled.CHAIRi",
+    "chair.sampled.Recall",
+)
+
+
+def test_fast_demo_writes_metrics_json_with_the_paired_tests(fast_demo: Path) -> None:
+    metrics = json.loads((fast_demo / "metrics.json").read_text())
+    for block in ("after_sft", "after_preference"):
+        for key in METRICS_KEYS:
+            value = metrics[block]
+            for part in key.split("."):
+                value = value[part]
+            assert isinstance(value, float) and 0.0 <= value <= 1.0, (block, key, value)
+        yes_no, grounding = metrics[block]["yes_no"], metrics[block]["grounding"]
+        assert set(yes_no["per_category"]) == {"color", "count", "existence", "position"}
+        assert yes_no["pairs"] == 100 and yes_no["ci95"][0] <= yes_no["accuracy"] <= yes_no["ci95"][1]
+        for comparison in [*yes_no["blind"].values(), *grounding["blind"].values()]:
+            # paired on the same items: the accuracies differ by the disagreements alone
+            assert comparison["model_correct"] - comparison["baseline_correct"] == (
+                comparison["model_only"] - comparison["baseline_only"]
+            )
+            assert 0.0 <= comparison["p_value"] <= 1.0
+        # the best blind rule is at least as good as the mean box, which it includes
+        assert grounding["blind_acc"] >= grounding["baseline_acc"]
+    report = (fast_demo / "REPORT.md").read_text()
+    assert "## The evidence (after SFT)" in report and "McNemar p" in report
+
+
 def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
     """Before `normalize_image_rows` every test image got one and the same description."""
     lines = (fast_demo / "eval_sft" / "answers_greedy.jsonl").read_text(encoding="utf-8").splitlines()

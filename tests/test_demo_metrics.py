@@ -20,7 +20,10 @@ from mllm.demo.metrics import (
 
 def test_templates_and_place_phrases() -> None:
     assert template_of("Is the square red?") == "Is the {shape} {color}?"
-    assert template_of("Are there exactly 3 objects in the image?") == "Are there exactly {n} objects in the image?"
+    assert (
+        template_of("Are there exactly 3 objects in the image?")
+        == "Are there exactly {n} objects in the image?"
+    )
     assert template_of("the orange stars at the top left") == "the {color} {shape} at the top left"
     assert position_phrase_of("the red circle at the top left") == "at the top left"
     assert position_phrase_of("the red circle on the left") == "on the left"
@@ -39,7 +42,12 @@ def item(image: str, question: str, answer: str) -> dict:
 
 
 def prediction(category: str, reference: str, answer: str) -> dict:
-    return {"category": category, "reference": reference, "normalised": answer, "correct": answer == reference}
+    return {
+        "category": category,
+        "reference": reference,
+        "normalised": answer,
+        "correct": answer == reference,
+    }
 
 
 def test_yes_no_metrics_pairs_categories_and_blind_rules() -> None:

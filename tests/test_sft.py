@@ -229,6 +229,35 @@ def test_per_sample_loss_with_gradient_accumulation_matches_one_big_batch(
     assert_same_parameters(big.model, acc.model)
 
 
+def test_vision_learning_rate_applies_to_the_tower_alone(tmp_path: Path, small_model_dir: Path) -> None:
+    data = make_sft_files(tmp_path / "d", 4)
+    kw = dict(per_device_train_batch_size=4, max_steps=1, optim="sgd", model_kw={"tune_vision": True})
+    plain = _trainer(small_model_dir, data, tmp_path / "a", **kw)
+    slow = _trainer(small_model_dir, data, tmp_path / "b", vision_learning_rate=0.0, **kw)
+    before = {name: p.detach().clone() for name, p in slow.model.named_parameters()}
+    plain.train()
+    slow.train()
+    rates = {group["lr"] for group in slow.optimizer.param_groups}
+    assert rates == {0.0, 2e-3}, rates
+    for name, p in slow.model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        if name.startswith("vpm."):
+            assert not moved, name  # lr 0: the tower stays as it was
+    moved = {name for name, p in slow.model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all(not name.startswith("vpm.") for name in moved)
+    # the rest of the model takes the same step as without the flag
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), slow.model.named_parameters()):
+        if not name.startswith("vpm."):
+            torch.testing.assert_close(a, b, msg=name)
+    assert any(
+        not torch.equal(p, before[name])
+        for name, p in plain.model.named_parameters()
+        if name.startswith("vpm.")
+    )
+    with pytest.raises(ValueError, match="--vision-learning-rate"):
+        cpu_training_args(tmp_path, vision_learning_rate=-1.0)
+
+
 def test_loss_reduction_flag_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--loss-reduction"):
         cpu_training_args(tmp_path, loss_reduction="mean")

@@ -83,6 +83,12 @@ class ToyWorldConfig:
     the number of objects, the colour of a shape that is unique in the image. A model trained from scratch on
     MME-paired yes/no alone stays at chance (neither the question nor the image alone predicts the answer); with these
     beside them it learned colour-presence and count pairs in probes (docs/LOG.md, 2026-11-26)."""
+    lookup_questions: bool = False
+    """Per training image, also short-answer questions for the lookups the other yes/no questions need: the shapes
+    present ("What shapes are in the image?"), the shape of an object named by its colour ("What shape is the red
+    object?", colour unique in the image) and where an object is ("Where is the red circle?" -> "at the top
+    left."). Their answers are copied from the looked-up object, so learning them trains the lookup with a direct
+    signal, which yes/no answers alone do not give."""
     noise_rate: float = 0.15
     """Share of TRAIN descriptions that mention an object absent from the image."""
     n_preference: int = 1000
@@ -350,6 +356,22 @@ def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[t
     return qa
 
 
+def lookup_questions(
+    objects: list[ToyObject], image_size: int, rng: np.random.Generator
+) -> list[tuple[str, str]]:
+    """Short-answer lookups: the shapes present, the shape of an object named by its (unique) colour, and the place
+    of an object named by colour and shape."""
+    shapes = [s for s in SHAPES if any(o.shape == s for o in objects)]
+    qa = [("What shapes are in the image?", ", ".join(shapes) + ".")]
+    unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
+    if unique:
+        obj = unique[int(rng.integers(len(unique)))]
+        qa.append((f"What shape is the {obj.color} object?", f"{obj.shape}."))
+    obj = objects[int(rng.integers(len(objects)))]
+    qa.append((f"Where is the {obj.color} {obj.shape}?", position_phrase(*region(obj, image_size)) + "."))
+    return qa
+
+
 def training_questions(scene: Scene, cfg: ToyWorldConfig, rng: np.random.Generator) -> list[tuple[str, str]]:
     """The extra training questions of one image: yes/no pairs of other categories the scene supports (random
     categories, up to `train_yes_no_pairs` pairs with the image's own), then the open questions if on. Each becomes
@@ -367,6 +389,8 @@ def training_questions(scene: Scene, cfg: ToyWorldConfig, rng: np.random.Generat
             pairs += 1
     if cfg.open_questions:
         qa += open_questions(scene.objects, rng)
+    if cfg.lookup_questions:
+        qa += lookup_questions(scene.objects, cfg.image_size, rng)
     return qa
 
 

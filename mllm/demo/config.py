@@ -44,6 +44,13 @@ class DemoConfig:
     """Preference pairs (on the first training images)."""
     noise_rate: float = 0.15
     """Share of training descriptions that mention an absent object: the hallucination to fix."""
+    max_objects: int = 4
+    """Most objects per image (the toy world's `max_objects`, 1-4)."""
+    train_yes_no_pairs: int = 2
+    """Yes/no pairs per training image (the toy world's `train_yes_no_pairs`, 1-4)."""
+    lookup_questions: bool = False
+    """The toy world's `lookup_questions`: short-answer questions about the shapes present, the shape of an object
+    named by its colour and the place of a named object, beside the colour, count and colour-of-a-shape ones."""
     min_object_size: int = 22
     """Smallest object side in pixels (the toy world's `min_object_size`)."""
     max_object_size: int = 34
@@ -51,6 +58,13 @@ class DemoConfig:
     of 30-46 px gave better boxes (Acc@0.5 12.2% against 1.0% on CPU, 16.2% against 1.0% on a GPU) but no better
     answers or CHAIR, so the default stays (docs/LOG.md, 2026-11-27)."""
     # --- model ---
+    default_system_prompt: bool = True
+    """The toy tokenizer's chat template adds MiniCPM-V's default system message to every conversation (False: the
+    same ChatML without it, 11 tokens less per sample)."""
+    use_image_id: bool = True
+    """The preset's `use_image_id` (`<image_id>0</image_id>` before each image, 3 tokens)."""
+    rope_theta: float = 1000000.0
+    """The preset's RoPE base (Qwen2's 1e6)."""
     vision_stem: str = "conv"
     """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions. "cnn" (with
     patch_size 8, vision_layers 0, position_init_std 0) is the only tower here that learned the toy shapes under
@@ -100,6 +114,9 @@ class DemoConfig:
     """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
     8.1 with it frozen; docs/LOG.md, 2026-11-27 (night))."""
+    sft_vision_lr: float | None = None
+    """Peak learning rate of the vision tower in the SFT stages when it is trained there (`--vision-learning-rate`;
+    None: `sft_lr`)."""
 
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
     align_steps: int = 0

@@ -145,6 +145,7 @@ def sft_training_arguments(
         loss_reduction=config.sft_loss_reduction,
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
         bf16=config.bf16,
+        vision_learning_rate=config.sft_vision_lr,
     )
 
 

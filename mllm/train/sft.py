@@ -159,6 +159,27 @@ class SFTTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the vision tower's parameters in groups of their own at
+        `--vision-learning-rate` (the schedule scales every group alike)."""
+        already = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        vision_lr = getattr(self.args, "vision_learning_rate", None)
+        if vision_lr is None or already:
+            return optimizer
+        opt_model = self.model if model is None else model
+        vision = {id(p) for name, p in opt_model.named_parameters() if is_vision_parameter(name)}
+        groups = []
+        for group in optimizer.param_groups:
+            for in_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == in_vision]
+                if params:
+                    groups.append({**group, "params": params, "lr": vision_lr if in_vision else group["lr"]})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         """`--train-sampling-strategy group_by_length` with the lengths the dataset already knows (Trainer's own
         path would load every sample, images included, to measure it); anything else is Trainer's."""
@@ -167,6 +188,11 @@ class SFTTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+def is_vision_parameter(name: str) -> bool:
+    """Whether a parameter name (of the model, or of its peft or DDP wrapper) belongs to the vision tower `vpm`."""
+    return name.startswith("vpm.") or ".vpm." in name
 
 
 def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
