@@ -1,74 +1,75 @@
-"""The full `mllm demo` (what `make demo` runs, seed 0): the model trained from scratch answers yes/no questions
-about the image above chance, grounds expressions above the constant box, and preference training lowers CHAIRi.
+"""The full `mllm demo` (what `make demo` runs, seed 0) learns from the image, read as a skeptic would (issue 26):
+after SFT it answers the yes/no questions (>= 80% overall, every category >= 65%, MME pair accuracy >= 60%) and
+grounds the expressions (Acc@0.5 >= 30% and >= 15 points above the best image-blind box), both better than the
+best image-blind rule fit on the training data by McNemar's exact test on the same items; its greedy descriptions
+hallucinate little (CHAIRi <= 10%); preference training cuts the sampled CHAIRi by 30% or more while recall falls by
+at most 5 points and yes/no and grounding by at most 3.
 
-The `--fast` demo (tests/test_demo.py) is too short for the first two: the lookups they need start after ~1,000 SFT
-steps of 32 (yes/no after SFT, seed 0: 54.0% at 750 steps, 58.3% at 1,200, 59.3% at 1,300; docs/LOG.md). So this file runs
-the whole demo, about 14 minutes on CI's 2 cores. "Above" is a one-sided binomial test at p < 0.01: the answers must
-be better than what chance (yes/no, 50%) or the constant box (its own accuracy on the same expressions) gets right
-with probability 1% or more. Measured (seeds 0 / 1 / 2): yes/no 59.3% / 55.5% / 62.2% of 600 (p 3e-6 / 0.004 /
-1e-9); Acc@0.5 5.5% / 8.0% / 9.8% of 400 against the constant box 2.0% / 0.5% / 2.5% (p 3e-5 / 1e-27 / 1e-12);
-CHAIRi sampled 12.6 -> 2.8 / 14.7 -> 5.3 / 14.6 -> 4.0, greedy 2.4 -> 1.8 / 3.5 -> 3.4 / 2.6 -> 2.1 (docs/LOG.md).
+Every figure is read from OUT/metrics.json, which the demo writes (mllm/demo/metrics.py). The thresholds are the
+issue's, fixed before the final runs; the measured seeds 0-4 are in the README and docs/LOG.md. The `--fast` demo
+(tests/test_demo.py) is too short for these goals, so this file runs the whole demo (about 15 minutes on CI's 2
+cores).
 """
 
 from __future__ import annotations
 
 import json
-from math import comb
-from pathlib import Path
 
 import pytest
 
 from mllm.cli import main
-from mllm.demo.stages import DONE
 
 P_VALUE = 0.01
-
-
-def binomial_tail(hits: int, n: int, p: float) -> float:
-    """P(X >= hits) for X ~ Binomial(n, p): how often `hits` or more come out of chance alone."""
-    return sum(comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(hits, n + 1))
-
-
-def test_binomial_tail() -> None:
-    assert binomial_tail(0, 10, 0.3) == pytest.approx(1.0)
-    assert binomial_tail(10, 10, 0.5) == pytest.approx(0.5**10)
-    assert binomial_tail(329, 600, 0.5) < P_VALUE < binomial_tail(328, 600, 0.5)
-
-
-def figures(out: Path, stage: str) -> dict:
-    return json.loads((out / stage / DONE).read_text())["figures"]
+MIN_YES_NO = 0.80
+MIN_YES_NO_CATEGORY = 0.65
+MIN_PAIR_ACCURACY = 0.60
+MIN_GROUNDING = 0.30
+MIN_GROUNDING_GAIN = 0.15
+MAX_GREEDY_CHAIRI = 0.10
+MAX_SAMPLED_CHAIRI_RATIO = 0.70
+MAX_RECALL_DROP = 0.05
+MAX_PREFERENCE_DROP = 0.03
 
 
 @pytest.fixture(scope="module")
-def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def metrics(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo") / "full"
     assert main(["demo", "--out", str(out)]) == 0
-    return out
+    return json.loads((out / "metrics.json").read_text())
+
+
+def beats_every_blind_rule(figures: dict) -> None:
+    for name, comparison in figures["blind"].items():
+        assert comparison["model_correct"] > comparison["baseline_correct"], name
+        assert comparison["p_value"] < P_VALUE, (name, comparison)
 
 
 @pytest.mark.slow
-def test_full_demo_answers_yes_no_questions_above_chance(full_demo: Path) -> None:
-    yes_no = figures(full_demo, "eval_sft")["yes_no"]
-    assert (
-        yes_no["n"] == 600 and yes_no["invalid"] <= 6
-    )  # answers that are not yes/no count as wrong; measured 0-1
-    correct = round(yes_no["accuracy"] * yes_no["n"])
-    assert binomial_tail(correct, yes_no["n"], 0.5) < P_VALUE, yes_no
+def test_full_demo_answers_yes_no_questions_from_the_image(metrics: dict) -> None:
+    yes_no = metrics["after_sft"]["yes_no"]
+    assert yes_no["n"] == 600 and yes_no["pairs"] == 300
+    assert yes_no["accuracy"] >= MIN_YES_NO, yes_no["accuracy"]
+    for name, category in yes_no["per_category"].items():
+        assert category["accuracy"] >= MIN_YES_NO_CATEGORY, (name, category)
+    assert yes_no["pair_accuracy"] >= MIN_PAIR_ACCURACY, yes_no["pair_accuracy"]
+    beats_every_blind_rule(yes_no)
 
 
 @pytest.mark.slow
-def test_full_demo_grounds_above_the_constant_box(full_demo: Path) -> None:
-    grounding = figures(full_demo, "eval_sft")["grounding"]
-    assert grounding["n"] == 400 and 0.0 < grounding["baseline_acc"] < 0.5
-    hits = round(grounding["acc"] * grounding["n"])
-    assert binomial_tail(hits, grounding["n"], grounding["baseline_acc"]) < P_VALUE, grounding
+def test_full_demo_grounds_expressions_from_the_image(metrics: dict) -> None:
+    grounding = metrics["after_sft"]["grounding"]
+    assert grounding["n"] == 400
+    assert grounding["acc"] >= MIN_GROUNDING, grounding["acc"]
+    assert grounding["acc"] >= grounding["blind_acc"] + MIN_GROUNDING_GAIN, grounding
+    beats_every_blind_rule(grounding)
 
 
 @pytest.mark.slow
-def test_full_demo_hallucinates_less_after_preference_training(full_demo: Path) -> None:
-    before = figures(full_demo, "eval_sft")["chair"]
-    after = figures(full_demo, "eval_preference")["chair"]
-    # sampled (temperature 1, where the noisy captions' hallucinations show): measured 12.6 -> 2.8 (seed 0)
-    assert after["sampled"]["CHAIRi"] < 0.7 * before["sampled"]["CHAIRi"], (before, after)
-    # greedy descriptions are already nearly clean (2.4 -> 1.8 / 3.5 -> 3.4 / 2.6 -> 2.1): they must stay so
-    assert after["greedy"]["CHAIRi"] < 0.1
+def test_full_demo_hallucinates_less_after_preference_training(metrics: dict) -> None:
+    before, after = metrics["after_sft"], metrics["after_preference"]
+    assert before["chair"]["greedy"]["CHAIRi"] <= MAX_GREEDY_CHAIRI
+    sampled_before, sampled_after = before["chair"]["sampled"], after["chair"]["sampled"]
+    assert sampled_after["CHAIRi"] <= MAX_SAMPLED_CHAIRI_RATIO * sampled_before["CHAIRi"], (before, after)
+    assert sampled_after["Recall"] >= sampled_before["Recall"] - MAX_RECALL_DROP
+    assert after["yes_no"]["accuracy"] >= before["yes_no"]["accuracy"] - MAX_PREFERENCE_DROP
+    assert after["grounding"]["acc"] >= before["grounding"]["acc"] - MAX_PREFERENCE_DROP

@@ -114,6 +114,9 @@ class DemoConfig:
     """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
     8.1 with it frozen; docs/LOG.md, 2026-11-27 (night))."""
+    sft_tune_embeddings: bool = True
+    """Train the LLM's (tied) token embeddings in the SFT stages (`--tune-embeddings`). Off keeps the word vectors
+    that the `vision` stage aligned the image rows to."""
     sft_vision_lr: float | None = None
     """Peak learning rate of the vision tower in the SFT stages when it is trained there (`--vision-learning-rate`;
     None: `sft_lr`)."""

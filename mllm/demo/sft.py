@@ -225,6 +225,7 @@ def fit(
             tune_vision=config.tunes_vision_in_sft(),
             tune_llm=True,
             tune_resampler=True,
+            tune_embeddings=config.sft_tune_embeddings,
             attn_implementation=config.attn_implementation,
             weights_dtype="float32",  # with `bf16`: mixed precision, float32 weights and optimizer
         ),

@@ -75,6 +75,13 @@ class ModelArguments:
         default=True, metadata={"help": "Train the language model (all of it, or LoRA adapters)."}
     )
     tune_resampler: bool = field(default=True, metadata={"help": "Train the resampler."})
+    tune_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "With --tune-llm, train the LLM's token embeddings too (the output layer as well when they are "
+            "tied). Off keeps the vocabulary's vectors fixed, e.g. when the projector was aligned to them."
+        },
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -200,6 +207,9 @@ def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
     model.vpm.requires_grad_(args.tune_vision)
     model.resampler.requires_grad_(args.tune_resampler)
     model.llm.requires_grad_(args.tune_llm and not args.use_lora)
+    if not args.tune_embeddings:
+        model.llm.get_input_embeddings().requires_grad_(False)
+        model.llm.get_output_embeddings().requires_grad_(False)
 
 
 def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
