@@ -86,9 +86,8 @@ class ToyWorldConfig:
     lookup_questions: bool = False
     """Per training image, also short-answer questions for the lookups the other yes/no questions need: the shapes
     present ("What shapes are in the image?"), the shape of an object named by its colour ("What shape is the red
-    object?", colour unique in the image) and where an object is ("Where is the red circle?" -> "at the top
-    left."). Their answers are copied from the looked-up object, so learning them trains the lookup with a direct
-    signal, which yes/no answers alone do not give."""
+    object?", colour unique in the image) and the column and row of an object ("Which column is the red circle
+    in?" -> "left."). A yes/no answer is learnt beside a short answer whose first word it compares (docs/LOG.md)."""
     noise_rate: float = 0.15
     """Share of TRAIN descriptions that mention an object absent from the image."""
     n_preference: int = 1000
@@ -359,8 +358,9 @@ def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[t
 def lookup_questions(
     objects: list[ToyObject], image_size: int, rng: np.random.Generator
 ) -> list[tuple[str, str]]:
-    """Short-answer lookups: the shapes present, the shape of an object named by its (unique) colour, and the place
-    of an object named by colour and shape."""
+    """Short-answer lookups whose answer's first word is what a yes/no question compares: the shapes present, the
+    shape of an object named by its (unique) colour, and the column and row of an object named by colour and shape
+    ("left."/"center."/"right.", "top."/"middle."/"bottom.", the words the position questions ask about)."""
     shapes = [s for s in SHAPES if any(o.shape == s for o in objects)]
     qa = [("What shapes are in the image?", ", ".join(shapes) + ".")]
     unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
@@ -368,7 +368,9 @@ def lookup_questions(
         obj = unique[int(rng.integers(len(unique)))]
         qa.append((f"What shape is the {obj.color} object?", f"{obj.shape}."))
     obj = objects[int(rng.integers(len(objects)))]
-    qa.append((f"Where is the {obj.color} {obj.shape}?", position_phrase(*region(obj, image_size)) + "."))
+    vertical, horizontal = region(obj, image_size)
+    qa.append((f"Which column is the {obj.color} {obj.shape} in?", f"{horizontal}."))
+    qa.append((f"Which row is the {obj.color} {obj.shape} in?", f"{vertical}."))
     return qa
 
 

@@ -110,6 +110,10 @@ class DemoConfig:
     """`--align-rows` of the `vision` stage: the projector learns, too, to point each image row at the LLM's input
     embeddings of the shape and colour names present in its region. With it the descriptions name the right objects
     (greedy CHAIRi 2.3 against 52.9 without, after the same SFT; docs/LOG.md, 2026-11-27 (night))."""
+    vision_row_boxes: bool = False
+    """`--row-boxes` of the `vision` stage: a linear head on each aligned row also predicts the box of the object
+    covering most of its region, so that the frozen tower's rows carry where the objects are (a linear read-out of
+    the aligned rows found the box at IoU >= 0.5 for 22% of the object cells without it; docs/LOG.md)."""
     sft_tune_vision: bool | None = None
     """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
