@@ -14,7 +14,8 @@ REC=${REC:-$SHIKRA/REC_ref3_train.jsonl}
 REC_TEMPLATES=${REC_TEMPLATES:-$SHIKRA/template/REC.json}
 PREPARED=${PREPARED:-output/grounding_train.json}
 OUT=${OUT:-output/grounding_lora}
-NPROC=${NPROC:-1}
+NPROC=${NPROC:-1}                                   # processes (GPUs) on this machine
+MAX_STEPS=${MAX_STEPS:--1}                          # -1: the epochs decide
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}
 EVAL_SPLITS=${EVAL_SPLITS:-"REC_refcoco_unc_val REC_refcoco_unc_testA REC_refcoco_unc_testB REC_refcoco+_unc_val REC_refcoco+_unc_testA REC_refcoco+_unc_testB REC_refcocog_umd_val REC_refcocog_umd_test"}
 
@@ -31,11 +32,11 @@ torchrun --nproc_per_node "$NPROC" -m mllm train grounding \
     --max-length 2048 --bf16 true --gradient-checkpointing true \
     --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
     --num-train-epochs 1 --learning-rate 1e-4 --weight-decay 0.1 --adam-beta2 0.95 \
-    --warmup-ratio 0.01 --lr-scheduler-type cosine \
+    --warmup-steps 0.01 --lr-scheduler-type cosine \
     --save-strategy steps --save-steps 200 --save-total-limit 3 \
     --logging-steps 1 --report-to tensorboard \
     --resume-from-checkpoint auto \
-    --deepspeed "$DS_CONFIG" "$@"
+    --max-steps "$MAX_STEPS" --deepspeed "$DS_CONFIG" "$@"
 
 mllm merge-lora "$MODEL" "$OUT" "$OUT/merged" --overwrite
 

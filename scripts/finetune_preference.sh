@@ -12,7 +12,8 @@ DATA=${DATA:-data/preference_train.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-}
 OUT=${OUT:-output/preference_lora}
 LOGPS=${LOGPS:-$OUT/reference_logps.jsonl}
-NPROC=${NPROC:-1}
+NPROC=${NPROC:-1}                                   # processes (GPUs) on this machine
+MAX_STEPS=${MAX_STEPS:--1}                          # -1: the epochs decide
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}
 BETA=${BETA:-0.1}
 LOSS_TYPE=${LOSS_TYPE:-nca_pair}
@@ -36,10 +37,10 @@ torchrun --nproc_per_node "$NPROC" -m mllm train preference \
     --max-length 2048 --bf16 true --gradient-checkpointing true \
     --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
     --num-train-epochs "$EPOCHS" --learning-rate "$LR" --weight-decay 0.01 --adam-beta2 0.95 \
-    --warmup-ratio 0.05 --lr-scheduler-type cosine \
+    --warmup-steps 0.05 --lr-scheduler-type cosine \
     --save-strategy steps --save-steps 100 --save-total-limit 3 \
     --logging-steps 1 --report-to tensorboard \
     --resume-from-checkpoint auto \
-    --deepspeed "$DS_CONFIG" "$@"
+    --max-steps "$MAX_STEPS" --deepspeed "$DS_CONFIG" "$@"
 
 mllm merge-lora "$MODEL" "$OUT" "$OUT/merged" --overwrite

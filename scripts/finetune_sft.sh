@@ -9,7 +9,8 @@ DATA=${DATA:-data/train.json}
 EVAL_DATA=${EVAL_DATA:-data/test.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-.}
 OUT=${OUT:-output/sft_lora}
-NPROC=${NPROC:-1}
+NPROC=${NPROC:-1}                                   # processes (GPUs) on this machine
+MAX_STEPS=${MAX_STEPS:--1}                          # -1: the epochs decide
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}
 
 torchrun --nproc_per_node "$NPROC" -m mllm train sft \
@@ -20,11 +21,11 @@ torchrun --nproc_per_node "$NPROC" -m mllm train sft \
     --max-length 2048 --bf16 true --gradient-checkpointing true \
     --per-device-train-batch-size 1 --gradient-accumulation-steps 1 --per-device-eval-batch-size 1 \
     --num-train-epochs 1 --learning-rate 1e-4 --weight-decay 0.1 --adam-beta2 0.95 \
-    --warmup-ratio 0.01 --lr-scheduler-type cosine \
+    --warmup-steps 0.01 --lr-scheduler-type cosine \
     --eval-strategy steps --eval-steps 100 --save-strategy steps --save-steps 100 --save-total-limit 3 \
     --logging-steps 1 --report-to tensorboard \
     --resume-from-checkpoint auto \
-    --deepspeed "$DS_CONFIG" "$@"
+    --max-steps "$MAX_STEPS" --deepspeed "$DS_CONFIG" "$@"
 
 mllm merge-lora "$MODEL" "$OUT" "$OUT/merged" --overwrite
 mllm eval-vqa "$OUT/merged" --data "$EVAL_DATA" --image-folder "$IMAGE_FOLDER" --out "$OUT/test_predictions.jsonl"

@@ -16,10 +16,9 @@ from mllm.eval.answer import (
     QuestionItem,
     bucketed,
     generate_answers,
-    merge_parts,
-    part_files,
     prefetched,
 )
+from mllm.io import ResumableJsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 23
@@ -31,6 +30,10 @@ def write_questions(path: Path, count: int = N_ITEMS) -> Path:
     lines[5] = "{not json"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def part_files(out: Path) -> list[Path]:
+    return ResumableJsonl(out, {}).part_files()
 
 
 def fake_answer(batch: list[QuestionItem]) -> tuple[list[str], int]:
@@ -123,8 +126,12 @@ def crash_after(batches: int):
 
 def partial_run(questions: Path, out: Path) -> None:
     """Rank 0 of a 2-rank run finished its share (no merge), rank 1 died after one batch leaving a torn line;
-    the output already holds two answers from an older single-process run (one of them also in part 0)."""
-    out.write_text("".join(json.dumps({"idx": i, "answer": f"old {i}"}) + "\n" for i in (0, 3)))
+    the output already holds four answers from an earlier single-process run (two of them also in part 0)."""
+
+    def old_answer(batch):
+        return [f"old {item.idx}" for item in batch], len(batch)
+
+    generate_answers(questions, out, old_answer, "m", batch_size=2, limit=4)
     generate_answers(questions, out, fake_answer, "m", batch_size=3, shard=(0, 2))
     with pytest.raises(RuntimeError, match="killed"):
         generate_answers(questions, out, crash_after(1), "m", batch_size=3, shard=(1, 2))
@@ -154,7 +161,6 @@ def test_single_process_rerun_merges_left_over_parts(tmp_path):
     assert sorted(idx) == expected_idx() and len(idx) == len(set(idx))
     assert part_files(out) == []
     assert summary.succeeded > 0  # rank 1's unfinished share was answered now
-    assert merge_parts(out) == 0  # nothing left to merge
 
 
 def test_bad_shard_is_rejected(tmp_path):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from mllm.eval.boxes import format_box, format_boxes, iou, normalize_box, parse_box, to_pixels, wrap_ref
+from mllm.eval.boxes import (
+    format_box,
+    format_boxes,
+    iou,
+    normalize_box,
+    parse_box,
+    qwen25vl_frame,
+    to_pixels,
+    wrap_ref,
+)
 
 
 def test_format_box_grid_and_rounding():
@@ -106,3 +115,38 @@ def test_wrap_ref():
 def test_bad_size_raises():
     with pytest.raises(ValueError, match="width"):
         format_box([0, 0, 1, 1], 0, 10)
+
+
+def test_other_families_syntaxes_round_trip():
+    width, height = 800, 600
+    box = (80, 60, 400, 300)
+    llava = format_box(box, width, height, "llava")
+    assert llava == "[0.10, 0.10, 0.50, 0.50]"
+    assert to_pixels(parse_box(llava, "llava"), width, height) == pytest.approx(box)
+    assert parse_box(llava) == pytest.approx((100, 100, 500, 500))  # auto: 0..1 floats
+    qwen2vl = format_box(box, width, height, "qwen2vl")
+    assert qwen2vl == "<|box_start|>(100,100),(500,500)<|box_end|>"  # 0..1000, divided by 1000
+    for fmt in ("qwen2vl", "auto"):
+        assert to_pixels(
+            parse_box(f"<|object_ref_start|>a cup<|object_ref_end|>{qwen2vl}", fmt), width, height
+        ) == (pytest.approx(box))
+
+
+def test_qwen25vl_writes_pixels_of_the_resized_frame():
+    # smart_resize (factor 28): 800x600 -> 812x588 (round to multiples of 28, inside the pixel budget)
+    assert qwen25vl_frame(800, 600) == (812, 588)
+    box = (80, 60, 400, 300)
+    text = format_box(box, 800, 600, "qwen25vl")
+    assert text == "<|box_start|>(81,59),(406,294)<|box_end|>"  # 0.1*812=81.2, 0.1*588=58.8, 0.5*812, 0.5*588
+    assert to_pixels(parse_box(text, "qwen25vl", (800, 600)), 800, 600) == pytest.approx(box, abs=1.0)
+    json_answer = '```json\n[{"bbox_2d": [406, 294, 81, 59], "label": "cup"}]\n```'  # corners swapped
+    assert parse_box(json_answer, "qwen25vl", (800, 600)) == parse_box(text, "qwen25vl", (800, 600))
+    with pytest.raises(ValueError, match="image size"):
+        parse_box(text, "qwen25vl")
+    assert parse_box("no box", "qwen25vl", (800, 600)) is None
+
+
+def test_wrap_ref_for_qwen2vl_families():
+    assert wrap_ref("the cup", "qwen2vl") == "<|object_ref_start|>the cup<|object_ref_end|>"
+    assert wrap_ref("the cup", "qwen25vl") == "<|object_ref_start|>the cup<|object_ref_end|>"
+    assert wrap_ref("the cup", "llava") == "<ref>the cup</ref>"

@@ -95,3 +95,36 @@ def test_answer_writes_resumes_and_reports_bad_lines(tiny_model_dir: Path, tmp_p
     assert sorted(e["line"] for e in errors) == [3, 4, 7]
     assert any("base64" in e["error"] or "image" in e["error"] for e in errors if e["line"] == 3)
     assert any("question" in e["error"] for e in errors if e["line"] == 4)
+
+
+def test_answer_decode_engines_give_the_same_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--fast-generate` (our static-cache decoder) and `--static-cache` (transformers' engine) answer as the default
+    path does, beam search with its repetition penalty included; the two flags exclude each other."""
+    questions = tmp_path / "q.jsonl"
+    image = str(tiny_model_dir / "images" / "img_90x60.png")
+    lines = [{"image": image, "question": "Describe it."}, {"question": "Just text, no image, a longer one."}]
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = {}
+    for engine in ([], ["--fast-generate"], ["--static-cache"]):
+        out = tmp_path / f"answers{len(answers)}.jsonl"
+        args = ["--strategy", "beam", "--max-new-tokens", "10", "--batch-size", "2", *engine]
+        assert (
+            main(["answer", str(tiny_model_dir), "--questions", str(questions), "--out", str(out), *args])
+            == 0
+        )
+        answers[" ".join(engine)] = [r["answer"] for r in sorted(_read(out), key=lambda r: r["idx"])]
+    assert answers["--fast-generate"] == answers[""] == answers["--static-cache"]
+    assert all(answers[""])
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "answer",
+                str(tiny_model_dir),
+                "--questions",
+                str(questions),
+                "--out",
+                "x",
+                "--fast-generate",
+                "--static-cache",
+            ]
+        )

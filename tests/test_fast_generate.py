@@ -83,6 +83,15 @@ def test_fixture_fixed_shape_step_under_dynamo_equals_plain(model, data, tokeniz
         model.__dict__.pop("_fast_generator")
 
 
+@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(num_beams=3, repetition_penalty=1.2)])
+def test_fixture_library_static_cache_equals_plain_and_fast(model, data, tokenizer, kwargs):
+    """transformers' own static-cache engine (`mllm answer --static-cache`) on the images + left-padded batch: the
+    plain path's tokens, and the fast path's."""
+    static = run(model, data, tokenizer, max_new_tokens=12, cache_implementation="static", **kwargs)
+    assert torch.equal(static, run(model, data, tokenizer, max_new_tokens=12, **kwargs))
+    assert torch.equal(static, run(model, data, tokenizer, max_new_tokens=12, fast=True, **kwargs))
+
+
 def test_fast_rejects_stream_and_unknown_options(model, data, tokenizer):
     one = single_sample(data, 1)
     with pytest.raises(ValueError, match="stream"):

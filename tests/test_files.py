@@ -39,7 +39,7 @@ def test_an_interrupted_replace_removes_the_temporary(
         assert Path(src).read_text(encoding="utf-8") == "new\n"  # the whole new text was written first
         raise OSError("disk full")
 
-    monkeypatch.setattr("mllm.files.os.replace", fail)
+    monkeypatch.setattr("mllm.io.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(path, "new\n")
     assert path.read_text(encoding="utf-8") == "old\n"

@@ -112,7 +112,7 @@ def test_interrupted_run_resumes_without_duplicates_and_scores_exactly(tmp_path:
     again = ScriptedAnswers()
     evaluate_grounding(config, again, "m")
     assert again.seen == [] and len(_lines(val_out)) == 5
-    with pytest.raises(ValueError, match="holds answers of model 'm', not 'other'"):
+    with pytest.raises(ValueError, match=r"made with other inputs or settings \(differing: model_name"):
         evaluate_grounding(config, ScriptedAnswers(), "other")
 
 

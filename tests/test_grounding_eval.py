@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from mllm.cli import grounding as grounding_cli
-from mllm.eval.grounding import markdown_table, score_predictions, split_name_from_path, visualize
+from mllm.eval.boxes import format_box
+from mllm.eval.grounding import markdown_table, score_item, score_predictions, split_name_from_path, visualize
 
 
 @pytest.mark.parametrize(
@@ -137,3 +138,11 @@ def test_cli_score_writes_summary_and_pictures(predictions: list[Path], tmp_path
     assert (out_dir / "summary.md").read_text().startswith("| split |")
     pngs = sorted(p.name for p in (out_dir / "vis").iterdir())
     assert pngs == ["0000_refcoco_val_ok.png", "0001_refcoco_val_wrong.png"]  # the third item has no image
+
+
+def test_score_item_reads_qwen25vl_pixels_with_the_record_size() -> None:
+    record = {"expression": "the cup", "bbox": [80, 60, 400, 300], "width": 800, "height": 600}
+    record["answer"] = format_box(record["bbox"], 800, 600, "qwen25vl")  # pixels of the 812x588 frame
+    scored = score_item(record, "preds.jsonl, line 1", "val", "qwen25vl")
+    assert scored["correct"] and scored["iou"] > 0.99
+    assert not score_item(record, "preds.jsonl, line 1", "val", "auto")["correct"]  # read as 0..1000: wrong

@@ -116,6 +116,25 @@ def test_ref_tags_and_other_box_syntax(data: Path):
     assert items[0]["conversations"][1]["content"] == "[0.100,0.100,0.600,0.600]"
 
 
+@pytest.mark.parametrize(
+    "box_format, prompt, answer",
+    [
+        (
+            "qwen2vl",
+            "<|object_ref_start|>the red ball<|object_ref_end|>",
+            "<|box_start|>(100,100),(600,600)<|box_end|>",
+        ),
+        ("llava", "<ref>the red ball</ref>", "[0.10, 0.10, 0.60, 0.60]"),
+    ],
+)
+def test_training_data_in_a_target_familys_syntax(data: Path, box_format: str, prompt: str, answer: str):
+    items, _ = build_grounding_items(
+        _config(data, ref_tags=True, box_format=box_format, gc_files=[], flickr_files=[])
+    )
+    assert items[0]["conversations"][0]["content"] == f"<image>\nIn the image, where is {prompt}?"
+    assert items[0]["conversations"][1]["content"] == answer
+
+
 def test_default_template_is_the_eval_prompt(data: Path):
     items, _ = build_grounding_items(_config(data, rec_templates=None, gc_files=[], flickr_files=[]))
     assert items[0]["conversations"][0]["content"] == (
@@ -221,8 +240,13 @@ def test_cli_prepare(data: Path, capsys):
             str(data / "images"),
             "--out",
             str(out),
+            "--box-format",
+            "qwen25vl",
         ]
     )
     assert args.func(args) == 0
-    assert len(json.loads(out.read_text())) == 2
+    items = json.loads(out.read_text())
+    assert len(items) == 2
+    # a.png is 200x100: Qwen2.5-VL sees it as 196x112 (smart_resize), and the box [20, 10, 120, 60] there
+    assert items[0]["conversations"][1]["content"] == "<|box_start|>(20,11),(118,67)<|box_end|>"
     assert json.loads(capsys.readouterr().out)["empty_boxes"] == 1

@@ -18,6 +18,8 @@ from mllm.processing.image_processing import (
     best_grid,
     ensure_divide,
     find_best_resize,
+    resize_bicubic,
+    vertical_pass_first,
 )
 
 KEYS = [
@@ -107,8 +109,7 @@ def test_pixels_exact(key, expected, tensors, outputs):
         # The float values are exactly the reference reconstruction of the codes.
         assert torch.equal(strip, (u8.to(torch.float32) / 255 - 0.5) / 0.5)
         assert hashlib.sha256(strip.numpy().tobytes()).hexdigest() == stats["sha256_float32"], (
-            f"slice {j} differs from the reference (made with Pillow 13.0; installed {PIL.__version__}: "
-            "Pillow 12's bicubic resize gives other pixel codes)"
+            f"slice {j} differs from the reference (made with Pillow 13.0; installed {PIL.__version__})"
         )
         assert hashlib.sha256(u8.numpy().tobytes()).hexdigest() == stats["sha256_uint8"], j
         if f"{prefix}.pixel_u8" in tensors:
@@ -215,3 +216,33 @@ def test_save_and_reload(tmp_path, tiny_model_dir):
     (tmp_path / "preprocessor_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         MLLMImageProcessor.from_pretrained(tmp_path)
+
+
+# sha256 of the 40 resizes below as Pillow 13.0.0's own `Image.resize(size, BICUBIC)` computes them (13 of them
+# shrink the height by more than twice the width, so Pillow 13 runs its vertical pass first; Pillow 12.3's own
+# resize gives d277fa47... for the same list).
+PILLOW13_RESIZES_SHA256 = "00829f326d4efbe213c0c9682e857bd1ff668e87495992ed1f174252ce6162a4"
+
+
+def test_resize_is_pillow13_whatever_pillow_is_installed():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8))
+    sizes = [(int(w), int(h)) for w, h in rng.integers(4, 200, (40, 2))]
+    assert sum(vertical_pass_first(image.size, size) for size in sizes) == 13
+    digest = hashlib.sha256()
+    for size in sizes:
+        out = resize_bicubic(image, size)
+        assert out.size == size
+        digest.update(np.asarray(out).tobytes())
+        if int(PIL.__version__.split(".")[0]) == 13:  # the same pass order as Pillow 13's own resize
+            assert out.tobytes() == image.resize(size, Image.Resampling.BICUBIC).tobytes(), size
+    assert digest.hexdigest() == PILLOW13_RESIZES_SHA256
+
+
+def test_vertical_pass_first_rule():
+    assert vertical_pass_first((448, 448), (420, 126))  # height shrinks 322, width 28
+    assert not vertical_pass_first((448, 448), (126, 420))
+    assert not vertical_pass_first((100, 100), (100, 100))
+    assert not vertical_pass_first((100, 100), (300, 300))  # upscaling: columns first
+    assert vertical_pass_first((100, 100), (300, 50))  # the width grows, the height shrinks
+    assert not vertical_pass_first((100, 100), (80, 60))  # 40 is not more than 2 * 20

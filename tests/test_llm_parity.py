@@ -128,6 +128,47 @@ def test_beam_search_matches_transformers():
     assert torch.equal(ours.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs), expected)
 
 
+def static_compile_config():
+    """transformers' compiled static-cache forward, captured by dynamo as one graph and run without a code generator
+    (so it runs on CPU in seconds): a graph break or a recompile error fails the test."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+    return config
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_static_cache_generate_matches_transformers(attn, beams):
+    """`generate(cache_implementation="static")` runs our decoder (transformers prepares the masks over all cache
+    slots) and gives transformers' Qwen2 tokens, eager and with the forward compiled, left-padded, from embeddings
+    (what MLLMModel passes) and from ids."""
+    ref, ours = build_pair("qwen2", attn, seed=1)
+    ids, mask, _ = left_padded_batch()
+    embeds = ours.get_input_embeddings()(ids)
+    kwargs = dict(max_new_tokens=6, num_beams=beams, do_sample=False, pad_token_id=0, repetition_penalty=1.2)
+    expected = ref.generate(
+        inputs_embeds=embeds, attention_mask=mask, cache_implementation="static", **kwargs
+    )
+    assert torch.equal(expected, ref.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs))
+    got = ours.generate(inputs_embeds=embeds, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(got, expected)
+    from_ids = ref.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    got = ours.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(got, from_ids)  # the penalty also counts the prompt's ids here
+    compiled = ours.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        cache_implementation="static",
+        compile_config=static_compile_config(),
+        **kwargs,
+    )
+    # transformers compiles the forward of greedy/sampling only; its beam search runs the static cache eagerly
+    assert (getattr(ours, "_compiled_call", None) is not None) == (beams == 1)
+    assert torch.equal(compiled, expected)
+
+
 def test_labels_give_shifted_cross_entropy():
     _, ours = build_pair("qwen2", "sdpa")
     ids, mask, pos = left_padded_batch()

@@ -182,3 +182,17 @@ def test_real_minicpmv26_config_builds_on_meta_with_8b_parameters(tmp_path):
         "vpm.encoder.layers.25.mlp.fc2.weight" in keys and "vpm.encoder.layers.26.mlp.fc2.weight" not in keys
     )
     assert model.resampler.attn.num_heads == 28
+
+
+def test_fill_random_sets_every_norm_scale_to_one(model):
+    """Benchmarks' random weights: the resampler's LayerNorms (`ln_q`, `ln_kv`, `ln_post`, no "norm" in their names)
+    are scales of 1 like every other norm, not 0 (which would cut the image rows off the gradient)."""
+    from mllm.model.loading import fill_random_
+
+    copy = MLLMModel(model.config)
+    fill_random_(copy, torch.device("cpu"))
+    params = dict(copy.named_parameters())
+    for name in ("resampler.ln_q.weight", "resampler.ln_kv.weight", "resampler.ln_post.weight"):
+        assert torch.equal(params[name], torch.ones_like(params[name])), name
+    assert torch.equal(params["resampler.ln_q.bias"], torch.zeros_like(params["resampler.ln_q.bias"]))
+    assert all(float(p.std()) > 0.01 for p in params.values() if p.dim() >= 2)

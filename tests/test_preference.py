@@ -348,10 +348,10 @@ def test_logp_command_resumes_and_shards_without_duplicates(
     with pytest.raises(RuntimeError, match="simulated crash"):
         main([*argv, "--batch-size", "3", "--device", "cpu"])
     assert not out.exists()
-    part_lines = (tmp_path / "ref.jsonl.part0").read_text().splitlines()
-    assert len(part_lines) == 1 + 6  # header + two batches of three
+    part_lines = (tmp_path / "ref.part0.jsonl").read_text().splitlines()
+    assert len(part_lines) == 6  # two batches of three (the header is in ref.fingerprint.json meanwhile)
     with open(
-        tmp_path / "ref.jsonl.part0", "a"
+        tmp_path / "ref.part0.jsonl", "a"
     ) as handle:  # a record torn by a kill in the middle of a write
         handle.write('{"idx": 6, "chosen_lo')
     calls.clear()
@@ -359,7 +359,7 @@ def test_logp_command_resumes_and_shards_without_duplicates(
     assert main([*argv, "--batch-size", "3", "--device", "cpu"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()[1:]]
     assert [r["idx"] for r in records] == list(range(10))
-    assert not list(tmp_path.glob("ref.jsonl.part*"))
+    assert not list(tmp_path.glob("ref.part*")) and not (tmp_path / "ref.fingerprint.json").exists()
     for r in records:
         assert len(r["chosen_per_token_logp"]) == r["chosen_tokens"]
         assert r["chosen_logp"] == pytest.approx(sum(r["chosen_per_token_logp"]), abs=1e-4)

@@ -71,6 +71,10 @@ def test_train_sft_cli_writes_model_curves_and_resumes(tmp_path: Path, small_mod
     history = read_log_history(out)
     assert [r["step"] for r in history if "eval_loss" in r] == [2, 4]
     MLLMModel.from_pretrained(out)  # a plain model directory again
+    # Without --resume-from-checkpoint or --overwrite-output-dir the finished run is not replaced.
+    before = (out / "model.safetensors").read_bytes()
+    assert main(_sft_argv(small_model_dir, data, out)) == 2
+    assert (out / "model.safetensors").read_bytes() == before
     # `auto` resumes from the newest checkpoint: asking for the same 4 steps again trains nothing new.
     assert main(_sft_argv(small_model_dir, data, out, "--resume-from-checkpoint", "auto")) == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4

@@ -147,7 +147,7 @@ def test_predict_resumes_and_refuses_other_runs(tmp_path: Path) -> None:
     assert [r["idx"] for r in lines] == [0, 1, 2, 3, 4, 5]
     assert [r["correct"] for r in records] == [True, True, False, False, False, True]
     assert predict(items, out, answer_fn, "m") == records and len(seen) == 4
-    with pytest.raises(ValueError, match="answered by model 'm', not 'other'"):
+    with pytest.raises(ValueError, match="made with other inputs or settings \\(differing: model"):
         predict(items, out, answer_fn, "other")
     items[1].item_id = 999
     with pytest.raises(ValueError, match="written for another data file"):

@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "mllm.cli.toy",
     "mllm.cli.demo",
     "mllm.cli.web",
+    "mllm.cli.serve",
+    "mllm.cli.export",
 ]
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 from mllm.cli.common import (
     add_decoding_flags,
     add_model_flags,
+    add_overwrite_flag,
     generation_kwargs_from_args,
     load_model_and_processor,
+    output_fingerprint,
 )
+from mllm.cli.families import answer_fn_for, is_other_family, load_other_family
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     answer.add_argument("model_dir")
     answer.add_argument("--questions", required=True, help="objhal_bench-format jsonl")
-    answer.add_argument("--out", required=True, help="answers jsonl (appended; finished items are skipped)")
+    answer.add_argument(
+        "--out",
+        required=True,
+        help="answers jsonl (appended; finished items are skipped; another run's output is refused)",
+    )
+    add_overwrite_flag(answer)
     answer.add_argument("--batch-size", type=int, default=8)
     answer.add_argument("--limit", type=int, default=None, help="only the first N lines")
     answer.add_argument(
@@ -51,10 +59,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_fast_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    engine = parser.add_mutually_exclusive_group()
+    engine.add_argument(
         "--fast-generate",
         action="store_true",
-        help="static KV cache decoding (compiled decode step on CUDA); same tokens as the default path",
+        help="our static KV cache decoder (compiled decode step on CUDA); same tokens as the default path",
+    )
+    engine.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="transformers' generate with its static KV cache (it compiles the forward of greedy and sampling on "
+        "CUDA); same tokens as the default path",
     )
 
 
@@ -62,6 +77,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     kwargs = generation_kwargs_from_args(args)
     if args.fast_generate:
         kwargs["fast"] = True
+    if args.static_cache:
+        kwargs["cache_implementation"] = "static"
     return kwargs
 
 
@@ -74,30 +91,32 @@ def _distributed_shard() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def _open_images(paths: list[str]):
-    from PIL import Image
+def _open_images(paths: list[str], max_pixels: int):
+    from mllm.io import RecordError, open_image
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, FileNotFoundError) as exc:
-            raise SystemExit(f"--image {path}: cannot read the image ({exc})") from exc
+            images.append(open_image(path, f"--image {path}", max_pixels))
+        except RecordError as exc:
+            raise SystemExit(f"cannot read the image: {exc}") from exc
     return images
 
 
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.model.chat import chat
+    from mllm.model.chat import chat, model_max_length
 
     torch.manual_seed(args.seed)
-    images = _open_images(args.image)
+    images = _open_images(args.image, args.max_image_pixels)
+    if is_other_family(args.model_dir):
+        return _chat_other_family(args, images)
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
     kwargs = _generation_kwargs(args)
+    limits = {"max_slice_nums": args.max_slice_nums, "max_length": model_max_length(model)}
     first = [{"role": "user", "content": [*images, args.question] if images else args.question}]
     if args.question is not None:
         print(
@@ -107,11 +126,28 @@ def run_chat(args: argparse.Namespace) -> int:
                 first,
                 processor.tokenizer,
                 processor,
-                max_slice_nums=args.max_slice_nums,
+                **limits,
                 **kwargs,
             )
         )
         return 0
+
+    def reply(history: list[dict]):
+        kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
+        if kwargs_stream.get("num_beams", 1) > 1:
+            kwargs_stream["num_beams"] = 1
+        return chat(
+            model, None, history, processor.tokenizer, processor, stream=True, **limits, **kwargs_stream
+        )
+
+    return _interactive(images, reply)
+
+
+def _interactive(images: list, reply) -> int:
+    """The interactive session: each question (the images go with the first) is added to the history and
+    `reply(history)` returns the model's answer as an iterable of text pieces, printed after "model> " as they come.
+    A ValueError from `reply` (a prompt over the model's length, control tokens) is printed and the question asked
+    again; the history keeps only answered turns."""
     history: list[dict] = []
     pending_images = images
     print("Interactive chat: empty line or Ctrl-D to quit.")
@@ -122,36 +158,43 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         if not question:
             break
-        content = [*pending_images, question] if pending_images else question
-        pending_images = []
-        history.append({"role": "user", "content": content})
-        kwargs_stream = {k: v for k, v in kwargs.items() if k != "fast"}  # streaming runs the plain path
-        if kwargs_stream.get("num_beams", 1) > 1:
-            kwargs_stream["num_beams"] = 1
-        streamer = chat(
-            model,
-            None,
-            history,
-            processor.tokenizer,
-            processor,
-            stream=True,
-            max_slice_nums=args.max_slice_nums,
-            **kwargs_stream,
-        )
+        turn = {"role": "user", "content": [*pending_images, question] if pending_images else question}
+        try:
+            pieces = reply([*history, turn])
+        except ValueError as exc:
+            print(f"error: {exc}")
+            continue
         print("model> ", end="", flush=True)
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
+        answer = []
+        for piece in pieces:
+            answer.append(piece)
             print(piece, end="", flush=True)
         print()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        history += [turn, {"role": "assistant", "content": "".join(answer).strip()}]
+        pending_images = []
     return 0
+
+
+def _chat_other_family(args: argparse.Namespace, images: list) -> int:
+    """`mllm chat` for a LLaVA / Qwen2-VL / BLIP-family directory (`mllm.vlm`): the same flags, answers printed
+    whole (no streaming)."""
+    vlm = load_other_family(args)
+    kwargs = generation_kwargs_from_args(args)
+    first = {"role": "user", "content": [*images, args.question] if images else args.question}
+    if args.question is not None:
+        print(vlm.answer([[first]], **kwargs)[0])
+        return 0
+
+    def reply(history: list[dict]) -> list[str]:
+        return [vlm.answer([history], **kwargs)[0]]
+
+    return _interactive(images, reply)
 
 
 def run_answer(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.eval.answer import generate_answers, model_answer_fn
+    from mllm.eval.answer import generate_answers
 
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
@@ -160,8 +203,15 @@ def run_answer(args: argparse.Namespace) -> int:
     if world_size > 1 and device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
     torch.manual_seed(args.seed + rank)
-    model, processor = load_model_and_processor(args.model_dir, device, args.dtype, args.attn_implementation)
-    answer_fn = model_answer_fn(model, processor, _generation_kwargs(args), args.max_slice_nums)
+    kwargs = _generation_kwargs(args)
+    answer_fn, model = answer_fn_for(args, kwargs, device)
+    fingerprint = output_fingerprint(
+        args,
+        model,
+        generation={k: v for k, v in kwargs.items() if k != "fast"},
+        seed=args.seed if kwargs.get("do_sample") else None,  # only sampling depends on it
+        max_slice_nums=args.max_slice_nums,
+    )
     barrier = _start_process_group() if world_size > 1 else None
     try:
         summary = generate_answers(
@@ -171,9 +221,12 @@ def run_answer(args: argparse.Namespace) -> int:
             args.model_name or Path(args.model_dir).name,
             args.batch_size,
             args.limit,
-            length_fn=None if args.no_length_bucketing else answer_fn.prompt_length,
+            length_fn=None if args.no_length_bucketing else getattr(answer_fn, "prompt_length", None),
             shard=(rank, world_size),
             barrier=barrier,
+            fingerprint=fingerprint,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     finally:
         if barrier is not None:

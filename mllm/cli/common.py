@@ -17,6 +17,65 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attn-implementation", default="sdpa", choices=("eager", "sdpa", "flash_attention_2")
     )
+    add_image_pixels_flag(parser)
+
+
+MAX_IMAGE_PIXELS_DEFAULT = (
+    64 * 1024 * 1024
+)  # = mllm.io.DEFAULT_MAX_IMAGE_PIXELS (no import at CLI build time)
+
+
+def image_pixels(text: str) -> int:
+    """`--max-image-pixels`: a positive int, at most Pillow's decompression-bomb limit (mllm.io.check_max_image_pixels)."""
+    from mllm.io import check_max_image_pixels
+
+    try:
+        return check_max_image_pixels(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_image_pixels_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels",
+        type=image_pixels,
+        default=MAX_IMAGE_PIXELS_DEFAULT,
+        help="largest image (width x height) decoded; bigger ones and decompression bombs are refused as bad "
+        f"records, from their header (default {MAX_IMAGE_PIXELS_DEFAULT} = 8192x8192)",
+    )
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: empty an existing output made with other inputs or settings (refused without it)",
+    )
+
+
+def output_fingerprint(args: argparse.Namespace, model, **settings) -> dict:
+    """What an output of a model command depends on besides its input file: the model directory's files, the
+    dtype the weights run in, the image pixel cap and the command's own settings (decoding, slicing...)."""
+    from mllm.io import model_fingerprint, tokenizer_fingerprint
+
+    model_dir = getattr(args, "model_dir", None) or args.model
+    return {
+        "model": model_fingerprint(model_dir),
+        "tokenizer": tokenizer_fingerprint(model_dir),
+        "dtype": str(next(model.parameters()).dtype),
+        "max_image_pixels": args.max_image_pixels,
+        **settings,
+    }
+
+
+def add_listen_flags(parser: argparse.ArgumentParser, port: int, what: str) -> None:
+    """--host (this machine only unless told) and --port of a server command."""
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help=f"address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the {what})",
+    )
+    parser.add_argument("--port", type=int, default=port)
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, default_strategy: str = "greedy") -> None:
@@ -60,6 +119,7 @@ def load_model_and_processor(
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
 
+    processor = MLLMProcessor.from_pretrained(model_dir)  # checks the tokenizer before the weights load
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -82,4 +142,4 @@ def load_model_and_processor(
 
         model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
     model.eval()
-    return model, MLLMProcessor.from_pretrained(model_dir)
+    return model, processor

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mllm.cli.common import load_model_and_processor
+    from mllm.cli.families import is_other_family, load_other_family
     from mllm.eval.answer import model_answer_fn
     from mllm.eval.chair import load_evaluator
     from mllm.eval.chair_nlp import MissingNLTKResourceError
@@ -79,13 +80,22 @@ def run(args: argparse.Namespace) -> int:
         evaluator = load_evaluator(args.coco_path, args.cache, args.synonyms, args.nlp)
     except MissingNLTKResourceError as exc:
         raise ValueError(str(exc)) from exc
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
+    if is_other_family(args.model_dir):  # LLaVA / Qwen2-VL / BLIP families: see mllm.vlm
+        from mllm.eval.vlm_answer import vlm_answer_fn
 
-    def make_answer_fn(strategy: str, generation_kwargs: dict):
-        torch.manual_seed(args.seed)
-        return model_answer_fn(model, processor, generation_kwargs, args.max_slice_nums)
+        vlm = load_other_family(args)
+
+        def make_answer_fn(strategy: str, generation_kwargs: dict):
+            torch.manual_seed(args.seed)
+            return vlm_answer_fn(vlm, generation_kwargs)
+    else:
+        model, processor = load_model_and_processor(
+            args.model_dir, args.device, args.dtype, args.attn_implementation
+        )
+
+        def make_answer_fn(strategy: str, generation_kwargs: dict):
+            torch.manual_seed(args.seed)
+            return model_answer_fn(model, processor, generation_kwargs, args.max_slice_nums)
 
     settings = ComparisonSettings(
         model=str(Path(args.model_dir).resolve()),

@@ -10,19 +10,14 @@ import json
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags, load_model_and_processor
+from mllm.cli.common import add_model_flags, add_overwrite_flag, output_fingerprint
+from mllm.eval.boxes import BOX_FORMATS  # a light module: re only
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
     "Where is {expr} in image? answer in [x0,y0,x1,y1] format."  # = mllm.eval.ground.DEFAULT_PROMPT
 )
-BOX_FORMATS = (
-    "auto",
-    "mllm",
-    "qwen",
-    "shikra",
-)  # = mllm.eval.boxes.BOX_FORMATS (no import at CLI build time)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +35,8 @@ def _add_shared_flags(parser: argparse.ArgumentParser) -> None:
         "--box-format",
         default="auto",
         choices=BOX_FORMATS,
-        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> if present, else [x0,y0,x1,y1] "
-        "on the 0..1000 grid, or Shikra's 0..1 floats)",
+        help="how the model writes boxes (auto: Qwen's <box>(x,y),(x,y)</box> or Qwen2-VL's <|box_start|> tags if "
+        "present, else [x0,y0,x1,y1] on the 0..1000 grid, or 0..1 floats; qwen25vl: Qwen2.5-VL's pixels)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
     parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
@@ -79,6 +74,7 @@ def _register_grounding(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N lines of each data file")
     p.add_argument("--vis", type=int, default=0, help="draw N pictures (spread over the splits)")
+    add_overwrite_flag(p)
     _add_shared_flags(p)
     p.set_defaults(func=run_eval_grounding)
 
@@ -113,6 +109,8 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
         limit=args.limit,
         vis=args.vis,
         box_format=args.box_format,
+        overwrite=args.overwrite,
+        max_image_pixels=args.max_image_pixels,
     )
     if args.predictions:
         for path in args.predictions:
@@ -122,8 +120,9 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
         result = score_and_report([(p, args.image_root) for p in args.predictions], config)
     else:
         config.validate()
-        answer_fn = _answer_fn(args)
-        result = evaluate_grounding(config, answer_fn, name)
+        answer_fn, model = _answer_fn(args)
+        fingerprint = output_fingerprint(args, model, max_slice_nums=args.max_slice_nums)
+        result = evaluate_grounding(config, answer_fn, name, fingerprint)
         for run in result.runs:
             print(
                 f"{run.data}: answered {run.answered}, skipped {run.skipped} (already done), "
@@ -135,28 +134,22 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
 
 
 def _answer_fn(args: argparse.Namespace):
-    from mllm.eval.answer import model_answer_fn
+    from mllm.cli.families import answer_fn_for
     from mllm.model.chat import decoding_kwargs
 
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
-    kwargs = decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
-    return model_answer_fn(model, processor, kwargs, args.max_slice_nums)
+    return answer_fn_for(args, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens))
 
 
 def run_ground(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from mllm.eval.ground import ground_one
     from mllm.eval.grounding import visualize
+    from mllm.io import open_image
 
-    try:
-        with Image.open(args.image) as img:
-            image = img.convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"--image {args.image}: cannot read the image ({exc})") from exc
-    answer, box = ground_one(_answer_fn(args), image, args.expression, args.prompt, args.box_format)
+    image = open_image(
+        args.image, f"--image {args.image}", args.max_image_pixels
+    )  # RecordError: a ValueError
+    answer_fn, _ = _answer_fn(args)
+    answer, box = ground_one(answer_fn, image, args.expression, args.prompt, args.box_format)
     out = args.out or Path(f"{args.image.stem}_ground.png")
     if out.exists():
         logger.warning("overwriting %s", out)

@@ -9,6 +9,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from mllm.eval.boxes import BOX_FORMATS, OUTPUT_BOX_FORMATS
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,7 +47,10 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mix-ratio", type=float, default=0.0, help="SFT items per grounding item (default 0).")
     p.add_argument("--mix-image-folder", type=Path, help="Image folder of --mix-sft (default: its folder).")
     p.add_argument(
-        "--box-format", default="mllm", choices=["mllm", "qwen", "shikra"], help="Box syntax written."
+        "--box-format",
+        default="mllm",
+        choices=OUTPUT_BOX_FORMATS,
+        help="Box syntax written: ours (mllm), Qwen-VL's, Shikra's, or a target family's (llava, qwen2vl, qwen25vl).",
     )
     p.add_argument("--ref-tags", action="store_true", help="Wrap expressions and phrases in <ref>...</ref>.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out file.")
@@ -62,7 +67,10 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", help="Split name for lines without `split` (default: from the file name).")
     p.add_argument(
-        "--box-format", default="auto", choices=["auto", "mllm", "qwen", "shikra"], help="Answer syntax."
+        "--box-format",
+        default="auto",
+        choices=BOX_FORMATS,
+        help="Answer syntax (qwen25vl: pixels, see boxes).",
     )
     p.add_argument("--out-dir", type=Path, help="Write summary.json, summary.md and vis/ here.")
     p.add_argument("--vis", type=int, default=0, help="Draw the first N items as PNGs (needs --out-dir).")

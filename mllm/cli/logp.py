@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 
-from mllm.cli.common import add_model_flags
+from mllm.cli.common import add_model_flags, add_overwrite_flag
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-slice-nums", type=int, default=None, help="Override the processor's slicing.")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images.")
+    add_overwrite_flag(parser)
     add_model_flags(parser)
     parser.set_defaults(func=run)
 
@@ -64,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, processor = load_model_and_processor(args.model, device, args.dtype, args.attn_implementation)
         dataset = PreferenceDataset(
-            args.data, processor, args.image_folder, args.max_length, args.max_slice_nums
+            args.data,
+            processor,
+            args.image_folder,
+            args.max_length,
+            args.max_slice_nums,
+            args.max_image_pixels,
         )
         out = compute_reference_logps(
             model,
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             pad_token_id=processor.pad_token_id,
             num_workers=args.num_workers,
+            overwrite=args.overwrite,
         )
     finally:
         if distributed:

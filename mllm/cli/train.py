@@ -38,10 +38,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("checkpoint")
     merge.add_argument("out")
     merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument(
+        "--format", default=None, choices=("minicpmv",), help="write the official layout (as `mllm export`)"
+    )
+    merge.add_argument(
+        "--remote-code-base",
+        default=None,
+        help="with --format: the official directory of the .py files (default: BASE)",
+    )
     merge.set_defaults(func=run_merge)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Close the group Trainer opened under torchrun: a gloo group left open when the interpreter exits aborts the
+    process ("terminate called without an active exception", SIGABRT) after the model was saved, so torchrun reports
+    a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.task == "preference":
         from mllm.train.preference import main as preference_main
 
@@ -63,7 +88,20 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from mllm.model.export import check_target, export_minicpmv, remote_code_of
     from mllm.train.lora import merge_lora
 
-    print(merge_lora(args.base, args.checkpoint, args.out, overwrite=args.overwrite))
+    if args.format is None:
+        print(merge_lora(args.base, args.checkpoint, args.out, overwrite=args.overwrite))
+        return 0
+    out, code_base = Path(args.out), Path(args.remote_code_base or args.base)
+    check_target(out, args.overwrite)
+    remote_code_of(code_base)  # refuse before the merge, not after
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.merged.", dir=out.parent) as merged:
+        merge_lora(args.base, args.checkpoint, merged, overwrite=True)
+        print(export_minicpmv(merged, out, code_base, overwrite=args.overwrite))
     return 0

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags
+from mllm.cli.common import add_model_flags, add_overwrite_flag
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="predictions jsonl, appended and resumed (default: eval_vqa_<model>_<data>.jsonl here)",
     )
+    add_overwrite_flag(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N items")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="a yes/no answer needs only a few")
     parser.add_argument("--max-slice-nums", type=int, default=None, help="override the processor's slicing")
@@ -42,7 +43,7 @@ def default_out(model_dir: str, data: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm.cli.common import load_model_and_processor
+    from mllm.cli.common import load_model_and_processor, output_fingerprint
     from mllm.eval.vqa import (
         load_vqa_items,
         model_vqa_fn,
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         report_paths,
         score_predictions,
     )
-    from mllm.files import write_json_atomic
+    from mllm.io import file_fingerprint, write_json_atomic
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
@@ -63,9 +64,18 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(
         args.model_dir, args.device, args.dtype, args.attn_implementation
     )
-    answer_fn = model_vqa_fn(model, processor, args.max_new_tokens, args.max_slice_nums)
+    answer_fn = model_vqa_fn(
+        model, processor, args.max_new_tokens, args.max_slice_nums, args.max_image_pixels
+    )
     model_name = str(Path(args.model_dir).resolve())
-    records = predict(items, out, answer_fn, model_name, args.batch_size)
+    fingerprint = output_fingerprint(
+        args,
+        model,
+        data=file_fingerprint(args.data),
+        max_new_tokens=args.max_new_tokens,
+        max_slice_nums=args.max_slice_nums,
+    )
+    records = predict(items, out, answer_fn, model_name, args.batch_size, fingerprint, args.overwrite)
     report = score_predictions(records)
     markdown = report_markdown(report, f"Yes/no accuracy of {Path(args.model_dir).name} on {args.data}")
     md_path, json_path = report_paths(out)

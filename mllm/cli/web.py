@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mllm.cli.common import add_model_flags
+from mllm.cli.common import add_listen_flags, add_model_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,12 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "web", help="serve a chat page for a model directory (needs the extra: pip install -e '.[web]')"
     )
     web.add_argument("model_dir")
-    web.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the page)",
-    )
-    web.add_argument("--port", type=int, default=7860)
+    add_listen_flags(web, 7860, "page")
     web.add_argument(
         "--max-length",
         type=int,
@@ -47,5 +42,6 @@ def run_web(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         max_length=args.max_length,
         max_slice_nums=args.max_slice_nums,
+        max_image_pixels=args.max_image_pixels,
     )
     return 0

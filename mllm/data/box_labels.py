@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from mllm.io import open_image
 from mllm.processing.image_processing import MLLMImageProcessor
 
 IGNORE_INDEX = -100
@@ -170,13 +170,9 @@ class BoxLabelDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.images[index]
         path = self.image_folder / record["file_name"]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except OSError as exc:
-            raise ValueError(
-                f"{self.path}: images[{index}] field 'file_name': cannot open {path} ({exc})"
-            ) from exc
+        image = open_image(
+            path, f"{self.path}: images[{index}] field 'file_name': cannot open {path}"
+        )  # a ValueError
         whole = self.image_processor.get_sliced_images(image, max_slice_nums=1)[0]
         strip, grid = self.image_processor.to_patch_strip(whole)
         category, attribute, corners = token_box_labels(

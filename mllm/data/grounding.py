@@ -22,10 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from mllm.eval.boxes import OUTPUT_BOX_FORMATS, format_boxes, wrap_ref
-from mllm.files import write_text_atomic
+from mllm.io import open_image_header, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +72,11 @@ class GroundingPrepConfig:
     mix_image_folder: Path | None = None
     """Folder the mixed SFT file's relative image paths start from; default: that file's folder."""
     box_format: str = "mllm"
-    """Syntax of the boxes written into the conversations: mllm, qwen or shikra."""
+    """Syntax of the boxes written into the conversations, one of `mllm.eval.boxes.OUTPUT_BOX_FORMATS`: ours (mllm),
+    Qwen-VL's (qwen), Shikra's, or a target family's (llava, qwen2vl, qwen25vl)."""
     ref_tags: bool = False
-    """Wrap expressions and phrases as <ref>...</ref> (off: the prompt matches the evaluation prompt)."""
+    """Wrap expressions and phrases as <ref>...</ref> (Qwen2-VL's object_ref tags for qwen2vl / qwen25vl; off: the
+    prompt matches the evaluation prompt)."""
     overwrite: bool = False
     """Replace an existing output file."""
 
@@ -188,11 +188,8 @@ def _image_size(ctx: _Context, image: Path, record: dict, where: str) -> tuple[f
     if width is not None and height is not None:
         return float(width), float(height)
     if key not in ctx.sizes:
-        try:
-            with Image.open(image) as img:
-                ctx.sizes[key] = img.size
-        except OSError as exc:
-            raise ValueError(f"{where}: cannot read the size of image {image}: {exc}") from exc
+        with open_image_header(image, f"{where}: image {image}") as img:  # RecordError: a ValueError
+            ctx.sizes[key] = img.size
     return ctx.sizes[key]
 
 
@@ -256,7 +253,7 @@ def _region_items(ctx: _Context, path: Path, task: str, templates: list[str]) ->
             ctx.stats.skipped_records += 1
             continue
         box_text = format_boxes([box], size[0], size[1], ctx.config.box_format)
-        expr_text = wrap_ref(expression) if ctx.config.ref_tags else expression
+        expr_text = wrap_ref(expression, ctx.config.box_format) if ctx.config.ref_tags else expression
         if task == "rec":
             user, answer = fill_template(template, {"<expr>": expr_text}), box_text
         else:
@@ -306,7 +303,7 @@ def _grounded_caption(
     def render(match: re.Match) -> str:
         phrase = match.group(1).strip()
         boxes = [kept[i] for i in next(phrase_boxes) if kept[i] is not None]
-        text = wrap_ref(phrase) if config.ref_tags else phrase
+        text = wrap_ref(phrase, config.box_format) if config.ref_tags else phrase
         if not boxes:
             return text
         return f"{text} {format_boxes(boxes, size[0], size[1], config.box_format)}"

@@ -36,7 +36,7 @@ from mllm.data.sft import (
     read_json_list,
     truncate,
 )
-from mllm.eval.answer import BASE64_MIN_LENGTH
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, is_base64_image, open_image_header
 from mllm.processing.processor import MLLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -81,14 +81,16 @@ def response_tokens(labels: torch.Tensor) -> int:
     return int((labels[1:] != IGNORE_INDEX).sum())
 
 
-def open_image(source: str | Path, where: str) -> Image.Image:
-    """A lazily opened PIL image (the header only, until pixels are asked for); the caller closes it."""
+def open_image(source: str | Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A lazily opened PIL image (the header only, until pixels are asked for) within the pixel cap; the caller
+    closes it. An unreadable image, a decompression bomb or one over the cap is a ValueError naming `where`."""
+    if isinstance(source, Path):
+        return open_image_header(source, f"{where}: image {source}", max_pixels)
     try:
-        if isinstance(source, Path):
-            return Image.open(source)
-        return Image.open(io.BytesIO(base64.b64decode(source, validate=False)))
-    except (OSError, binascii.Error, ValueError) as exc:
-        raise ValueError(f"{where}: field 'image' is not a readable image ({exc})") from exc
+        raw = base64.b64decode(source, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{where}: field 'image' is broken base64 ({exc})") from exc
+    return open_image_header(io.BytesIO(raw), f"{where}: field 'image'", max_pixels)
 
 
 def _text_field(raw: dict[str, Any], name: str, where: str) -> str:
@@ -128,12 +130,14 @@ class PreferenceDataset(Dataset):
         image_folder: str | Path | None = None,
         max_length: int = 2048,
         max_slice_nums: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.data_path = Path(data_path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
         self.max_slice_nums = max_slice_nums
+        self.max_image_pixels = max_image_pixels
         self.pairs: list[PreferencePair] = []
         self.n_skipped = 0
         seen: set[Any] = set()
@@ -176,7 +180,7 @@ class PreferenceDataset(Dataset):
         value = raw.get("image")
         if not isinstance(value, str) or not value:
             raise ValueError(f"{where}: field 'image' (base64) or 'image_path' is required")
-        if len(value) > BASE64_MIN_LENGTH:
+        if is_base64_image(value):
             return value
         return find_image(value, self.image_folder, self.data_path.parent, where)
 
@@ -185,7 +189,7 @@ class PreferenceDataset(Dataset):
         question = _text_field(raw, "question", where)
         responses = {name: _text_field(raw, name, where) for name in ("chosen", "rejected")}
         source = self._image_source(raw, where)
-        with open_image(source, where) as image:
+        with open_image(source, where, self.max_image_pixels) as image:
             size = image.size
         encoded = {}
         for name, response in responses.items():
@@ -223,7 +227,7 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
         where = f"{self.data_path}, idx {pair.idx}"
-        with open_image(pair.image, where) as image:
+        with open_image(pair.image, where, self.max_image_pixels) as image:
             strips, tgt_sizes = self.processor.image_processor.preprocess_image(
                 image, self.max_slice_nums, where=where
             )

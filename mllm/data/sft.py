@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image_header
+from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor, check_control_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,12 @@ def attach_image_markers(
 
     A single image without a `<image>` mark goes in front of the first user message (as MiniCPM-V does)."""
     if image_field is None:
+        marked = next((i for i, m in enumerate(messages) if SFT_IMAGE_TOKEN in m["content"]), None)
+        if marked is not None:
+            raise ValueError(
+                f"{where}: conversations[{marked}].content has an {SFT_IMAGE_TOKEN!r} mark but the item has no "
+                "'image' field"
+            )
         return messages, []
     messages = [dict(m) for m in messages]
     if isinstance(image_field, str):
@@ -170,6 +176,8 @@ def encode_messages(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Messages whose images are IMAGE_MARKERs + each image's (W, H) -> (input_ids [T], labels [T], image_bound
     [n, 2]). The one tokenization path of every training format (SFT, grounding, preference pairs)."""
+    for i, message in enumerate(messages):
+        check_control_tokens(message["content"], f"{where}: conversations[{i}].content")
     ids: list[int] = []
     labels: list[int] = []
     image_idx = 0
@@ -200,13 +208,14 @@ def find_image(path: str, image_folder: Path | None, json_dir: Path, where: str)
     return candidate
 
 
-def image_size(path: Path, where: str) -> tuple[int, int]:
-    """(W, H) from the file header; PIL does not decode the pixels for this."""
+def image_size(path: Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(W, H) from the file header (PIL does not decode the pixels for this); an unreadable image, a decompression
+    bomb or one over `max_pixels` is a ValueError naming `where` and the file."""
     try:
-        with Image.open(path) as image:
+        with open_image_header(path, f"{where}: image {path}", max_pixels) as image:
             return image.size
-    except OSError as exc:
-        raise ValueError(f"{where}: cannot read image {path}: {exc}") from exc
+    except RecordError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def truncate(item: EncodedItem, max_length: int) -> EncodedItem | None:
@@ -244,12 +253,14 @@ class SupervisedDataset(Dataset):
         image_folder: str | Path | None = None,
         max_length: int = 2048,
         max_slice_nums: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.data_path = Path(data_path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
         self.max_slice_nums = max_slice_nums
+        self.max_image_pixels = max_image_pixels
         self.raw = read_json_list(self.data_path)
         self.items: list[EncodedItem] = []
         self.ids: list[Any] = []
@@ -280,7 +291,7 @@ class SupervisedDataset(Dataset):
         messages = normalise_messages(raw, where)
         messages, rel_paths = attach_image_markers(messages, raw.get("image"), where)
         paths = [find_image(p, self.image_folder, self.data_path.parent, where) for p in rel_paths]
-        sizes = [image_size(p, where) for p in paths]
+        sizes = [image_size(p, where, self.max_image_pixels) for p in paths]
         input_ids, labels, bound = encode_messages(
             self.processor, messages, sizes, where, self.max_slice_nums
         )
@@ -299,7 +310,7 @@ class SupervisedDataset(Dataset):
         strips: list[torch.Tensor] = []
         sizes = []
         for path in item.image_paths:
-            with Image.open(path) as image:
+            with open_image_header(path, f"{self.data_path}: image {path}", self.max_image_pixels) as image:
                 image_strips, tgt = self.processor.image_processor.preprocess_image(
                     image, self.max_slice_nums, where=str(path)
                 )

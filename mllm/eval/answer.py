@@ -1,10 +1,16 @@
 """Answer generation over an objhal_bench-format question file, resumable and batched.
 
 Input lines: `{"image": <base64 or a path>, "question": ..., "image_id": ..., <any other keys>}` (a string longer
-than 1000 characters is base64, as the exercise decides). Output lines, one per item, appended and flushed whole:
-`{"idx", "question", "answer", "model", "metainfos", "image_id"}` where `idx` is the item's 0-based line number and
-`metainfos` holds every other input key. Items already in the output are skipped, so a killed run resumes where it
-stopped. An unusable item goes, with its line number and reason, to `<out>.errors.jsonl` and the run goes on.
+than 1000 characters is base64, as the exercise decides; a shorter one is base64 too when it decodes to an image
+file). Output lines, one per item, appended and flushed whole: `{"idx", "question", "answer", "model",
+"metainfos", "image_id"}` where `idx` is the item's 0-based line number and `metainfos` holds every other input key.
+
+The output is a `mllm.io.ResumableJsonl`: items already in it are skipped, so a killed run resumes where it
+stopped; a run with another questions file, model or decoding settings is refused (its fingerprint differs) unless
+`--overwrite`; a second run on the same output is refused while the first holds its lock. Every bad record (a line
+that is not UTF-8 or not JSON, a missing field, an unreadable image, a decompression bomb or an image over the
+pixel cap, a prompt with control tokens or literal image tags, a prompt longer than the model's positions) goes,
+once, with its file, line and field, to `<out stem>.errors.jsonl`, and the run goes on.
 
 At scale: with a `length_fn` the pending items are sorted by prompt length (longest first, in windows of
 `bucket_window`) before batching, so a batch pads little; the output order then differs from the input order, but
@@ -16,12 +22,7 @@ any world size resumes, and a later run (even single-process) merges left-over p
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +31,19 @@ from typing import Any
 
 from PIL import Image
 
+from mllm.io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    RecordError,
+    ResumableJsonl,
+    file_fingerprint,
+    image_source,
+    iter_jsonl,
+    open_image,
+    run_isolated,
+)
+
 logger = logging.getLogger(__name__)
 
-BASE64_MIN_LENGTH = 1000
 RESERVED_KEYS = ("image", "question", "image_id", "image_path")
 
 
@@ -43,6 +54,8 @@ class QuestionItem:
     image: Image.Image | None
     image_id: Any
     metainfos: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+    """The prompt's length, once a check measured it (used for length bucketing)."""
 
 
 @dataclass
@@ -61,85 +74,64 @@ class AnswerSummary:
         )
 
 
-def decode_image(value: str, base_dir: Path) -> Image.Image:
-    """A base64 string (longer than 1000 characters) or a path relative to base_dir -> an RGB PIL image."""
-    if len(value) > BASE64_MIN_LENGTH:
-        try:
-            raw = base64.b64decode(value, validate=False)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"field 'image': broken base64 ({exc})") from exc
-        source: Any = io.BytesIO(raw)
-    else:
-        source = Path(value) if Path(value).is_absolute() else base_dir / value
-        if not source.is_file():
-            raise ValueError(f"field 'image': file not found: {source}")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"field 'image': not a readable image ({exc})") from exc
-
-
-def parse_question(line: str, idx: int, base_dir: Path) -> QuestionItem:
-    record = json.loads(line)
+def parse_question(
+    record: Any, idx: int, base_dir: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> QuestionItem:
+    """One objhal_bench record -> a QuestionItem with its decoded image; RecordError naming the field otherwise."""
     if not isinstance(record, dict):
-        raise ValueError("expected a JSON object")
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("field 'question' is missing or empty")
-    image_value = record.get("image", record.get("image_path"))
+        raise RecordError("field 'question' is missing or empty", "question")
+    name = "image" if "image" in record else "image_path"
+    image_value = record.get(name)
     image = None
     if image_value is not None:
         if not isinstance(image_value, str):
-            raise ValueError("field 'image' must be a base64 string or a path")
-        image = decode_image(image_value, base_dir)
+            raise RecordError(f"field '{name}' must be a base64 string or a path", name)
+        image = open_image(image_source(image_value, base_dir, name), f"field '{name}'", max_pixels, name)
     metainfos = {k: v for k, v in record.items() if k not in RESERVED_KEYS}
     return QuestionItem(idx, question, image, record.get("image_id"), metainfos)
-
-
-def read_done(out_path: Path, repair: bool = True) -> set[int]:
-    """idx values already answered. A torn last line (a kill mid-write) is cut off, with a warning; with
-    `repair=False` (a file another process may be appending to) it is only ignored."""
-    if not out_path.exists():
-        return set()
-    raw = out_path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        keep = raw[: raw.rfind(b"\n") + 1]
-        if repair:
-            logger.warning("%s: dropping an incomplete last line left by an interrupted run", out_path)
-            out_path.write_bytes(keep)
-        raw = keep
-    done = set()
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                done.add(int(json.loads(line)["idx"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"{out_path}, line {n}: not an answer line ({exc}); refusing to append to it"
-                ) from exc
-    return done
 
 
 def iter_questions(
     path: Path,
     done: set[int],
-    errors: Callable[[int, str], None],
+    errors: Callable[[int, RecordError], None],
     limit: int | None,
     shard: tuple[int, int] = (0, 1),
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[QuestionItem]:
-    """Parse the question file lazily, skipping answered items, other ranks' items, and reporting bad ones."""
+    """Parse the question file lazily, skipping answered items and other ranks' items, and reporting bad ones (a
+    line that is not UTF-8, not JSON, lacks a field or has an unusable image) without stopping."""
     rank, world_size = shard
-    with path.open(encoding="utf-8") as handle:
-        for idx, line in enumerate(handle):
-            if limit is not None and idx >= limit:
-                return
-            if idx % world_size != rank or idx in done or not line.strip():
-                continue
+    for idx, record in iter_jsonl(path):
+        if limit is not None and idx >= limit:
+            return
+        if idx % world_size != rank or idx in done or record is None:
+            continue
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            yield parse_question(record, idx, path.parent, max_pixels)
+        except RecordError as exc:
+            errors(idx, exc)
+
+
+def checked(
+    items: Iterable[QuestionItem],
+    check: Callable[[QuestionItem], Any] | None,
+    errors: Callable[[int, RecordError], None],
+) -> Iterator[QuestionItem]:
+    """The items that pass `check` (e.g. the prompt fits the model); the others are reported as bad records."""
+    for item in items:
+        if check is not None:
             try:
-                yield parse_question(line, idx, path.parent)
-            except (ValueError, json.JSONDecodeError) as exc:
-                errors(idx, str(exc))
+                item.prompt_tokens = check(item)
+            except RecordError as exc:
+                errors(item.idx, exc)
+                continue
+        yield item
 
 
 def batched(items: Iterator[QuestionItem], size: int) -> Iterator[list[QuestionItem]]:
@@ -193,49 +185,55 @@ def prefetched(
             batch = following
 
 
-def part_path(out_path: Path, rank: int) -> Path:
-    """Where rank `rank` of a data-parallel run writes its answers before the merge."""
-    return out_path.with_name(f"{out_path.stem}.part{rank}.jsonl")
+def answer_records(batch: list[QuestionItem], answers: list[str], model_name: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "idx": item.idx,
+            "question": item.question,
+            "answer": answer,
+            "model": model_name,
+            "metainfos": item.metainfos,
+            "image_id": item.image_id,
+        }
+        for item, answer in zip(batch, answers, strict=True)
+    ]
 
 
-def part_files(out_path: Path) -> list[Path]:
-    """Part files of any earlier or running data-parallel run, whatever its world size."""
-    return sorted(out_path.parent.glob(f"{out_path.stem}.part[0-9]*.jsonl"))
+def answer_batch(
+    answer_fn: Callable[..., tuple[list[str], int]],
+    batch: list[QuestionItem],
+    inputs: Any,
+    errors: Callable[[int, RecordError], None],
+) -> tuple[list[QuestionItem], list[str], int]:
+    """(items answered, their answers, new tokens) of one batch with its prepared `inputs` (or a RecordError from
+    preparing them). A batch that fails on a bad record is answered again one item at a time
+    (`mllm.io.run_isolated`), so that only the bad items are reported and the others are answered."""
+    if not isinstance(inputs, RecordError) and inputs is not None:
+        try:
+            answers, n_tokens = answer_fn(batch, inputs)
+            return batch, answers, n_tokens
+        except RecordError:
+            pass  # found again below, item by item
+    kept, texts, total = [], [], 0
+    for items, (answers, n_tokens) in run_isolated(answer_fn, batch, lambda item, exc: errors(item.idx, exc)):
+        kept += items
+        texts += answers
+        total += n_tokens
+    return kept, texts, total
 
 
-def merge_parts(out_path: Path) -> int:
-    """Append the lines of every part file whose idx is not yet in `out_path`, then delete the parts.
+def _catching(prepare: Callable[[list[QuestionItem]], Any] | None):
+    """`prepare` that returns a RecordError instead of raising it (it runs in the prefetch thread)."""
+    if prepare is None:
+        return None
 
-    Safe to interrupt: the output is flushed and synced before a part is deleted, and a re-run skips the idx it
-    already holds (a duplicate across parts is written once). Returns the number of lines appended."""
-    done = read_done(out_path)
-    added = 0
-    parts = part_files(out_path)
-    with out_path.open("a", encoding="utf-8") as out:
-        for part in parts:
-            raw = part.read_bytes().decode("utf-8")
-            complete = raw[: raw.rfind("\n") + 1]  # a torn last line is the item's crash: it is redone later
-            for line in complete.splitlines():
-                if not line.strip():
-                    continue
-                idx = int(json.loads(line)["idx"])
-                if idx not in done:
-                    out.write(line + "\n")
-                    done.add(idx)
-                    added += 1
-        out.flush()
-        os.fsync(out.fileno())
-    for part in parts:
-        part.unlink()
-    return added
+    def run(batch: list[QuestionItem]) -> Any:
+        try:
+            return prepare(batch)
+        except RecordError as exc:
+            return exc
 
-
-def done_items(out_path: Path, own_part: Path | None) -> set[int]:
-    """idx answered in the output or in any part file. Only this process's own files are repaired."""
-    done = read_done(out_path, repair=own_part is None)
-    for part in part_files(out_path):
-        done |= read_done(part, repair=part == own_part)
-    return done
+    return run
 
 
 def generate_answers(
@@ -249,74 +247,69 @@ def generate_answers(
     bucket_window: int = 1024,
     shard: tuple[int, int] = (0, 1),
     barrier: Callable[[], None] | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> AnswerSummary:
     """Run `answer_fn` (a batch of items -> (answers, number of new tokens)) over the questions file.
 
-    `length_fn` (an item's prompt length) turns on length bucketing; `shard=(rank, world_size)` runs this process's
-    share into its part file, and `barrier` (called by every rank once its share is done) lets rank 0 merge."""
+    The output is a `mllm.io.ResumableJsonl`: its fingerprint is the questions file's content, `model_name` and
+    whatever `fingerprint` adds (the CLI adds the model directory's files and the decoding settings), so a re-run
+    with other inputs is refused unless `overwrite`. An `answer_fn.check` (an item -> its prompt length, or a
+    RecordError) is run on every item first. `length_fn` (an item's prompt length) turns on length bucketing;
+    `shard=(rank, world_size)` runs this process's share into its part file, and `barrier` (called by every rank
+    at the start and once its share is done) lets rank 0 record the fingerprint first and merge at the end."""
     from tqdm import tqdm
 
     rank, world_size = shard
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard: need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     questions_path, out_path = Path(questions_path), Path(out_path)
     if not questions_path.is_file():
         raise ValueError(f"--questions: file not found: {questions_path}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if world_size == 1 and part_files(out_path):
-        logger.info("%s: merged %d answers left by an earlier parallel run", out_path, merge_parts(out_path))
-    write_path = part_path(out_path, rank) if world_size > 1 else out_path
-    done = done_items(out_path, write_path if world_size > 1 else None)
-    summary = AnswerSummary(skipped=len(done))
-    errors_path = out_path.with_name(out_path.stem + ".errors.jsonl")
+    prints = {"questions": file_fingerprint(questions_path), "model_name": model_name, **(fingerprint or {})}
+    output = ResumableJsonl(
+        out_path, prints, overwrite=overwrite, rank=rank, world_size=world_size, barrier=barrier
+    )
+    with output:
+        if world_size == 1 and output.part_files():
+            logger.info("%s: merged %d answers left by a parallel run", out_path, output.merge_parts())
+        summary = AnswerSummary(skipped=len(output.done))
 
-    def report_error(idx: int, reason: str) -> None:
-        summary.failed += 1
-        logger.warning("%s, line %d: %s", questions_path, idx + 1, reason)
-        with errors_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"idx": idx, "line": idx + 1, "error": reason}) + "\n")
+        def report_error(idx: int, exc: RecordError) -> None:
+            summary.failed += 1
+            output.error(idx, str(exc), source=questions_path, line=idx + 1, field=exc.field)
 
-    items = iter_questions(questions_path, done, report_error, limit, shard)
-    if length_fn is not None and batch_size > 1:
-        batches = bucketed(items, batch_size, length_fn, max(bucket_window, batch_size))
-    else:
-        batches = batched(items, batch_size)
-    start = time.perf_counter()
-    bar_position = rank if world_size > 1 else None
-    with (
-        write_path.open("a", encoding="utf-8") as out,
-        tqdm(
-            desc=f"answers[{rank}]" if world_size > 1 else "answers", unit="item", position=bar_position
-        ) as bar,
-    ):
-        for batch, inputs in prefetched(batches, getattr(answer_fn, "prepare", None)):
-            answers, n_tokens = answer_fn(batch) if inputs is None else answer_fn(batch, inputs)
-            for item, answer in zip(batch, answers):
-                record = {
-                    "idx": item.idx,
-                    "question": item.question,
-                    "answer": answer,
-                    "model": model_name,
-                    "metainfos": item.metainfos,
-                    "image_id": item.image_id,
-                }
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            summary.succeeded += len(batch)
-            summary.new_tokens += n_tokens
-            summary.seconds = time.perf_counter() - start
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{summary.new_tokens / max(summary.seconds, 1e-9):.1f}")
-    summary.seconds = time.perf_counter() - start
-    if world_size > 1:
-        if barrier is not None:
-            barrier()
-            if rank == 0:
-                merge_parts(out_path)
+        items = iter_questions(questions_path, output.done, report_error, limit, shard, max_image_pixels)
+        items = checked(items, getattr(answer_fn, "check", None), report_error)
+        if length_fn is not None and batch_size > 1:
+            batches = bucketed(items, batch_size, length_fn, max(bucket_window, batch_size))
         else:
-            logger.warning("no barrier given: parts stay until a later run merges them")
+            batches = batched(items, batch_size)
+        start = time.perf_counter()
+        with tqdm(
+            desc=f"answers[{rank}]" if world_size > 1 else "answers",
+            unit="item",
+            position=rank if world_size > 1 else None,
+        ) as bar:
+            for batch, inputs in prefetched(batches, _catching(getattr(answer_fn, "prepare", None))):
+                kept, answers, n_tokens = answer_batch(answer_fn, batch, inputs, report_error)
+                output.append(answer_records(kept, answers, model_name))
+                summary.succeeded += len(kept)
+                summary.new_tokens += n_tokens
+                summary.seconds = time.perf_counter() - start
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{summary.new_tokens / max(summary.seconds, 1e-9):.1f}")
+        summary.seconds = time.perf_counter() - start
+        if world_size > 1:
+            if rank != 0:
+                output.close()  # this rank's part is complete: rank 0 may merge it
+            if barrier is not None:
+                barrier()
+                if rank == 0:
+                    output.merge_parts()  # still holding the output's lock
+            else:
+                logger.warning("no barrier given: parts stay until a later run merges them")
     return summary
 
 
@@ -326,36 +319,53 @@ def item_conversation(item: QuestionItem) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def prompt_length_fn(processor, max_slice_nums: int | None = None) -> Callable[[QuestionItem], int]:
-    """An item -> its prompt's token count, from the image size alone (no resizing or slicing of pixels), for
-    length bucketing."""
-    from mllm.processing.processor import IMAGE_MARKER
+def prompt_check_fn(
+    processor, max_slice_nums: int | None = None, max_length: int | None = None
+) -> Callable[[QuestionItem], int]:
+    """An item -> its prompt's token count, from the image size alone (no resizing or slicing of pixels); a
+    RecordError for a prompt the processor would refuse (control tokens, literal image tags, over `max_length`)."""
 
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    def check(item: QuestionItem) -> int:
+        if item.prompt_tokens is not None:
+            return item.prompt_tokens
+        try:
+            return processor.check_prompt(item_conversation(item), max_slice_nums, max_length)
+        except RecordError:
+            raise
+        except ValueError as exc:
+            raise RecordError(str(exc), "question") from exc
 
-    def length(item: QuestionItem) -> int:
-        prompt, images = processor.prepare_chat_inputs(item_conversation(item))
-        for i, image in enumerate(images):
-            placeholder = image_processor.get_placeholder(image.size, i, max_slice_nums)
-            prompt = prompt.replace(IMAGE_MARKER, placeholder, 1)
-        return len(tokenizer.encode(prompt, add_special_tokens=False))
-
-    return length
+    return check
 
 
-def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_slice_nums: int | None = None):
+def model_answer_fn(
+    model,
+    processor,
+    generation_kwargs: dict[str, Any],
+    max_slice_nums: int | None = None,
+    max_length: int | None = None,
+):
     """A batch of items -> greedy/sampled/beam answers from an MLLMModel (one generate call per batch).
 
-    The returned function carries `prompt_length` (see `prompt_length_fn`) for `generate_answers(length_fn=...)`,
-    and `prepare` (a batch -> processor inputs, CPU work) so that `generate_answers` can build the next batch's
-    inputs in a thread while this one generates; `answer(batch, inputs)` then skips the processor."""
+    The returned function carries `check` and `prompt_length` (see `prompt_check_fn`; `max_length` defaults to the
+    model's positions, as on the web page) for `generate_answers`, and `prepare` (a batch -> processor inputs, CPU
+    work) so that `generate_answers` can build the next batch's inputs in a thread while this one generates;
+    `answer(batch, inputs)` then skips the processor."""
+    from mllm.model.chat import model_max_length
+
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
+    max_length = max_length or model_max_length(model)
 
     def prepare(batch: list[QuestionItem]) -> dict[str, Any]:
-        return processor.chat_batch(
-            [item_conversation(item) for item in batch], max_slice_nums=max_slice_nums
-        )
+        try:
+            return processor.chat_batch(
+                [item_conversation(item) for item in batch],
+                max_slice_nums=max_slice_nums,
+                max_length=max_length,
+            )
+        except ValueError as exc:
+            raise RecordError(str(exc)) from exc
 
     def answer(batch: list[QuestionItem], inputs: dict[str, Any] | None = None) -> tuple[list[str], int]:
         if inputs is None:
@@ -374,6 +384,7 @@ def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_sli
         n_new = sum(1 for row in tokens.tolist() for tok in row if tok not in stops)
         return texts, n_new
 
-    answer.prompt_length = prompt_length_fn(processor, max_slice_nums)
+    answer.check = prompt_check_fn(processor, max_slice_nums, max_length)
+    answer.prompt_length = answer.check
     answer.prepare = prepare
     return answer

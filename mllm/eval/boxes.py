@@ -15,6 +15,17 @@ Convention (what the model is trained to write and what evaluation reads):
 - Shikra: `[x0,y0,x1,y1]` floats normalised to 0..1 (3 decimals); several boxes of one phrase separated by `;`.
   With `box_format="auto"` a bracketed box whose four values are all <= 1 and written with a decimal point is
   taken as Shikra's; `[0, 0, 1, 1]` with integers stays on the 0..1000 grid.
+
+The other model families' syntaxes (what `mllm.vlm` models write, and what `mllm prepare-grounding --box-format`
+writes for them):
+
+- llava: `[0.12, 0.34, 0.56, 0.78]`, floats normalised to 0..1 with 2 decimals (LLaVA-1.5's grounding data);
+  parsed like Shikra's.
+- qwen2vl: `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` on a 0..1000 grid divided by 1000 (Qwen2-VL), the expression
+  wrapped as `<|object_ref_start|>expr<|object_ref_end|>`; "auto" recognises it.
+- qwen25vl: the same tags with absolute pixel coordinates of the image as the model sees it (Qwen2.5-VL): the
+  image resized by Qwen2-VL's `smart_resize` (`qwen25vl_frame`). Parsing needs the image size, and also reads the
+  JSON form `"bbox_2d": [x1, y1, x2, y2]`; "auto" cannot tell these pixels from a grid, so name the format.
 """
 
 from __future__ import annotations
@@ -24,15 +35,23 @@ from collections.abc import Sequence
 
 GRID = 1000
 QWEN_SCALE = 999
-BOX_FORMATS = ("auto", "mllm", "qwen", "shikra")
-OUTPUT_BOX_FORMATS = ("mllm", "qwen", "shikra")
+QWEN2VL_SCALE = 1000
+BOX_FORMATS = ("auto", "mllm", "qwen", "shikra", "llava", "qwen2vl", "qwen25vl")
+OUTPUT_BOX_FORMATS = ("mllm", "qwen", "shikra", "llava", "qwen2vl", "qwen25vl")
+NORMALISED_FORMATS = ("shikra", "llava")
+"""Formats whose values are fractions of the image size (0..1)."""
+QWEN25VL_MIN_PIXELS, QWEN25VL_MAX_PIXELS = 3136, 12845056
+"""Qwen2.5-VL's released preprocessor_config.json (the frame its absolute coordinates live in)."""
 
 Box = tuple[float, float, float, float]
 
 _NUM = r"[-+]?\d+(?:\.\d*)?"
 _BRACKET_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*[\];]")
-_QWEN_RE = re.compile(
-    rf"<box>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*</box>"
+_PAIRS = rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)"
+_QWEN_RE = re.compile(rf"<box>\s*{_PAIRS}\s*</box>")
+_QWEN2VL_RE = re.compile(rf"<\|box_start\|>\s*{_PAIRS}\s*<\|box_end\|>")
+_BBOX_2D_RE = re.compile(
+    rf"\"bbox_2d\"\s*:\s*\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]"
 )
 
 
@@ -64,7 +83,9 @@ def format_boxes(
     """Several boxes (e.g. one phrase naming two objects) as one text in the chosen syntax.
 
     mllm: `[a, b, c, d], [e, f, g, h]`; qwen: `<box>(a,b),(c,d)</box><box>...</box>` with values round(x / w * 999);
-    shikra: `[0.100,0.200,0.300,0.400;...]`.
+    shikra: `[0.100,0.200,0.300,0.400;...]`; llava: `[0.10, 0.20, 0.30, 0.40], [...]`; qwen2vl:
+    `<|box_start|>(a,b),(c,d)<|box_end|>...` with values round(x / w * 1000); qwen25vl: the same tags with pixels of
+    `qwen25vl_frame(width, height)`.
     """
     if box_format not in OUTPUT_BOX_FORMATS:
         raise ValueError(f"unknown box format {box_format!r}; choose one of {', '.join(OUTPUT_BOX_FORMATS)}")
@@ -74,13 +95,38 @@ def format_boxes(
             "[{}, {}, {}, {}]".format(*normalize_box(b, width, height)) for b in boxes_xyxy_pixels
         )
     fractions = [_fractions(b, width, height) for b in boxes_xyxy_pixels]
+    if box_format == "shikra":
+        return "[" + ";".join(",".join(f"{v:.3f}" for v in f) for f in fractions) + "]"
+    if box_format == "llava":
+        return ", ".join("[" + ", ".join(f"{v:.2f}" for v in f) + "]" for f in fractions)
     if box_format == "qwen":
-        texts = []
-        for f in fractions:
-            q = [round(v * QWEN_SCALE) for v in f]
-            texts.append(f"<box>({q[0]},{q[1]}),({q[2]},{q[3]})</box>")
-        return "".join(texts)
-    return "[" + ";".join(",".join(f"{v:.3f}" for v in f) for f in fractions) + "]"
+        return "".join("<box>({},{}),({},{})</box>".format(*_scaled(f, QWEN_SCALE)) for f in fractions)
+    scale = (QWEN2VL_SCALE,) * 4 if box_format == "qwen2vl" else _frame_scale(width, height)
+    return "".join("<|box_start|>({},{}),({},{})<|box_end|>".format(*_scaled(f, scale)) for f in fractions)
+
+
+def _scaled(fractions: Sequence[float], scale: float | Sequence[float]) -> list[int]:
+    scales = scale if isinstance(scale, Sequence) else (scale,) * 4
+    return [round(v * s) for v, s in zip(fractions, scales)]
+
+
+def qwen25vl_frame(
+    width: float, height: float, min_pixels: int = QWEN25VL_MIN_PIXELS, max_pixels: int = QWEN25VL_MAX_PIXELS
+) -> tuple[int, int]:
+    """(width, height) of the image as Qwen2.5-VL sees it (transformers' `smart_resize`, factor 28): the frame of
+    its absolute box coordinates."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    _check_size(width, height)
+    resized_height, resized_width = smart_resize(
+        round(height), round(width), factor=28, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    return resized_width, resized_height
+
+
+def _frame_scale(width: float, height: float) -> tuple[int, int, int, int]:
+    frame_width, frame_height = qwen25vl_frame(width, height)
+    return (frame_width, frame_height, frame_width, frame_height)
 
 
 def _fractions(box: Sequence[float], width: float, height: float) -> list[float]:
@@ -103,11 +149,12 @@ def _ordered(values: Sequence[float]) -> Box:
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
-def _parse_qwen(text: str) -> Box | None:
-    match = _QWEN_RE.search(text)
+def _parse_tagged(pattern: re.Pattern, text: str, scale: Sequence[float]) -> Box | None:
+    """The first box of a tag syntax, its values divided by `scale` (per coordinate) onto our grid."""
+    match = pattern.search(text)
     if match is None:
         return None
-    return _ordered([float(v) / QWEN_SCALE * GRID for v in match.groups()])
+    return _ordered([float(v) / s * GRID for v, s in zip(match.groups(), scale)])
 
 
 def _parse_bracket(text: str, box_format: str) -> Box | None:
@@ -116,33 +163,53 @@ def _parse_bracket(text: str, box_format: str) -> Box | None:
         return None
     raw = match.groups()
     values = [float(v) for v in raw]
-    shikra = box_format == "shikra" or (
+    normalised = box_format in NORMALISED_FORMATS or (
         box_format == "auto" and all(abs(v) <= 1.0 for v in values) and any("." in v for v in raw)
     )
-    if shikra:
+    if normalised:
         values = [v * GRID for v in values]
     return _ordered(values)
 
 
-def parse_box(text: str | None, box_format: str = "auto") -> Box | None:
+def _parse_qwen25vl(text: str, size: tuple[float, float] | None) -> Box | None:
+    if size is None:
+        raise ValueError("box format 'qwen25vl' holds absolute pixels: parse_box needs the image size")
+    scale = _frame_scale(*size)
+    for pattern in (_QWEN2VL_RE, _BBOX_2D_RE):
+        box = _parse_tagged(pattern, text, scale)
+        if box is not None:
+            return box
+    return None
+
+
+def parse_box(
+    text: str | None, box_format: str = "auto", size: tuple[float, float] | None = None
+) -> Box | None:
     """The first box in a model answer, on the 0..1000 grid as floats, or None when there is none.
 
     `box_format`: "mllm" (`[x0, y0, x1, y1]` on 0..1000), "qwen" (`<box>(x1,y1),(x2,y2)</box>`, divided by 999),
-    "shikra" (`[x0,y0,x1,y1]` in 0..1) or "auto" (Qwen's syntax if present, else a bracketed box whose scale is
+    "shikra" / "llava" (`[x0,y0,x1,y1]` in 0..1), "qwen2vl" (`<|box_start|>(x1,y1),(x2,y2)<|box_end|>`, divided by
+    1000), "qwen25vl" (the same tags or `"bbox_2d": [...]` in pixels of `qwen25vl_frame(*size)`; needs `size`, the
+    image's (width, height)) or "auto" (a Qwen or Qwen2-VL tag if present, else a bracketed box whose scale is
     guessed as described in the module docstring). Spaces are tolerated, swapped corners are reordered, values
-    outside the grid are clamped. Garbage gives None, never an exception; an unknown `box_format` is a caller bug
-    and raises ValueError.
+    outside the grid are clamped. Garbage gives None, never an exception; an unknown `box_format` (or qwen25vl
+    without a size) is a caller bug and raises ValueError.
     """
     if box_format not in BOX_FORMATS:
         raise ValueError(f"unknown box format {box_format!r}; choose one of {', '.join(BOX_FORMATS)}")
+    if box_format == "qwen25vl":
+        return _parse_qwen25vl(text, size) if isinstance(text, str) else None
     if not isinstance(text, str):
         return None
-    if box_format == "qwen":
-        return _parse_qwen(text)
+    tagged = {"qwen": (_QWEN_RE, QWEN_SCALE), "qwen2vl": (_QWEN2VL_RE, QWEN2VL_SCALE)}
+    if box_format in tagged:
+        pattern, scale = tagged[box_format]
+        return _parse_tagged(pattern, text, (scale,) * 4)
     if box_format == "auto":
-        qwen = _parse_qwen(text)
-        if qwen is not None:
-            return qwen
+        for pattern, scale in tagged.values():
+            box = _parse_tagged(pattern, text, (scale,) * 4)
+            if box is not None:
+                return box
     return _parse_bracket(text, box_format)
 
 
@@ -159,6 +226,9 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def wrap_ref(expr: str) -> str:
-    """Delimit a referring expression inside a prompt: `<ref>expr</ref>`."""
+def wrap_ref(expr: str, box_format: str = "mllm") -> str:
+    """Delimit a referring expression inside a prompt: `<ref>expr</ref>`, or Qwen2-VL's
+    `<|object_ref_start|>expr<|object_ref_end|>` for the qwen2vl and qwen25vl formats."""
+    if box_format in ("qwen2vl", "qwen25vl"):
+        return f"<|object_ref_start|>{expr}<|object_ref_end|>"
     return f"<ref>{expr}</ref>"

@@ -327,20 +327,36 @@ def _add_instance_objects(data: dict, vocabulary: Vocabulary, imid_to_objects: d
         imid_to_objects[annotation["image_id"]].add(vocabulary.inverse_synonyms[name])
 
 
+def annotation_stamp(annotation_dir: Path) -> dict[str, dict[str, int]]:
+    """Size and modification time (ns) of each COCO annotation file: a cache built from other contents is stale."""
+    stamp = {}
+    for name in ANNOTATION_FILES:
+        info = (annotation_dir / name).stat()
+        stamp[name] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    return stamp
+
+
 def default_cache_path(annotation_dir: Path, vocabulary: Vocabulary, backend: str) -> Path:
-    """Where ground truth built from `annotation_dir` is cached when no --cache is given (user cache folder)."""
+    """Where ground truth built from `annotation_dir` is cached when no --cache is given (user cache folder); the
+    key covers the folder, the files' sizes and modification times, the vocabulary and the NLP backend."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mllm" / "chair"
-    key = hashlib.sha256(f"{annotation_dir.resolve()}|{vocabulary.digest}|{backend}".encode()).hexdigest()[
-        :16
-    ]
-    return base / f"ground_truth_{key}.json"
+    stamp = json.dumps(annotation_stamp(annotation_dir), sort_keys=True)
+    text = f"{annotation_dir.resolve()}|{stamp}|{vocabulary.digest}|{backend}"
+    return base / f"ground_truth_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 
 
 def save_ground_truth_cache(
-    path: Path, imid_to_objects: dict[int, set[str]], vocabulary: Vocabulary, backend: str, coco_path: str
+    path: Path,
+    imid_to_objects: dict[int, set[str]],
+    vocabulary: Vocabulary,
+    backend: str,
+    coco_path: str,
+    stamp: dict[str, dict[str, int]] | None = None,
 ) -> None:
-    """Write the ground truth as JSON, atomically (a temporary file renamed over the target)."""
+    """Write the ground truth as JSON, atomically (a temporary file renamed over the target), with the
+    annotation files' `stamp` it was built from."""
     payload = {
+        "annotations": stamp,
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "nlp_backend": backend,
@@ -350,6 +366,13 @@ def save_ground_truth_cache(
         "imid_to_objects": {str(imid): sorted(objects) for imid, objects in sorted(imid_to_objects.items())},
     }
     write_json_atomic(path, payload, indent=None)
+
+
+def _cache_is_fresh(path: Path, annotation_dir: Path) -> bool:
+    """Whether our JSON cache was built from the annotation files as they are now (sizes and mtimes)."""
+    data = _read_json(path)
+    stamp = json.loads(json.dumps(annotation_stamp(annotation_dir)))
+    return isinstance(data, dict) and data.get("annotations") == stamp
 
 
 def load_ground_truth_cache(path: Path, vocabulary: Vocabulary, backend: str) -> dict[int, set[str]]:
@@ -462,33 +485,32 @@ def load_evaluator(
     cache_path = Path(cache) if cache is not None else None
     if cache_path is not None and cache_path.is_dir():
         raise ValueError(f"--cache {cache_path} is a folder; give a file path")
-    if cache_path is not None and cache_path.exists():
-        if _is_pickle(cache_path):
-            imid_to_objects = load_reference_pickle(cache_path, vocabulary)
-            if nlp != "nltk":
-                logger.warning(
-                    "%s was built by the reference with NLTK; captions are scored with --nlp %s",
-                    cache_path,
-                    nlp,
-                )
-            info = {"source": str(cache_path), "kind": "reference pickle", "nlp_backend": "nltk"}
-        else:
-            imid_to_objects = load_ground_truth_cache(cache_path, vocabulary, nlp)
-            info = {"source": str(cache_path), "kind": "cache", "nlp_backend": nlp}
+    if cache_path is not None and cache_path.exists() and _is_pickle(cache_path):
+        imid_to_objects = load_reference_pickle(cache_path, vocabulary)
+        if nlp != "nltk":
+            logger.warning(
+                "%s was built by the reference with NLTK; captions are scored with --nlp %s", cache_path, nlp
+            )
+        info = {"source": str(cache_path), "kind": "reference pickle", "nlp_backend": "nltk"}
         return CHAIREvaluator(imid_to_objects, vocabulary, lemmatizer, info)
-    if coco_path is None:
-        if cache_path is not None:
-            raise ValueError(f"--cache {cache_path} does not exist and no --coco-path was given to build it")
-        raise ValueError("CHAIR needs ground truth: give --coco-path (COCO 2014 annotations) or --cache")
-    annotation_dir = resolve_annotation_dir(coco_path)
-    if cache_path is None:
+    annotation_dir = resolve_annotation_dir(coco_path) if coco_path is not None else None
+    if cache_path is None and annotation_dir is not None:
         cache_path = default_cache_path(annotation_dir, vocabulary, nlp)
-        if cache_path.exists():
+    if cache_path is not None and cache_path.exists():
+        if annotation_dir is None or _cache_is_fresh(cache_path, annotation_dir):
             imid_to_objects = load_ground_truth_cache(cache_path, vocabulary, nlp)
             info = {"source": str(cache_path), "kind": "cache", "nlp_backend": nlp}
             return CHAIREvaluator(imid_to_objects, vocabulary, lemmatizer, info)
+        logger.warning(
+            "%s was built from other annotation files than %s: rebuilding it", cache_path, coco_path
+        )
+    if annotation_dir is None:
+        if cache_path is not None:
+            raise ValueError(f"--cache {cache_path} does not exist and no --coco-path was given to build it")
+        raise ValueError("CHAIR needs ground truth: give --coco-path (COCO 2014 annotations) or --cache")
+    stamp = annotation_stamp(annotation_dir)
     imid_to_objects = build_ground_truth(annotation_dir, vocabulary, lemmatizer)
-    save_ground_truth_cache(cache_path, imid_to_objects, vocabulary, nlp, str(annotation_dir))
+    save_ground_truth_cache(cache_path, imid_to_objects, vocabulary, nlp, str(annotation_dir), stamp)
     logger.info("CHAIR ground truth for %d images cached in %s", len(imid_to_objects), cache_path)
     info = {
         "source": str(annotation_dir),
@@ -555,13 +577,12 @@ def read_answers(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--answers: file not found: {path}")
-    answers = []
+    records: list[tuple[str, Any]] = []
     if path.suffix == ".json":
-        records = _read_json(path)
-        if not isinstance(records, list):
+        data = _read_json(path)
+        if not isinstance(data, list):
             raise ValueError(f"{path}: a .json answers file must hold a list of objects")
-        for index, record in enumerate(records):
-            answers.append(_answer_from_record(record, f"{path} item {index}", image_id_key, caption_key))
+        records = [(f"{path} item {index}", record) for index, record in enumerate(data)]
     else:
         with path.open(encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, start=1):
@@ -569,10 +590,18 @@ def read_answers(
                     continue
                 where = f"{path}:{line_no}"
                 try:
-                    record = json.loads(line)
+                    records.append((where, json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{where}: invalid JSON ({error})") from error
-                answers.append(_answer_from_record(record, where, image_id_key, caption_key))
+    answers, seen = [], {}
+    for where, record in records:
+        answers.append(_answer_from_record(record, where, image_id_key, caption_key))
+        idx = record.get("idx")
+        if idx is not None and idx in seen:  # e.g. two runs appended to one file: each caption once
+            raise ValueError(
+                f"{where}: idx {idx!r} was already answered at {seen[idx]}; an answers file holds each item once"
+            )
+        seen.setdefault(idx, where)
     if not answers:
         raise ValueError(f"{path}: no answers found")
     return answers

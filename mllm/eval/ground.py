@@ -4,9 +4,9 @@ For every data file (`{"img_path", "expression", "bbox": [x0, y0, x1, y1] pixels
 the model is asked the exercise's prompt ("Where is {expr} in image? answer in [x0,y0,x1,y1] format.") and each
 answer goes, as one appended and flushed line, to `<out_dir>/<data stem>.predictions.jsonl`:
 `{"idx", "split", "img_path", "expression", "bbox", "width", "height", "question", "answer", "model"}`. Lines already
-there are skipped, so a killed run resumes where it stopped (a torn last line is cut off, see
-`mllm.eval.answer.read_done`). Unusable lines (missing image, bad bbox) go to `<stem>.predictions.errors.jsonl` and
-the run goes on. The predictions are then scored by `mllm.eval.grounding.score_predictions`: `summary.md` (the
+there are skipped, so a killed run resumes where it stopped (the file is a `mllm.io.ResumableJsonl`: fingerprinted,
+locked, a torn last line cut off). Unusable lines (not UTF-8 or JSON, missing image, bad bbox, an image over the
+pixel cap) go to `<stem>.predictions.errors.jsonl` and the run goes on. The predictions are then scored by `mllm.eval.grounding.score_predictions`: `summary.md` (the
 table), `summary.json` (per split and overall, with the unparsable answers) and `--vis N` pictures under `vis/`.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from mllm.eval.answer import QuestionItem, batched, read_done
+from mllm.eval.answer import QuestionItem, answer_batch, batched, checked
 from mllm.eval.boxes import BOX_FORMATS, parse_box, to_pixels
 from mllm.eval.grounding import (
     markdown_table,
@@ -31,7 +31,15 @@ from mllm.eval.grounding import (
     summarize,
     visualize_items,
 )
-from mllm.files import write_text_atomic
+from mllm.io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    RecordError,
+    ResumableJsonl,
+    file_fingerprint,
+    iter_jsonl,
+    open_image,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,10 @@ class GroundingEvalConfig:
     """Pictures to draw in all (spread over the splits)."""
     box_format: str = "auto"
     """How answers write boxes: auto, mllm (0..1000), qwen, shikra (see mllm.eval.boxes)."""
+    overwrite: bool = False
+    """Start a predictions file afresh when it was made with other inputs or settings (refused otherwise)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images over this many pixels (and decompression bombs) are bad records."""
 
     def validate(self) -> None:
         if not self.data:
@@ -124,30 +136,28 @@ def _pixel_box(value: Any) -> list[float]:
         or len(value) != 4
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
-        raise ValueError(f"field 'bbox': expected [x0, y0, x1, y1] in pixels, got {value!r}")
+        raise RecordError(f"field 'bbox': expected [x0, y0, x1, y1] in pixels, got {value!r}", "bbox")
     return [float(v) for v in value]
 
 
-def parse_rec_line(line: str, idx: int, image_root: Path, prompt: str) -> QuestionItem:
-    """One REC line -> a QuestionItem whose metainfos keep what the predictions line needs."""
-    record = json.loads(line)
+def parse_rec_record(
+    record: Any, idx: int, image_root: Path, prompt: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> QuestionItem:
+    """One REC record -> a QuestionItem whose metainfos keep what the predictions line needs; RecordError naming
+    the field otherwise."""
     if not isinstance(record, dict):
-        raise ValueError("expected a JSON object")
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     expression = record.get("expression")
     if not isinstance(expression, str) or not expression.strip():
-        raise ValueError("field 'expression' is missing or empty")
+        raise RecordError("field 'expression' is missing or empty", "expression")
     bbox = _pixel_box(record.get("bbox"))
     img_path = record.get("img_path") or record.get("image")
     if not isinstance(img_path, str) or not img_path:
-        raise ValueError("field 'img_path' is missing")
+        raise RecordError("field 'img_path' is missing", "img_path")
     path = Path(img_path) if Path(img_path).is_absolute() else image_root / img_path
     if not path.is_file():
-        raise ValueError(f"field 'img_path': image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"field 'img_path': not a readable image {path} ({exc})") from exc
+        raise RecordError(f"field 'img_path': image not found: {path}", "img_path")
+    image = open_image(path, f"field 'img_path' ({path})", max_pixels, "img_path")
     width, height = record.get("width") or image.size[0], record.get("height") or image.size[1]
     meta = {"img_path": img_path, "expression": expression, "bbox": bbox, "width": width, "height": height}
     return QuestionItem(idx, prompt.format(expr=expression), image, None, meta)
@@ -158,35 +168,23 @@ def iter_rec(
     image_root: Path,
     prompt: str,
     done: set[int],
-    errors: Callable[[int, str], None],
+    errors: Callable[[int, RecordError], None],
     limit: int | None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[QuestionItem]:
-    """Lazily parse a REC file, skipping answered lines and reporting unusable ones."""
-    with path.open(encoding="utf-8") as handle:
-        for idx, line in enumerate(handle):
-            if limit is not None and idx >= limit:
-                return
-            if idx in done or not line.strip():
-                continue
-            try:
-                yield parse_rec_line(line, idx, image_root, prompt)
-            except (ValueError, json.JSONDecodeError) as exc:
-                errors(idx, str(exc))
-
-
-def check_same_model(out_path: Path, model_name: str) -> None:
-    """Refuse to resume a predictions file written by another model (its answers would be mixed in)."""
-    if not out_path.exists():
-        return
-    with out_path.open(encoding="utf-8") as handle:
-        first = handle.readline()
-    if first.strip():
-        previous = json.loads(first).get("model")
-        if previous != model_name:
-            raise ValueError(
-                f"{out_path} holds answers of model {previous!r}, not {model_name!r}: choose another --out-dir "
-                "or delete the file"
-            )
+    """Lazily parse a REC file, skipping answered lines and reporting unusable ones (not UTF-8, not JSON, a bad
+    field or image) without stopping."""
+    for idx, record in iter_jsonl(path):
+        if limit is not None and idx >= limit:
+            return
+        if idx in done or record is None:
+            continue
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            yield parse_rec_record(record, idx, image_root, prompt, max_pixels)
+        except RecordError as exc:
+            errors(idx, exc)
 
 
 def generate_split(
@@ -195,38 +193,54 @@ def generate_split(
     answer_fn: AnswerFn,
     model_name: str,
     config: GroundingEvalConfig,
+    fingerprint: dict[str, Any] | None = None,
 ) -> SplitRun:
-    """Answer every not-yet-answered line of one REC file, appending one flushed line per answer."""
+    """Answer every not-yet-answered line of one REC file into a `mllm.io.ResumableJsonl` (its fingerprint: the
+    data file, the model, the prompt and `fingerprint`), one flushed line per answer; bad lines go to its errors
+    file."""
     from tqdm import tqdm
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out_path)  # also cuts a torn last line
-    check_same_model(out_path, model_name)
-    run = SplitRun(str(data_path), str(out_path), skipped=len(done))
-    errors_path = out_path.with_name(out_path.name[: -len(".jsonl")] + ".errors.jsonl")
-    split = split_name_from_path(data_path)
-    image_root = config.image_root if config.image_root is not None else data_path.parent
+    prints = {
+        "data": file_fingerprint(data_path),
+        "model_name": model_name,
+        "prompt": config.prompt,
+        "max_new_tokens": config.max_new_tokens,
+        **(fingerprint or {}),
+    }
+    output = ResumableJsonl(out_path, prints, overwrite=config.overwrite, what="predictions")
+    with output:
+        run = SplitRun(str(data_path), str(out_path), skipped=len(output.done))
+        split = split_name_from_path(data_path)
+        image_root = config.image_root if config.image_root is not None else data_path.parent
 
-    def report_error(idx: int, reason: str) -> None:
-        run.failed += 1
-        logger.warning("%s, line %d: %s", data_path, idx + 1, reason)
-        with errors_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"idx": idx, "line": idx + 1, "error": reason}) + "\n")
+        def report_error(idx: int, exc: RecordError) -> None:
+            run.failed += 1
+            output.error(idx, str(exc), source=data_path, line=idx + 1, field=exc.field)
 
-    start = time.perf_counter()
-    items = iter_rec(data_path, image_root, config.prompt, done, report_error, config.limit)
-    with out_path.open("a", encoding="utf-8") as out, tqdm(desc=split, unit="expr") as bar:
-        for batch in batched(items, config.batch_size):
-            answers, n_tokens = answer_fn(batch)
-            for item, answer in zip(batch, answers):
-                record = {"idx": item.idx, "split": split, **item.metainfos}
-                record.update(question=item.question, answer=answer, model=model_name)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            run.answered += len(batch)
-            run.new_tokens += n_tokens
-            bar.update(len(batch))
-    run.seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        items = iter_rec(
+            data_path,
+            image_root,
+            config.prompt,
+            output.done,
+            report_error,
+            config.limit,
+            config.max_image_pixels,
+        )
+        items = checked(items, getattr(answer_fn, "check", None), report_error)
+        with tqdm(desc=split, unit="expr") as bar:
+            for batch in batched(items, config.batch_size):
+                kept, answers, n_tokens = answer_batch(answer_fn, batch, None, report_error)
+                records = []
+                for item, answer in zip(kept, answers, strict=True):
+                    record = {"idx": item.idx, "split": split, **item.metainfos}
+                    record.update(question=item.question, answer=answer, model=model_name)
+                    records.append(record)
+                output.append(records)
+                run.answered += len(kept)
+                run.new_tokens += n_tokens
+                bar.update(len(batch))
+        run.seconds = time.perf_counter() - start
     return run
 
 
@@ -274,14 +288,17 @@ def score_and_report(
 
 
 def evaluate_grounding(
-    config: GroundingEvalConfig, answer_fn: AnswerFn, model_name: str
+    config: GroundingEvalConfig,
+    answer_fn: AnswerFn,
+    model_name: str,
+    fingerprint: dict[str, Any] | None = None,
 ) -> GroundingEvalResult:
     """Generate (resuming) the predictions of every data file, then score them all and draw the pictures."""
     config.validate()
     runs, predictions = [], []
     for data_path in map(Path, config.data):
         out_path = prediction_path(config.out_dir, data_path)
-        runs.append(generate_split(data_path, out_path, answer_fn, model_name, config))
+        runs.append(generate_split(data_path, out_path, answer_fn, model_name, config, fingerprint))
         predictions.append((out_path, config.image_root or data_path.parent))
     return score_and_report(predictions, config, runs)
 
@@ -297,6 +314,9 @@ def ground_one(
     if "{expr}" not in prompt:
         raise ValueError(f"--prompt must contain {{expr}}, got {prompt!r}")
     item = QuestionItem(0, prompt.format(expr=expression), image.convert("RGB"), None)
+    check = getattr(answer_fn, "check", None)
+    if check is not None:
+        check(item)  # a RecordError (a ValueError) names what is wrong with the expression
     (answer,), _ = answer_fn([item])
-    box = parse_box(answer, box_format)
+    box = parse_box(answer, box_format, image.size)
     return answer, None if box is None else to_pixels(box, *image.size)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mllm.data.grounding import read_jsonl
 from mllm.eval.boxes import iou as box_iou
 from mllm.eval.boxes import parse_box, to_pixels
+from mllm.io import open_image_header
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _size(record: dict, where: str, image_root: Path | None) -> tuple[float, flo
         raise _bad(
             where, "width", "needed to convert the answer to pixels (or an image found under --image-root)"
         )
-    with Image.open(image) as img:
+    with open_image_header(image, f"{where}: image {image}") as img:  # RecordError: a ValueError
         return float(img.size[0]), float(img.size[1])
 
 
@@ -106,8 +107,9 @@ def score_item(
     if record.get("pred_bbox") is not None:
         pred = _pixel_box(record["pred_bbox"], where, "pred_bbox")
     elif isinstance(answer, str):
-        grid_box = parse_box(answer, box_format)
-        pred = None if grid_box is None else to_pixels(grid_box, *_size(record, where, image_root))
+        size = _size(record, where, image_root) if box_format == "qwen25vl" else None  # its boxes are pixels
+        grid_box = parse_box(answer, box_format, size)
+        pred = None if grid_box is None else to_pixels(grid_box, *(size or _size(record, where, image_root)))
     else:
         raise _bad(where, "answer", f"expected the model's answer text or a pred_bbox, got {answer!r}")
     overlap = box_iou(gt, pred) if pred is not None else 0.0

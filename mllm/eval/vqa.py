@@ -6,13 +6,13 @@ processor's image markers and the tokenizer's chat template renders the turn). A
 the same way: first word, lower-cased, punctuation stripped at both ends; only "yes" and "no" count, so anything else
 is wrong and listed in the report. The category is the folder name of the item's (first) image.
 
-Predictions go to a jsonl file, one line per item, appended and flushed per batch: a killed run resumes where it
-stopped, and a file written for other data or another model is refused rather than mixed.
+Predictions go to a `mllm.io.ResumableJsonl` file, one line per item, appended and flushed per batch: a killed run
+resumes where it stopped, and a file written for other data or another model is refused rather than mixed (unless
+`--overwrite`). An item whose image cannot be used goes to the errors file beside it and the others are answered.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import string
 from collections.abc import Callable, Iterator
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.data.sft import attach_image_markers, find_image, normalise_messages, read_json_list
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, ResumableJsonl, open_image, run_isolated
 from mllm.processing.processor import IMAGE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -126,47 +127,17 @@ def load_vqa_items(
     return items
 
 
-def read_predictions(path: Path) -> dict[int, dict[str, Any]]:
-    """Finished predictions by idx. A torn last line (a kill mid-write) is cut off with a warning."""
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    records = {}
-    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            records[int(record["idx"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{path}, line {line_no}: not a prediction line ({exc}); refusing to append"
-            ) from exc
-    return records
-
-
-def check_predictions(
-    records: dict[int, dict[str, Any]], items: list[VQAItem], model: str, path: Path
-) -> None:
-    """Existing predictions must belong to these items and this model, or resuming would mix two runs."""
+def check_predictions(records: dict[int, dict[str, Any]], items: list[VQAItem], path: Path) -> None:
+    """Existing predictions must belong to these items (same id and reference), or resuming would mix two runs."""
     by_idx = {item.idx: item for item in items}
     for idx, record in records.items():
         item = by_idx.get(idx)
-        if record.get("model") != model:
-            raise ValueError(
-                f"--out {path}: item {idx} was answered by model {record.get('model')!r}, not {model!r}; "
-                "use another --out"
-            )
         if item is not None and (
             record.get("id") != item.item_id or record.get("reference") != item.reference
         ):
             raise ValueError(
                 f"--out {path}: item {idx} has id {record.get('id')!r} there but {item.item_id!r} in --data; "
-                "it was written for another data file, use another --out"
+                "it was written for another data file, use another --out (or --overwrite)"
             )
 
 
@@ -196,31 +167,37 @@ def predict(
     answer_fn: Callable[[list[VQAItem]], list[str]],
     model: str,
     batch_size: int = 8,
+    fingerprint: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Answer the items not yet in `out_path` (appending a line per item) and return all their predictions."""
+    """Answer the items not yet in `out_path` (a `mllm.io.ResumableJsonl` whose fingerprint is `model` plus
+    `fingerprint`; a line per item) and return the predictions of every item answered. An item whose image fails
+    (a RecordError from `answer_fn`) goes to `<out stem>.errors.jsonl` and the others are answered."""
     from tqdm import tqdm
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    records = read_predictions(out_path)
-    check_predictions(records, items, model, out_path)
-    todo = [item for item in items if item.idx not in records]
-    logger.info(
-        "eval-vqa: %d items, %d already answered, %d to go", len(items), len(items) - len(todo), len(todo)
-    )
-    with (
-        out_path.open("a", encoding="utf-8") as out,
-        tqdm(total=len(todo), desc="eval-vqa", unit="item") as bar,
-    ):
-        for batch in batched(todo, batch_size):
-            answers = answer_fn(batch)
-            for item, answer in zip(batch, answers, strict=True):
-                record = prediction_record(item, answer, model)
-                records[item.idx] = record
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(batch))
-    return [records[item.idx] for item in items]
+    output = ResumableJsonl(out_path, {"model": model, **(fingerprint or {})}, overwrite=overwrite)
+    with output:
+        records = output.records()
+        check_predictions(records, items, output.path)
+        todo = [item for item in items if item.idx not in records]
+        logger.info(
+            "eval-vqa: %d items, %d already answered, %d to go", len(items), len(items) - len(todo), len(todo)
+        )
+
+        def report(item: VQAItem, exc: RecordError) -> None:
+            output.error(item.idx, str(exc), source=f"item {item.idx} (id {item.item_id})", field=exc.field)
+
+        with tqdm(total=len(todo), desc="eval-vqa", unit="item") as bar:
+            for batch in batched(todo, batch_size):
+                for kept, answers in run_isolated(answer_fn, batch, report):
+                    new = [prediction_record(i, a, model) for i, a in zip(kept, answers, strict=True)]
+                    output.append(new)
+                    records.update((r["idx"], r) for r in new)
+                bar.update(len(batch))
+    failed = [item.idx for item in items if item.idx not in records]
+    if failed:
+        logger.warning("eval-vqa: %d items failed (see %s)", len(failed), output.errors_path)
+    return [records[item.idx] for item in items if item.idx in records]
 
 
 def score_predictions(records: list[dict[str, Any]]) -> VQAReport:
@@ -270,25 +247,34 @@ def report_paths(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_name(stem + ".accuracy.md"), out_path.with_name(stem + ".accuracy.json")
 
 
-def model_vqa_fn(model, processor, max_new_tokens: int = 8, max_slice_nums: int | None = None):
-    """A batch of items -> greedy answers from an MLLMModel, one generate call per batch."""
-    from PIL import Image
-
-    from mllm.model.chat import decoding_kwargs
+def model_vqa_fn(
+    model,
+    processor,
+    max_new_tokens: int = 8,
+    max_slice_nums: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+):
+    """A batch of items -> greedy answers from an MLLMModel, one generate call per batch. An unreadable image, one
+    over `max_image_pixels` or a prompt over the model's positions is a RecordError."""
+    from mllm.model.chat import decoding_kwargs, model_max_length
 
     kwargs = decoding_kwargs("greedy", max_new_tokens=max_new_tokens)
     device = next(model.parameters()).device
-
-    def load(path: Path):
-        with Image.open(path) as image:
-            return image.convert("RGB")
+    max_length = model_max_length(model)
 
     def answer(batch: list[VQAItem]) -> list[str]:
-        prompts = [
-            processor.prepare_chat_inputs([{"role": "user", "content": item.question}])[0] for item in batch
+        images = [
+            [open_image(p, f"image {p}", max_image_pixels, "image") for p in item.image_paths]
+            for item in batch
         ]
-        images = [[load(p) for p in item.image_paths] for item in batch]
-        inputs = processor(prompts, images, max_slice_nums=max_slice_nums)
+        try:
+            prompts = [
+                processor.prepare_chat_inputs([{"role": "user", "content": item.question}])[0]
+                for item in batch
+            ]
+            inputs = processor(prompts, images, max_slice_nums=max_slice_nums, max_length=max_length)
+        except ValueError as exc:
+            raise RecordError(str(exc), "conversations") from exc
         return model.generate(
             input_ids=inputs["input_ids"].to(device),
             pixel_values=inputs["pixel_values"],

@@ -37,6 +37,15 @@ def decoding_kwargs(strategy: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+def model_max_length(model) -> int | None:
+    """The longest prompt the model's positions cover (its config's max_position_embeddings): the limit that the
+    web page, `mllm chat` and `mllm answer` check prompts against."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(
+        getattr(config, "llm_config", None), "max_position_embeddings", None
+    )
+
+
 def _with_image(
     msgs: list[dict[str, Any]], image: Image.Image | list[Image.Image] | None
 ) -> list[dict[str, Any]]:
@@ -51,6 +60,21 @@ def _with_image(
     content = first["content"] if isinstance(first["content"], list) else [first["content"]]
     first["content"] = [*images, *content]
     return msgs
+
+
+def generate_batch(model, batch: dict[str, Any], tokenizer, **kwargs: Any):
+    """`model.generate` on a processor batch (`chat_batch` or `collate` output), its token tensors on the model's
+    device; kwargs go to `generate`."""
+    device = next(model.parameters()).device
+    return model.generate(
+        input_ids=batch["input_ids"].to(device),
+        pixel_values=batch["pixel_values"],
+        tgt_sizes=batch["tgt_sizes"],
+        image_bound=batch["image_bound"],
+        attention_mask=batch["attention_mask"].to(device),
+        tokenizer=tokenizer,
+        **kwargs,
+    )
 
 
 def chat(
@@ -86,18 +110,7 @@ def chat(
     batch = processor.chat_batch(conversations, max_slice_nums=max_slice_nums, max_length=max_length)
     kwargs = decoding_kwargs("sampling" if sampling else "beam", max_new_tokens=max_new_tokens)
     kwargs.update(generation_kwargs)
-    device = next(model.parameters()).device
-    result = model.generate(
-        input_ids=batch["input_ids"].to(device),
-        pixel_values=batch["pixel_values"],
-        tgt_sizes=batch["tgt_sizes"],
-        image_bound=batch["image_bound"],
-        attention_mask=batch["attention_mask"].to(device),
-        tokenizer=tokenizer,
-        stream=stream,
-        decode_text=not stream,
-        **kwargs,
-    )
+    result = generate_batch(model, batch, tokenizer, stream=stream, decode_text=not stream, **kwargs)
     if stream:
         if batched:
             raise ValueError("stream=True answers one conversation at a time")

@@ -71,6 +71,44 @@ class VisionConfig:
         return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "dict": (dict,),
+    "list": (list,),
+}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a simple string annotation such as "int | None" or "list[str] | None"."""
+    for name in (part.strip().split("[")[0] for part in annotation.split("|")):
+        if name == "None" and value is None:
+            return True
+        allowed = _JSON_TYPES.get(name)
+        if allowed is None:
+            return True  # not a simple type: not checked here
+        if isinstance(value, allowed) and (name == "bool" or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def check_config_fields(data: dict[str, Any], source: str) -> None:
+    """Every field of config.json (and of its vision_config) that the model reads has the JSON type its annotation
+    says (ints are not strings, flags are booleans); the ValueError names the file and the field."""
+    checks = [(data, MLLMConfig.__annotations__, "")]
+    if isinstance(data.get("vision_config"), dict):
+        checks.append((data["vision_config"], VisionConfig.__annotations__, "vision_config."))
+    for values, hints, prefix in checks:
+        for name, annotation in hints.items():
+            if name in values and isinstance(annotation, str) and not _type_ok(values[name], annotation):
+                raise ValueError(
+                    f"{source}: field '{prefix}{name}' must be {annotation}, got {values[name]!r} "
+                    f"({type(values[name]).__name__})"
+                )
+
+
 class MLLMConfig(PretrainedConfig):
     """Configuration of `MLLMModel`: Qwen2-family LLM fields + vision tower + resampler + slicing settings."""
 
@@ -140,15 +178,18 @@ class MLLMConfig(PretrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MLLMConfig:
-        """Read config.json of either model_type. (transformers' own reader, seeing a model_type other than the
-        class's, would pick the nested `slice_config` dict because it carries a model_type too.)"""
+        """Read config.json of either model_type, as the class of that type, so that saving keeps it. (transformers'
+        own reader, seeing a model_type other than the class's, would pick the nested `slice_config` dict because it
+        carries a model_type too.)"""
         config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_config_fields(config_dict, f"{pretrained_model_name_or_path}/config.json")
         model_type = config_dict.pop("model_type", cls.model_type)
         if model_type not in MODEL_TYPES:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: config.json has model_type {model_type!r}, expected one of {MODEL_TYPES}"
             )
-        return cls.from_dict(config_dict, **kwargs)
+        config_class = MiniCPMVConfig if model_type == MiniCPMVConfig.model_type else MLLMConfig
+        return config_class.from_dict(config_dict, **kwargs)
 
     @property
     def vision(self) -> VisionConfig:

@@ -11,6 +11,14 @@ The decoding rules are transformers' own (same logits processors, same beam book
 rows), so the tokens equal `MLLMModel.generate(..., fast=False)`. The repetition penalty counts every generated token
 of a row, as in an unpadded call (the plain path does the same through `modeling.penalty_over_new_tokens`).
 
+Kept for now, pending the H200 comparison (issue 27): transformers' own static cache now drives our decoder too
+(`MLLMModel.generate(cache_implementation="static")`, `mllm answer --static-cache`; same tokens, tested), but its beam
+search (transformers 5.x) never runs a compiled forward. The rule: if that library path comes within 10% of this one
+on the objhal_bench-size job and at batch 1 and 16 (`benchmarks/gpu_generate.py` on one H200), this module is
+retired; otherwise this paragraph gives the measured reason. On CPU (tiny model, two loaded cores, 2026-12-04, per-step
+Python overhead only) this path took 1.9 vs 3.3 ms per step at batch 1 greedy and 8.8 vs 13.7 ms at batch 16 beam 3,
+which decides nothing for an 8B model on a GPU.
+
 Shapes: B = prompts, N = beams, R = rows = B x N, T = prompt length (left-padded), S = cache slots (T + new tokens,
 rounded up), D = hidden size, V = vocabulary.
 """

@@ -5,7 +5,9 @@ the MLP, one decoder layer, the stack, and the causal-LM head. Shapes use B = ba
 S = all keys seen so far (cached + new), H = query heads, K = key/value heads, d = head_dim, D = hidden size.
 
 The KV cache is a transformers `Cache` (a `DynamicCache` by default), so `transformers.GenerationMixin.generate`
-(greedy, sampling, beam search) drives this model unchanged, also from `inputs_embeds`.
+(greedy, sampling, beam search) drives this model unchanged, also from `inputs_embeds`; with
+`cache_implementation="static"` too (the masks transformers prepares over all cache slots are used as given, and the
+forward traces as one graph, so on CUDA transformers compiles it).
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ def eager_attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout: float
 ) -> torch.Tensor:
-    """The same computation through torch's fused kernel; `bias=None` means plain causal (no padding, no cache)."""
-    is_causal = bias is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+    """The same computation through torch's fused kernel. `bias=None` with several queries means plain causal from
+    an empty cache (top-left aligned: query i sees keys 0..i, so unfilled static-cache slots after them stay unseen);
+    `bias` may be additive or bool (True = may attend, as transformers' prepared masks)."""
+    is_causal = bias is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal)
 
 
@@ -236,6 +240,7 @@ class LLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _can_compile_fullgraph = True  # tests/test_llm_parity.py: the static-cache forward under fullgraph=True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -262,10 +267,22 @@ class LLMModel(LLMPreTrainedModel):
         self.embed_tokens = value
 
     def _attention_inputs(self, attention_mask, x, past_len):
-        """Build what the backend needs: an additive bias (eager/sdpa) or the 2D padding mask (flash)."""
+        """Build what the backend needs: an additive bias (eager/sdpa) or the 2D padding mask (flash).
+
+        `generate` with a static cache passes the masks it prepared itself (`create_masks_for_generate`, outside the
+        compiled forward): a dict by layer type, each a [B, 1, T, S] mask over every cache slot (bool for sdpa,
+        additive for eager) or None where sdpa's causal flag serves. They are used as given."""
         batch, q_len = x.shape[:2]
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+            if attention_mask is None:
+                return None, None
         if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask, None  # already an additive [B, 1, T, S] bias
+            if attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager":
+                attention_mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(
+                    ~attention_mask, torch.finfo(x.dtype).min
+                )  # eager adds the mask to the scores
+            return attention_mask, None  # a [B, 1, T, S] mask: additive, or bool for sdpa
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         padding_mask = attention_mask if padded else None
         backend = self.config._attn_implementation or "sdpa"

@@ -1,4 +1,4 @@
-"""Strict checkpoint loading and saving for `MLLMModel`.
+"""Strict checkpoint loading for `MLLMModel` (saving is transformers' own `save_pretrained`).
 
 Loading builds the module tree on the meta device (no memory), checks the checkpoint's key names against the model's
 before reading any tensor, then reads one tensor at a time, casts and moves it, and assigns it into the model. Peak
@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +41,33 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time; .bin files are memory-mapped so they are not read whole."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        yield from state.items()
+    """Yield (key, tensor) one at a time; .bin files are memory-mapped so they are not read whole. A shard that
+    cannot be read (truncated, corrupt) is a ValueError naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            yield from state.items()
+    except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+        raise ValueError(f"weights file {path} is unreadable (truncated or corrupt?): {exc}") from exc
 
 
 def checkpoint_keys(files: list[Path]) -> set[str]:
-    """Key names without reading tensors (safetensors headers; .bin files are mmapped)."""
+    """Key names without reading tensors (safetensors headers; .bin files are mmapped); an unreadable shard is a
+    ValueError naming it."""
     keys: set[str] = set()
     for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                keys.update(f.keys())
-        else:
-            keys.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    keys.update(f.keys())
+            else:
+                keys.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+        except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+            raise ValueError(f"weights file {path} is unreadable (truncated or corrupt?): {exc}") from exc
     return keys
 
 
@@ -111,18 +118,28 @@ def reset_buffers(model: torch.nn.Module, device: torch.device) -> None:
             module.reset_buffers(device)
 
 
+def random_tensor(
+    name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """A weight at a realistic scale for shape-only runs (benchmarks): matrices N(0, 0.02); vectors named `weight`
+    are norm scales (RMSNorm, LayerNorm, and the resampler's `ln_q`, `ln_kv`, `ln_post`, whose names lack "norm"): 1;
+    biases 0."""
+    if len(shape) >= 2:
+        return (
+            torch.randn(shape, generator=generator, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
+        )
+    if name.endswith(".weight"):
+        return torch.ones(shape, device=device, dtype=dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
 def fill_random_(model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
-    """Random weights at a realistic scale for shape-only runs (benchmarks): matrices ~ N(0, 0.02), norm weights 1,
-    biases 0. Fills parameters only; see `reset_buffers` for the non-persistent buffers."""
+    """Every parameter of `model` (on `device`) filled by `random_tensor`'s rule. Fills parameters only; see
+    `reset_buffers` for the non-persistent buffers."""
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.zero_()
+            param.copy_(random_tensor(name, param.shape, param.dtype, param.device, generator))
 
 
 def load_pretrained(
@@ -165,52 +182,6 @@ def load_pretrained(
     config.dtype = dtype
     model.eval()
     return model
-
-
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / bytes -> bytes."""
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-def save_pretrained(model: torch.nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
-    """config.json + model.safetensors, or shards model-0000i-of-0000n.safetensors and their index."""
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("llm.lm_head.weight", None)
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    for stale in [*out.glob("model-*-of-*.safetensors"), out / SAFE_SINGLE, out / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFE_SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / SAFE_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
 
 
 MODEL_DIR_FILES = (

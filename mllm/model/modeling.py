@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +20,9 @@ from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mllm.model.config import MLLMConfig
+from mllm.model.export import carry_remote_code
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.loading import load_pretrained, save_pretrained
+from mllm.model.loading import load_pretrained
 from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
@@ -158,9 +160,23 @@ class MLLMModel(PreTrainedModel):
             **kwargs,
         )
 
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", **kwargs) -> None:
-        """Write config.json and safetensors (sharded with an index above `max_shard_size`)."""
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+    def save_pretrained(self, save_directory, *args, max_shard_size: int | str = "5GB", **kwargs) -> None:
+        """transformers' own `save_pretrained` (config.json + safetensors in the checkpoint's key layout, shards and
+        their index above `max_shard_size`; `state_dict` and `is_main_process`, which Trainer passes when it has
+        gathered ZeRO-3 / FSDP shards, are honoured), with the 5 GB shards of the official checkpoint by default.
+
+        transformers 5 writes safetensors only: `safe_serialization=False` is refused rather than ignored."""
+        if kwargs.pop("safe_serialization", True) is False:
+            raise ValueError("safe_serialization=False: transformers 5 saves safetensors only")
+        architectures = self.config.architectures
+        super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        if architectures and self.config.architectures != architectures:
+            # transformers names this class; a checkpoint of the official layout keeps its ["MiniCPMV"]
+            self.config.architectures = architectures
+            self.config.save_pretrained(save_directory)
+        carry_remote_code(self.config, Path(save_directory))
 
     # -- vision ---------------------------------------------------------------------------------------------------
 
@@ -200,10 +216,13 @@ class MLLMModel(PreTrainedModel):
 
     def get_vllm_embedding(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(inputs_embeds [B, T, D], vision hidden states per sample): token embeddings with each sample's resampler
-        rows written, in order, over the rows of its image_bound ranges."""
+        rows written, in order, over the rows of its image_bound ranges. With `image_index` ([B] ints), pixel_values
+        and tgt_sizes list the distinct images and row b takes image image_index[b]."""
         vision = data.get("vision_hidden_states")
         if vision is None:
             vision = self.get_vision_hidden_states(data)
+            if data.get("image_index") is not None:  # rows sharing an image (a preference pair): encoded once
+                vision = [vision[i] for i in torch.as_tensor(data["image_index"]).tolist()]
         input_ids = data["input_ids"]
         embeds = self.llm.get_input_embeddings()(input_ids.to(self.llm.device))  # [B, T, D]
         rows = [v.reshape(-1, embeds.shape[-1]) for v in vision if len(v)]

@@ -13,6 +13,7 @@ This is the one place that builds prompts (inference and the SFT dataset both ca
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ IMAGE_MARKER = "(<image>./</image>)"
 """What an image becomes in the chat text before placeholder expansion (MiniCPM-V 2.6 convention)."""
 
 CHAT_ROLES = ("user", "assistant", "system")
+
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+"""ChatML's control tokens. Text that contains one is refused (`check_control_tokens`): rendered into the prompt
+it would become the control token itself, so a user could close their turn and write the assistant's."""
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+"""A tokenizer's vocabulary lives in one of these (tokenizer_config.json alone gives only the added tokens)."""
 
 
 @dataclass(frozen=True)
@@ -111,13 +119,33 @@ def without_image_tags(text: str) -> str:
     return text
 
 
+def check_control_tokens(text: str, where: str) -> None:
+    """Refuse text that contains a ChatML control token (a ValueError naming it and `where`)."""
+    found = sorted((text.find(token), token) for token in CONTROL_TOKENS if token in text)
+    if found:
+        raise ValueError(
+            f"{where}: contains the control token {found[0][1]!r}; text may not hold ChatML control tokens "
+            f"({', '.join(CONTROL_TOKENS)})"
+        )
+
+
+def check_prompt_length(n_tokens: int, max_length: int | None, where: str) -> None:
+    """The prompt-length check of every entry point (web page, `mllm chat`, `mllm answer`): a ValueError when a
+    prompt of `n_tokens` (image placeholders included) exceeds `max_length`."""
+    if max_length is not None and n_tokens > max_length:
+        raise ValueError(
+            f"{where}: the prompt has {n_tokens} tokens after image expansion, more than max_length={max_length}"
+        )
+
+
 def build_chat_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[Image.Image]]:
     """Messages whose content mixes strings and PIL images -> text-only messages (images as IMAGE_MARKER) and
     the images in order of appearance. The input is not modified.
 
     Earlier assistant answers are put in the prompt without IMAGE_TAGS: a tag the model once generated would
     otherwise open a bogus image range and make every later turn of the conversation fail. In user and system
-    text such a tag is still an error (the processor names it), since it would silently stand for an image."""
+    text such a tag is still an error (the processor names it), since it would silently stand for an image. Text of
+    any role that holds a ChatML control token is refused (`check_control_tokens`)."""
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise ValueError(f"msgs: expected a non-empty list of messages, got {msgs!r:.80}")
     messages, images = [], []
@@ -136,6 +164,7 @@ def build_chat_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, str]
                 images.append(item)
                 parts.append(IMAGE_MARKER)
             elif isinstance(item, str):
+                check_control_tokens(item, f"msgs[{i}].content")
                 parts.append(without_image_tags(item) if role == "assistant" else item)
             else:
                 raise ValueError(
@@ -143,6 +172,64 @@ def build_chat_messages(msgs: list[dict[str, Any]]) -> tuple[list[dict[str, str]
                 )
         messages.append({"role": role, "content": "\n".join(parts)})
     return messages, images
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer (no remote code) from a model directory, checked: a vocabulary file present and readable, and
+    the tokenizer's size consistent with config.json's `vocab_size` (at most that, and more than half of it).
+
+    Without these checks a directory that lost its tokenizer.json loads as a tokenizer of the added tokens alone,
+    and every command would run on (and write) nonsense. Errors are ValueErrors naming the directory and file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    model_dir = Path(model_dir)
+    present = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if not present:
+        raise ValueError(
+            f"{model_dir}: no tokenizer vocabulary (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+            "of the model into this directory"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: not a readable tokenizer file ({exc})") from exc
+    # The official layout's tokenizer class (named by tokenizer_config.json's `auto_map`) only adds attribute
+    # shortcuts to the fast tokenizer that tokenizer.json describes whole, so that one is loaded directly.
+    config_path = model_dir / "tokenizer_config.json"
+    remote = config_path.is_file() and "auto_map" in json.loads(config_path.read_bytes().decode("utf-8"))
+    loader = PreTrainedTokenizerFast if remote else AutoTokenizer
+    try:
+        tokenizer = loader.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(
+            f"{model_dir}: the tokenizer files do not load ({type(exc).__name__}: {exc})"
+        ) from exc
+    vocab_size = _config_vocab_size(model_dir)
+    if vocab_size is not None and not vocab_size / 2 < len(tokenizer) <= vocab_size:
+        raise ValueError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {vocab_size}; "
+            "the tokenizer files do not belong to this model (or are incomplete)"
+        )
+    return tokenizer
+
+
+def _config_vocab_size(model_dir: Path) -> int | None:
+    """config.json's vocab_size (None without a config.json, e.g. a LoRA adapter directory)."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8")).get("vocab_size")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a readable config ({exc})") from exc
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: field 'vocab_size' must be a positive integer, got {value!r}")
+    return value
 
 
 def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +262,9 @@ class MLLMProcessor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **image_processor_overrides: Any) -> MLLMProcessor:
-        """Tokenizer (AutoTokenizer, no remote code) and preprocessor_config.json from a checkpoint dir."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        """Tokenizer and preprocessor_config.json from a checkpoint dir, without running remote code (see
+        `load_tokenizer`)."""
+        tokenizer = load_tokenizer(model_dir)
         return cls(tokenizer, MLLMImageProcessor.from_pretrained(model_dir, **image_processor_overrides))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
@@ -237,6 +323,34 @@ class MLLMProcessor:
             pieces.append(chunks[i + 1])
         return "".join(pieces), strips, torch.cat(sizes, dim=0)
 
+    def check_prompt(
+        self,
+        msgs: list[dict[str, Any]],
+        max_slice_nums: int | None = None,
+        max_length: int | None = None,
+        use_image_id: bool | None = None,
+    ) -> int:
+        """A conversation's prompt length in tokens, from the images' sizes alone (no pixels are resized or sliced);
+        a ValueError for whatever `chat_batch` would refuse: control tokens, literal image tags, a prompt over
+        `max_length`. Lets a batch job find a bad record before it spoils a batch."""
+        prompt, images = self.prepare_chat_inputs(msgs)
+        chunks = prompt.split(IMAGE_MARKER)
+        if len(chunks) - 1 != len(images):
+            raise ValueError(
+                f"the prompt has {len(chunks) - 1} image markers {IMAGE_MARKER!r} but {len(images)} images"
+            )
+        pieces, ranges = [chunks[0]], 0
+        cfg = self.image_processor.config
+        for i, image in enumerate(images):
+            placeholder = self.image_processor.get_placeholder(image.size, i, max_slice_nums, use_image_id)
+            ranges += placeholder.count(cfg.im_start) + placeholder.count(cfg.slice_start)
+            pieces += [placeholder, chunks[i + 1]]
+        ids = self.tokenizer.encode("".join(pieces), add_special_tokens=False)
+        check_prompt_length(len(ids), max_length, "prompt")
+        if len(self.image_bound_from_ids(torch.tensor(ids, dtype=torch.long))) != ranges:
+            raise ValueError("the text contains literal image tags (<image>, </image>, <slice>, </slice>)")
+        return len(ids)
+
     def image_bound_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[n, 2] long: for each `<image>`/`<slice>` the index after it and the index of its closing tag."""
         ids = torch.as_tensor(input_ids).view(-1)  # [T]
@@ -265,10 +379,7 @@ class MLLMProcessor:
             prompt_text, images or [], max_slice_nums, use_image_id, where=where
         )
         ids = self.tokenizer.encode(expanded, add_special_tokens=False)
-        if max_length is not None and len(ids) > max_length:
-            raise ValueError(
-                f"{where}: the prompt has {len(ids)} tokens after image expansion, more than max_length={max_length}"
-            )
+        check_prompt_length(len(ids), max_length, where)
         input_ids = torch.tensor(ids, dtype=torch.long)  # [T]
         try:
             image_bound = self.image_bound_from_ids(input_ids)

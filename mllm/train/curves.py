@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -54,3 +57,15 @@ def plot_curves(
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_curves_after_training(
+    run_dir: str | Path, keys: list[str] | None = None, out_png: str | Path | None = None
+) -> Path | None:
+    """`plot_curves` at the end of a training run: a run that logged nothing to plot (fewer steps than
+    --logging-steps) still succeeded, its model is saved, so that is a warning and None, not an error."""
+    try:
+        return plot_curves(run_dir, keys, out_png)
+    except ValueError as exc:
+        logger.warning("no curves: %s", exc)
+        return None

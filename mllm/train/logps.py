@@ -6,18 +6,18 @@ reference model (config + weight files), its tokenizer and the data file; every 
     {"idx", "chosen_logp", "chosen_avg_logp", "chosen_per_token_logp": [...], "chosen_tokens",
      "rejected_logp", "rejected_avg_logp", "rejected_per_token_logp": [...], "rejected_tokens"}
 
-While it runs, each process (rank r of w, under torchrun) appends the items of its share (dataset positions
-i with i % w == r) to `OUT.part<r>`, flushed after every batch; a rerun skips every idx found in any part file, so
-an interrupted run resumes, even with another number of processes. When all shares are done, rank 0 merges the parts
-into OUT (written to a temporary name and renamed, so OUT is complete or absent) and removes them.
+While it runs, the work is a `mllm.io.ResumableJsonl` (fingerprinted by the header, locked, torn tails cut off):
+each process (rank r of w, under torchrun) appends the items of its share (dataset positions i with i % w == r) to
+`<OUT stem>.part<r>.jsonl`, flushed and synced after every batch; a rerun skips every idx found in any part file, so
+an interrupted run resumes, even with another number of processes, and a run for another model, tokenizer, data or
+--max-length is refused (`--overwrite` starts afresh). When all shares are done, rank 0 merges the parts into OUT
+(written to a temporary name and renamed, so OUT is complete or absent) and removes them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,24 +27,19 @@ from typing import Any
 import torch
 
 from mllm.data.preference import PreferenceDataset, ReferenceLogps, preference_collator
-from mllm.files import write_text_atomic
+from mllm.io import (
+    ResumableJsonl,
+    comparable,
+    file_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+    write_text_atomic,
+)
 from mllm.train.losses import get_batch_logps
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mllm-reference-logps-v1"
-HEAD_BYTES = 1 << 20
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "tokenizer.model",
-)
-CONFIG_FILES = ("config.json", "adapter_config.json")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 # -- the forward shared by precompute and training ----------------------------------------------------------------
@@ -64,22 +59,20 @@ class PairLogps:
     """[2B] float32."""
 
 
-def concatenated_forward(model: Any, batch: dict[str, Any], encoder: Any = None) -> PairLogps:
-    """Chosen and rejected rows in one forward; each pair's image goes through the vision tower once.
+def concatenated_forward(model: Any, batch: dict[str, Any]) -> PairLogps:
+    """Chosen and rejected rows in one forward; each pair's image goes through the vision tower once (the model
+    maps the B encoded images to the 2B rows by `image_index`).
 
-    `encoder` is the module that has `get_vision_hidden_states` (default: `model`); the trainer passes the
-    unwrapped model there and the (possibly DDP/DeepSpeed-wrapped) model as `model`, so the language-model forward
-    still goes through the wrapper."""
-    encoder = model if encoder is None else encoder
-    vision = encoder.get_vision_hidden_states(
-        {"pixel_values": batch["pixel_values"], "tgt_sizes": batch["tgt_sizes"]}
-    )  # B x [n_slices, Q, D]
+    Everything, vision included, runs inside the model's forward, so a DDP, DeepSpeed ZeRO-3 or FSDP wrapper
+    gathers the parameters it needs around it."""
     data = {
         "input_ids": batch["input_ids"],  # [2B, T]
         "attention_mask": batch["attention_mask"],
         "position_ids": batch["position_ids"],
         "image_bound": batch["image_bound"],
-        "vision_hidden_states": [vision[i] for i in batch["image_index"].tolist()],  # 2B entries, shared
+        "pixel_values": batch["pixel_values"],  # B images
+        "tgt_sizes": batch["tgt_sizes"],
+        "image_index": batch["image_index"],  # [2B]: row -> image
     }
     logits = model(data).logits  # [2B, T, V]
     labels = batch["labels"].to(logits.device)
@@ -90,47 +83,8 @@ def concatenated_forward(model: Any, batch: dict[str, Any], encoder: Any = None)
 # -- fingerprints ----------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, limit: int | None = None) -> str:
-    digest = hashlib.sha256()
-    remaining = limit
-    with open(path, "rb") as handle:
-        while remaining is None or remaining > 0:
-            chunk = handle.read(1 << 20 if remaining is None else min(1 << 20, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    return digest.hexdigest()
-
-
-def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
-    """Config hashes and, per weight file, its size and the sha256 of its first MB (the whole sha256 of a
-    multi-GB checkpoint would take minutes; the safetensors header, with every tensor's offsets, is in that MB);
-    a sharded checkpoint's index is hashed whole."""
-    model_dir = Path(model_dir)
-    configs = {name: sha256_file(model_dir / name) for name in CONFIG_FILES if (model_dir / name).is_file()}
-    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
-    index = model_dir / "model.safetensors.index.json"
-    return {
-        "dir": str(model_dir),
-        "configs": configs,
-        "index_sha256": sha256_file(index) if index.is_file() else None,
-        "weights": [
-            {"name": p.name, "size": p.stat().st_size, "sha256_first_mb": sha256_file(p, HEAD_BYTES)}
-            for p in weights
-        ],
-    }
-
-
-def tokenizer_fingerprint(model_dir: str | Path) -> dict[str, str]:
-    model_dir = Path(model_dir)
-    return {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()}
-
-
 def data_fingerprint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    return file_fingerprint(path)
 
 
 def make_header(model_dir: str | Path, dataset: PreferenceDataset) -> dict[str, Any]:
@@ -149,8 +103,7 @@ def same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two headers describe the same computation (the model directory's path may differ, its content may not)."""
 
     def key(header: dict[str, Any]) -> Any:
-        model = {k: v for k, v in header.get("model", {}).items() if k != "dir"}
-        return (model, header.get("tokenizer"), header.get("data"), header.get("max_length"))
+        return comparable([header.get(k) for k in ("model", "tokenizer", "data", "max_length")])
 
     return key(a) == key(b)
 
@@ -179,18 +132,6 @@ def read_records(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
     return header, records
 
 
-def drop_torn_tail(path: Path) -> None:
-    """Cut a part file back to its last complete line, so that appending does not glue onto a torn one."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
-
-
-def part_files(out_path: Path) -> list[Path]:
-    return sorted(out_path.parent.glob(f"{out_path.name}.part*"))
-
-
 def pair_records(batch: dict[str, Any], result: PairLogps) -> Iterator[dict[str, Any]]:
     """Per pair of the batch, the JSON record (per-token log-probs at response positions only)."""
     n = len(batch["idx"])
@@ -217,17 +158,21 @@ def _default_barrier() -> None:
         torch.distributed.barrier()
 
 
-def check_existing_output(out_path: Path, header: dict[str, Any]) -> bool:
-    """True when OUT already holds this computation; a file from another model/data is never overwritten."""
-    if not out_path.exists():
+def check_existing_output(out_path: Path, header: dict[str, Any], overwrite: bool = False) -> bool:
+    """True when OUT already holds this computation; a file from another model/data is refused (never overwritten
+    without `overwrite`)."""
+    if not out_path.exists() or out_path.stat().st_size == 0:  # emptied by an --overwrite that was cut short
         return False
     existing, _ = read_records(out_path)
-    if existing is None or not same_source(existing, header):
-        raise ValueError(
-            f"{out_path} exists and holds log-probs of another model, tokenizer, data or --max-length; "
-            "remove it or choose another --out"
-        )
-    return True
+    if existing is not None and same_source(existing, header):
+        return True
+    if overwrite:
+        logger.warning("%s holds other log-probs; --overwrite: computing afresh", out_path)
+        return False
+    raise ValueError(
+        f"{out_path} exists and holds log-probs of another model, tokenizer, data or --max-length; "
+        "use --overwrite to compute afresh, or choose another --out"
+    )
 
 
 @torch.inference_mode()
@@ -242,6 +187,7 @@ def compute_reference_logps(
     world_size: int | None = None,
     barrier: Callable[[], None] | None = None,
     num_workers: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Compute this process's share of the reference log-probs, then (rank 0) merge all shares into `out_path`.
 
@@ -256,107 +202,82 @@ def compute_reference_logps(
     world_size = default_world if world_size is None else world_size
     barrier = barrier or _default_barrier
     header = make_header(model_dir, dataset)
-    if check_existing_output(out_path, header):
+    if check_existing_output(out_path, header, overwrite):
         logger.info("%s already holds these reference log-probs; nothing to do", out_path)
         return out_path
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out_path, header)
-    todo = [i for i, idx in enumerate(dataset.ids) if i % world_size == rank and idx not in done]
-    logger.info("rank %d/%d: %d pairs to compute (%d already done)", rank, world_size, len(todo), len(done))
-    was_training = model.training
-    model.eval()
-    try:
-        _write_share(
-            model,
-            dataset,
-            out_path.with_name(f"{out_path.name}.part{rank}"),
-            header,
-            todo,
-            batch_size,
-            pad_token_id,
-            num_workers,
+    output = ResumableJsonl(
+        out_path,
+        header,
+        overwrite=overwrite,
+        rank=rank,
+        world_size=world_size,
+        always_parts=True,
+        barrier=barrier if world_size > 1 else None,
+    )
+    with output:
+        todo = [i for i, idx in enumerate(dataset.ids) if i % world_size == rank and idx not in output.done]
+        logger.info(
+            "rank %d/%d: %d pairs to compute (%d already done)", rank, world_size, len(todo), len(output.done)
         )
-    finally:
-        model.train(was_training)
-    if world_size > 1:
-        barrier()
-    if rank == 0:
-        merge_parts(out_path, dataset, header)
+        was_training = model.training
+        model.eval()
+        try:
+            _write_share(model, dataset, output, todo, batch_size, pad_token_id, num_workers)
+        finally:
+            model.train(was_training)
+        if rank != 0:
+            output.close()  # this share is complete: rank 0 may merge it
+        if world_size > 1:
+            barrier()
+        if rank == 0:
+            merge_parts(output, dataset, header)
     if world_size > 1:
         barrier()
     return out_path
 
 
-def _done_ids(out_path: Path, header: dict[str, Any]) -> set[Any]:
-    done: set[Any] = set()
-    for part in part_files(out_path):
-        part_header, records = read_records(part)
-        if part_header is None and not records:  # just created by another process, nothing written yet
-            continue
-        if part_header is None or not same_source(part_header, header):
-            raise ValueError(
-                f"{part} is a partial result of another model, tokenizer, data or --max-length; remove it "
-                f"(or finish that run) before computing into {out_path}"
-            )
-        done.update(r["idx"] for r in records)
-    return done
-
-
 def _write_share(
     model: Any,
     dataset: PreferenceDataset,
-    part: Path,
-    header: dict[str, Any],
+    output: ResumableJsonl,
     todo: list[int],
     batch_size: int,
     pad_token_id: int,
     num_workers: int,
 ) -> None:
-    """Append one record per pair of `todo` to `part`, flushed and synced after each batch."""
+    """Append one record per pair of `todo` to this process's part, flushed and synced after each batch."""
     from torch.utils.data import DataLoader, Subset
 
     if not todo:
         return
-    if part.exists():
-        drop_torn_tail(part)
     loader = DataLoader(
         Subset(dataset, todo),
         batch_size=batch_size,
         collate_fn=partial(preference_collator, pad_token_id=pad_token_id),
         num_workers=num_workers,
     )
-    new_file = not part.exists() or part.stat().st_size == 0
-    with open(part, "a", encoding="utf-8") as handle:
-        if new_file:
-            handle.write(json.dumps({"header": header}) + "\n")
-        for number, batch in enumerate(loader, 1):
-            result = concatenated_forward(model, batch)
-            handle.write("".join(json.dumps(r) + "\n" for r in pair_records(batch, result)))
-            handle.flush()
-            os.fsync(handle.fileno())
-            logger.info("%s: batch %d/%d written", part.name, number, len(loader))
+    for number, batch in enumerate(loader, 1):
+        output.append(pair_records(batch, concatenated_forward(model, batch)))
+        logger.info("%s: batch %d/%d written", output.write_path.name, number, len(loader))
 
 
-def merge_parts(out_path: Path, dataset: PreferenceDataset, header: dict[str, Any]) -> None:
-    """All part files -> OUT in dataset order (atomically), then the parts are removed.
+def merge_parts(output: ResumableJsonl, dataset: PreferenceDataset, header: dict[str, Any]) -> None:
+    """All part files -> OUT in dataset order (atomically, the header first), then the parts and the fingerprint
+    side file are removed (OUT's header carries it).
 
     Raises ValueError naming the missing idx when some share is unfinished (rerun the command to finish it)."""
-    by_idx: dict[Any, dict[str, Any]] = {}
-    parts = part_files(out_path)
-    for part in parts:
-        _, records = read_records(part)
-        for record in records:
-            by_idx.setdefault(record["idx"], record)
+    by_idx = output.records()
     missing = [idx for idx in dataset.ids if idx not in by_idx]
     if missing:
         raise ValueError(
-            f"{out_path}: {len(missing)} pairs have no log-probs yet (first idx: {missing[:5]}); rerun to finish"
+            f"{output.path}: {len(missing)} pairs have no log-probs yet (first idx: {missing[:5]}); rerun to finish"
         )
     lines = [json.dumps({"header": header}), *(json.dumps(by_idx[idx]) for idx in dataset.ids)]
-    write_text_atomic(out_path, "\n".join(lines) + "\n")
-    for part in parts:
+    write_text_atomic(output.path, "\n".join(lines) + "\n")
+    for part in output.part_files():
         part.unlink()
-    logger.info("reference log-probs of %d pairs written to %s", len(dataset), out_path)
+    output.fingerprint_path.unlink(missing_ok=True)
+    logger.info("reference log-probs of %d pairs written to %s", len(dataset), output.path)
 
 
 def load_reference_logps(

@@ -24,9 +24,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from mllm.data.preference import PreferenceDataset, preference_collator
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
 from mllm.train.losses import PREFERENCE_LOSS_TYPES, preference_loss
-from mllm.train.sft import ModelArguments, load_for_training
+from mllm.train.sft import MAX_IMAGE_PIXELS_HELP, ModelArguments, load_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class PreferenceArguments:
     max_slice_nums: int | None = field(
         default=None, metadata={"help": "Override the processor's max_slice_nums."}
     )
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": MAX_IMAGE_PIXELS_HELP})
     beta: float = field(
         default=0.1,
         metadata={
@@ -108,6 +110,7 @@ class PreferenceArguments:
     )
 
     def __post_init__(self) -> None:
+        check_max_image_pixels(self.max_image_pixels)
         if not Path(self.data).is_file():
             raise ValueError(f"--data: file not found: {self.data}")
         if self.logps is not None and not Path(self.logps).is_file():
@@ -168,7 +171,7 @@ class PreferenceTrainer(Trainer):
         suffix = "_avg_logps" if args.use_average_logp else "_logps"
         if "ref_chosen" + suffix not in inputs:
             raise ValueError(f"batch {inputs.get('idx')} has no reference log-probs (see --logps)")
-        result = concatenated_forward(model, inputs, self.accelerator.unwrap_model(model))
+        result = concatenated_forward(model, inputs)
         n = len(inputs["idx"])
         policy = result.averages if args.use_average_logp else result.sums  # [2B]
         ref_chosen = inputs["ref_chosen" + suffix].to(policy.device)  # [B]
@@ -257,7 +260,12 @@ def build_preference_trainer(
 
     def pairs(data: str, logps: str | None, default_file: str) -> PreferenceDataset:
         dataset = PreferenceDataset(
-            data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_slice_nums
+            data,
+            processor,
+            pref_args.image_folder,
+            pref_args.max_length,
+            pref_args.max_slice_nums,
+            pref_args.max_image_pixels,
         )
         attach_reference(
             model, dataset, logps, default_file, model_args, pref_args, training_args, processor.pad_token_id
@@ -290,16 +298,17 @@ def parse_preference_args(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     """`mllm train preference [flags]`: train, save the model and state, plot loss/rewards/margins vs step."""
-    from mllm.train.curves import plot_curves
-    from mllm.train.runner import resolve_resume
+    from mllm.train.curves import plot_curves_after_training
+    from mllm.train.runner import check_output_dir, resolve_resume
 
     model_args, pref_args, training_args = parse_preference_args(argv)
+    check_output_dir(training_args)
     trainer = build_preference_trainer(model_args, pref_args, training_args)
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
-        png = plot_curves(out, CURVE_KEYS, out / CURVES_PNG)
+        png = plot_curves_after_training(out, CURVE_KEYS, out / CURVES_PNG)
         logger.info("preference training done: model in %s, curves in %s", out, png)
     return 0

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import DistributedType
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mllm.train.curves import plot_curves
+from mllm.train.curves import plot_curves_after_training
 from mllm.train.losses import SFT_LOSS_REDUCTIONS
 from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer, default_training_arguments
 
@@ -34,7 +38,15 @@ class MLLMTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=_DEFAULTS["logging_steps"])
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "A checkpoint directory, or 'auto' for the latest one in --output-dir."},
+        metadata={"help": "A checkpoint directory, or 'auto' for the latest complete one in --output-dir."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh into an --output-dir that holds a finished model or checkpoints (its checkpoints "
+            "are deleted first, so that a later --resume-from-checkpoint auto cannot pick them). Without it, or "
+            "--resume-from-checkpoint, such a directory is refused."
+        },
     )
     loss_reduction: str = field(
         default="token",
@@ -54,6 +66,12 @@ class MLLMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and not accelerator_available():
+            # Without it accelerate finds no distributed backend on a CPU-only machine and counts one process per
+            # launch: under torchrun the processes then train unsynchronised copies (plain DDP) or, under DeepSpeed,
+            # the "auto" train_batch_size is filled for one process and DeepSpeed's batch assertion stops both.
+            logger.info("no GPU or other accelerator: training on the CPU (--use-cpu true)")
+            self.use_cpu = True
         super().__post_init__()
         if self.vision_learning_rate is not None and self.vision_learning_rate < 0:
             raise ValueError(f"--vision-learning-rate must be >= 0, got {self.vision_learning_rate}")
@@ -61,29 +79,95 @@ class MLLMTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--loss-reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
             )
+        if self.fsdp and self.distributed_state.distributed_type in CPU_OR_SINGLE:
+            raise ValueError(
+                f"--fsdp needs GPUs (or other accelerators) in processes started by torchrun: accelerate shards "
+                f"only over those, and here ({self.distributed_state.distributed_type.value}) it would train "
+                "without FSDP. On CPUs use --deepspeed configs/ds_zero3.json to shard instead."
+            )
 
 
-def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume-from-checkpoint auto` -> the newest complete checkpoint in the output dir (None if there is none).
+CPU_OR_SINGLE = (DistributedType.NO, DistributedType.MULTI_CPU)
+"""Accelerate's process layouts in which it ignores an FSDP plugin."""
 
-    Complete means its trainer_state.json exists: Trainer writes it after the weights, optimizer and RNG states, so a
-    checkpoint cut short by a kill is passed over (with a warning) for the one before it."""
-    value = training_args.resume_from_checkpoint
-    if value != "auto":
-        return value
-    folder = Path(training_args.output_dir)
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (torch.accelerator, torch >= 2.6; else CUDA)."""
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
+FINISHED_MODEL_FILES = ("config.json", "adapter_config.json", TRAINER_STATE_NAME)
+"""Files whose presence in --output-dir means a model was already saved there."""
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """checkpoint-<step> folders of an output directory, oldest first."""
     if not folder.is_dir():
-        return None
+        return []
     steps = sorted(
         (int(match.group(1)), path)
         for path in folder.iterdir()
         if path.is_dir() and (match := CHECKPOINT_NAME.fullmatch(path.name))
     )
-    for _, path in reversed(steps):
-        if (path / TRAINER_STATE_NAME).is_file():
+    return [path for _, path in steps]
+
+
+def check_output_dir(training_args: TrainingArguments) -> None:
+    """Refuse an --output-dir that holds a finished model or checkpoints unless the flags say what to do with it:
+    `--resume-from-checkpoint` (go on from a checkpoint) or `--overwrite-output-dir` (train afresh; the old
+    checkpoints and trainer state are deleted first). Run by every process before anything is loaded."""
+    folder = Path(training_args.output_dir)
+    found = [name for name in FINISHED_MODEL_FILES if (folder / name).is_file()]
+    found += [path.name for path in checkpoints(folder)]
+    if not found or training_args.resume_from_checkpoint:
+        return
+    if not getattr(training_args, "overwrite_output_dir", False):
+        raise ValueError(
+            f"--output-dir {folder} already holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}: "
+            "pass --resume-from-checkpoint auto to go on from its newest checkpoint, or --overwrite-output-dir "
+            "true to train afresh (its checkpoints are then deleted), or choose another --output-dir"
+        )
+    logger.warning("--overwrite-output-dir: deleting %s from %s", ", ".join(found), folder)
+    for path in checkpoints(folder):
+        shutil.rmtree(path, ignore_errors=True)  # every process may try: the first one wins
+    (folder / TRAINER_STATE_NAME).unlink(missing_ok=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it looks complete): Trainer writes
+    trainer_state.json last, so a checkpoint cut short by a kill lacks it; a torn trainer_state.json, or an empty
+    optimizer or weights file, comes from a full disk or a kill while the files were flushed."""
+    state = path / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"no {TRAINER_STATE_NAME}"
+    try:
+        parsed = json.loads(state.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{TRAINER_STATE_NAME} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(parsed, dict):
+        return f"{TRAINER_STATE_NAME} is not a JSON object"
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    empty = [p.name for p in weights if p.stat().st_size == 0]
+    if empty:
+        return f"empty file(s): {', '.join(sorted(empty))}"
+    return None
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume-from-checkpoint auto` -> the newest complete checkpoint in the output dir (None if there is none).
+
+    A checkpoint with a problem (`checkpoint_problem`: cut short by a kill, a torn trainer_state.json, an empty
+    optimizer.pt) is passed over, with a warning naming it, for the one before it."""
+    value = training_args.resume_from_checkpoint
+    if value != "auto":
+        return value
+    for path in reversed(checkpoints(Path(training_args.output_dir))):
+        problem = checkpoint_problem(path)
+        if problem is None:
             logger.info("resume auto: %s", path)
             return str(path)
-        logger.warning("resume auto: %s is incomplete (no %s), skipped", path, TRAINER_STATE_NAME)
+        logger.warning("resume auto: %s is incomplete or unreadable (%s), skipped", path, problem)
     logger.info("resume auto: no checkpoint yet, starting fresh")
     return None
 
@@ -95,18 +179,13 @@ def parse_sft_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, MLLM
 
 def run_sft(argv: list[str], task: str = "sft") -> int:
     model_args, data_args, training_args = parse_sft_args(argv)
+    check_output_dir(training_args)
     trainer = build_sft_trainer(model_args, data_args, training_args)
     resume = resolve_resume(training_args)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        try:
-            png = plot_curves(training_args.output_dir)
-        except (
-            ValueError
-        ) as exc:  # e.g. fewer steps than --logging-steps: nothing to plot, the model is saved
-            logger.warning("no loss curve: %s", exc)
-            png = None
+        png = plot_curves_after_training(training_args.output_dir)
         logger.info("%s done: model in %s, curves in %s", task, training_args.output_dir, png)
     return 0

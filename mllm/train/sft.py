@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.data.sft import SupervisedDataset, data_collator
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.losses import sft_loss, sft_loss_per_sample
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ def resolve_weights_dtype(name: str, training_args: TrainingArguments) -> torch.
         dtype = half or torch.float32
     return dtype
 
+
+MAX_IMAGE_PIXELS_HELP = (
+    "Largest image (width x height) a sample may have; a bigger one or a decompression bomb is refused, naming the "
+    "file and item, from its header (default 8192x8192 = mllm.io.DEFAULT_MAX_IMAGE_PIXELS)."
+)
 
 LLM_LORA_TARGETS = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """Default LoRA targets: every linear projection of the language model (not the vision tower)."""
@@ -118,8 +124,10 @@ class DataArguments:
     max_slice_nums: int | None = field(
         default=None, metadata={"help": "Override the processor's max_slice_nums."}
     )
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": MAX_IMAGE_PIXELS_HELP})
 
     def __post_init__(self) -> None:
+        check_max_image_pixels(self.max_image_pixels)
         if self.max_length <= 0:
             raise ValueError(f"--max-length must be positive, got {self.max_length}")
         for name in ("data", "eval_data"):
@@ -268,7 +276,12 @@ def build_sft_trainer(
 ) -> Trainer:
     model, processor = load_for_training(model_args, training_args)
     train = SupervisedDataset(
-        data_args.data, processor, data_args.image_folder, data_args.max_length, data_args.max_slice_nums
+        data_args.data,
+        processor,
+        data_args.image_folder,
+        data_args.max_length,
+        data_args.max_slice_nums,
+        data_args.max_image_pixels,
     )
     evaluation = (
         SupervisedDataset(
@@ -277,6 +290,7 @@ def build_sft_trainer(
             data_args.image_folder,
             data_args.max_length,
             data_args.max_slice_nums,
+            data_args.max_image_pixels,
         )
         if data_args.eval_data
         else None

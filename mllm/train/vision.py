@@ -345,18 +345,13 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
 
 def run_vision(argv: list[str]) -> int:
     """`mllm train vision ...`: parse, train, save, plot the loss curve."""
-    from mllm.train.curves import plot_curves
-    from mllm.train.runner import MLLMTrainingArguments, resolve_resume
+    from mllm.train.curves import plot_curves_after_training
+    from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
 
     parser = HfArgumentParser((VisionPretrainArguments, MLLMTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_output_dir(training_args)
     figures = train_vision(args, training_args, resolve_resume(training_args))
-    try:
-        png = plot_curves(training_args.output_dir, ["loss"])
-    except (
-        ValueError
-    ) as exc:  # fewer steps than --logging-steps: the model is saved, there is nothing to plot
-        logger.warning("no loss curve: %s", exc)
-        png = None
+    png = plot_curves_after_training(training_args.output_dir, ["loss"])
     print({**figures, "loss_png": str(png) if png else None})
     return 0

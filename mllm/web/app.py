@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS
+from mllm.model.chat import model_max_length
 from mllm.web.grounding import draw_boxes, find_boxes
-from mllm.web.session import ChatSession, Decoding, open_images, stream_answer, user_turn
+from mllm.web.session import ChatSession, Decoding, check_images, open_images, stream_answer, user_turn
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class ModelHandle:
     max_length: int | None
     max_slice_nums: int | None
     lock: threading.Lock
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Uploads over this many pixels (and decompression bombs) are refused from their headers."""
 
 
 def error_text(message: str) -> str:
@@ -84,8 +88,8 @@ def respond(handle: ModelHandle, session: ChatSession, files, question, decoding
         return
     try:
         paths = _file_paths(files)
-        images = open_images(paths)
-        messages = [*session.messages, user_turn(question, images)]
+        user_turn(question, paths)  # the question is there
+        check_images(paths, handle.max_image_pixels)  # headers only: sizes and bombs, before any decoding
         settings = decoding.kwargs()
     except ValueError as exc:  # inputs stay as they are, to be corrected
         yield session.display, error_text(str(exc)), None, False
@@ -93,15 +97,16 @@ def respond(handle: ModelHandle, session: ChatSession, files, question, decoding
     session.busy = True
     epoch = session.epoch
     try:
-        yield from _answer(handle, session, messages, images, paths, question, decoding, grounding, settings)
+        yield from _answer(handle, session, paths, question, decoding, grounding, settings)
     finally:
         if session.epoch == epoch:  # after a Clear, `busy` belongs to the new conversation
             session.busy = False
 
 
-def _answer(handle, session, messages, images, paths, question, decoding, grounding, settings):
-    """Stream one answer under the model lock, then add the turn to the session. An answer whose session was
-    cleared meanwhile stops at its next piece and is dropped."""
+def _answer(handle, session, paths, question, decoding, grounding, settings):
+    """Decode the images and stream one answer under the model lock (so that one upload at a time is in memory),
+    then add the turn to the session. An answer whose session was cleared meanwhile stops at its next piece and is
+    dropped."""
     epoch = session.epoch
     shown = [*session.display, *_user_display(question, paths)]
     label = "beam search: the answer comes in one piece" if not decoding.streams else "streaming"
@@ -109,10 +114,12 @@ def _answer(handle, session, messages, images, paths, question, decoding, ground
         if session.epoch != epoch:
             return
         try:
+            images = open_images(paths, handle.max_image_pixels)
+            messages = [*session.messages, user_turn(question, images)]
             texts = stream_answer(
                 handle.model, handle.processor, messages, decoding, handle.max_length, handle.max_slice_nums
             )
-        except ValueError as exc:  # the prompt is too long, or the messages are malformed
+        except ValueError as exc:  # an image cannot be decoded, the prompt is too long or malformed
             hint = " Clear starts a new conversation." if session.messages else ""
             yield session.display, error_text(f"{str(exc).rstrip('.')}.{hint}"), None, False
             return
@@ -245,14 +252,6 @@ def _preset_penalty(strategy: str) -> float:
     return decoding_kwargs(strategy).get("repetition_penalty", 1.0)
 
 
-def model_max_length(model) -> int | None:
-    """The longest prompt the model's positions cover (its config's max_position_embeddings)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(
-        getattr(config, "llm_config", None), "max_position_embeddings", None
-    )
-
-
 def quiet_gradio_env() -> None:
     """Gradio's telemetry calls read this variable (not only the Blocks flag): off, unless the user set it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -284,6 +283,7 @@ def serve(
     max_length: int | None = None,
     max_slice_nums: int | None = None,
     block: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Load the model directory and serve the page (the body of `mllm web`)."""
     from mllm.cli.common import load_model_and_processor
@@ -291,7 +291,12 @@ def serve(
     quiet_gradio_env()
     model, processor = load_model_and_processor(str(model_dir), device, dtype, attn_implementation)
     handle = ModelHandle(
-        model, processor, max_length or model_max_length(model), max_slice_nums, threading.Lock()
+        model,
+        processor,
+        max_length or model_max_length(model),
+        max_slice_nums,
+        threading.Lock(),
+        max_image_pixels,
     )
     logger.info("serving %s on http://%s:%d", model_dir, host, port)
     if host not in LOOPBACK_HOSTS:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image, open_image_header
 from mllm.model.chat import STRATEGIES, chat, decoding_kwargs
 
 
@@ -95,16 +96,31 @@ class Decoding:
                 raise ValueError(message)
 
 
-def open_images(paths: Sequence[str | Path] | None) -> list[Image.Image]:
-    """Uploaded files -> RGB images; a file that is not an image is a ValueError naming it."""
-    images = []
+def check_images(paths: Sequence[str | Path] | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Uploaded files checked from their headers alone (nothing is decoded): a file that is not an image, a
+    decompression bomb or an image over `max_pixels` is a ValueError naming it."""
     for path in paths or []:
         name = Path(path).name
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{name} is not an image that can be read ({type(exc).__name__}).") from exc
+            open_image_header(path, name, max_pixels).close()
+        except RecordError as exc:
+            if "not a readable image" in str(exc):
+                raise ValueError(f"{name} is not an image that can be read.") from exc
+            raise ValueError(f"{exc}.") from exc
+
+
+def open_images(
+    paths: Sequence[str | Path] | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[Image.Image]:
+    """Uploaded files -> RGB images (decoded within the pixel cap); a file that cannot be used is a ValueError
+    naming it."""
+    check_images(paths, max_pixels)
+    images = []
+    for path in paths or []:
+        try:
+            images.append(open_image(path, Path(path).name, max_pixels))
+        except RecordError as exc:  # the header was fine, the pixel data is not
+            raise ValueError(f"{Path(path).name} is not an image that can be read.") from exc
     return images
 
 
