@@ -5,10 +5,9 @@ What the fast demo learns today (seed 0): in the `vision` stage the tower tells 
 (88-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 26.8% with 250 SFT steps,
 37.0-38.1% with 150, 55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No",
 the grounding answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi
-(measured figures: the README's demo section and docs/LOG.md). Answering questions *about* the image (yes/no above
-chance, Acc@0.5 above the constant box) starts only after ~1,000 SFT steps: tests/test_demo_full.py asserts it on
-the full demo; here `test_fast_demo_learns_from_the_image` keeps the thresholds as a strict expected failure (clean-
-clone CI run, 250 SFT steps: yes/no 50.0% on 200 questions, Acc@0.5 0.7% against 2.0%).
+(measured figures: the README's demo section and docs/LOG.md). It does not learn to answer questions *about* the
+image: yes/no stays at chance (50.0% on 200 questions in a clean-clone CI run) and Acc@0.5 below the constant box
+(0.7% against 2.0%), so nothing here asserts them; tests/test_demo_full.py asserts what the full demo reaches.
 
 Budget: about 7 minutes on 2 cores for this file (one --fast demo, ~350 s of stages alone; the resume tests are
 40-image runs).
@@ -27,10 +26,6 @@ from mllm.cli import main
 from mllm.demo.config import demo_config
 from mllm.demo.pipeline import STAGES, run_demo, stage_functions
 from mllm.demo.stages import DONE, DemoInterrupted
-
-MIN_YES_NO_ACCURACY = 0.60
-MIN_GROUNDING_GAIN = 0.05
-"""Acc@0.5 must beat the constant (mean training) box by this much."""
 
 
 def figures(out: Path, stage: str) -> dict:
@@ -138,18 +133,6 @@ def test_fast_demo_descriptions_follow_the_image(fast_demo: Path) -> None:
     answers = [json.loads(line)["answer"] for line in lines if line.strip()]
     assert len(answers) == 100
     assert len(set(answers)) >= 10  # measured 65-88; 1 before the image rows were normalised
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the from-scratch tiny model describes what it sees but answers questions about the image (yes/no, "
-    "grounding) only after ~1,000 SFT steps, past the --fast budget (tests/test_demo_full.py); see the README",
-)
-def test_fast_demo_learns_from_the_image(fast_demo: Path) -> None:
-    before = figures(fast_demo, "eval_sft")
-    assert before["yes_no"]["accuracy"] >= MIN_YES_NO_ACCURACY
-    grounding = before["grounding"]
-    assert grounding["acc"] >= grounding["baseline_acc"] + MIN_GROUNDING_GAIN
 
 
 def tiny_config(out: Path, **overrides):

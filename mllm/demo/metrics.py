@@ -235,7 +235,7 @@ def metrics_block(figures: dict[str, Any]) -> dict[str, Any]:
 
 def write_metrics(config: DemoConfig, figures_by_stage: dict[str, dict[str, Any]]) -> Path:
     """OUT/metrics.json: one block per evaluated model (`after_sft`, `after_preference`), written atomically."""
-    from mllm.files import write_json_atomic
+    from mllm.io import write_json_atomic
 
     payload = {
         "seed": config.seed,
