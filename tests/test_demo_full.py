@@ -22,6 +22,7 @@ import json
 import pytest
 
 from mllm.cli import main
+from mllm.demo.metrics import METRICS_KEYS, metric
 
 P_VALUE = 0.01
 MIN_YES_NO = 0.55
@@ -32,17 +33,6 @@ MAX_GREEDY_CHAIRI = 0.10
 MAX_SAMPLED_CHAIRI_RATIO = 0.70
 MAX_RECALL_DROP = 0.05
 MAX_PREFERENCE_DROP = 0.03
-PART_1_KEYS = (
-    "yes_no.accuracy",
-    "yes_no.pair_accuracy",
-    "yes_no.blind_accuracy",
-    "grounding.acc",
-    "grounding.blind_acc",
-    "chair.greedy.CHAIRi",
-    "chair.sampled.CHAIRi",
-    "chair.sampled.Recall",
-    *(f"yes_no.per_category.{name}.accuracy" for name in ("color", "count", "existence", "position")),
-)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +42,12 @@ def metrics(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def lookup(block: dict, key: str):
-    for part in key.split("."):
-        block = block[part]
-    return block
-
-
 @pytest.mark.slow
 def test_full_demo_writes_every_part_1_metric(metrics: dict) -> None:
     for name in ("after_sft", "after_preference"):
         block = metrics[name]
-        for key in PART_1_KEYS:
-            value = lookup(block, key)
+        for key in METRICS_KEYS:
+            value = metric(block, key)
             assert isinstance(value, float) and 0.0 <= value <= 1.0, (name, key, value)
         yes_no, grounding = block["yes_no"], block["grounding"]
         assert yes_no["n"] == 600 and yes_no["pairs"] == 300 and grounding["n"] == 400

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mllm.data.toy import COLORS, SHAPES, position_phrase
+from mllm.data.toy import COLORS, QUESTION_TYPES, SHAPES, position_phrase
 from mllm.demo.config import DemoConfig
 from mllm.eval.blind import (
     best_box_per_key,
@@ -226,6 +226,25 @@ def grounding_metrics(
 # metrics.json
 
 EVALUATIONS = {"after_sft": "eval_sft", "after_preference": "eval_preference"}
+METRICS_KEYS: tuple[str, ...] = (
+    "yes_no.accuracy",
+    "yes_no.pair_accuracy",
+    "yes_no.blind_accuracy",
+    *(f"yes_no.per_category.{name}.accuracy" for name in QUESTION_TYPES),
+    "grounding.acc",
+    "grounding.blind_acc",
+    "chair.greedy.CHAIRi",
+    "chair.sampled.CHAIRi",
+    "chair.sampled.Recall",
+)
+"""The dotted keys of every block of metrics.json that issue 26 names (each a fraction in [0, 1])."""
+
+
+def metric(block: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key ("yes_no.per_category.count.accuracy") in a block of metrics.json."""
+    for part in key.split("."):
+        block = block[part]
+    return block
 
 
 def metrics_block(figures: dict[str, Any]) -> dict[str, Any]:
