@@ -73,16 +73,7 @@ def run_batches(model, processor, conversations: list[list[dict]], batch_size: i
         with torch.inference_mode():
             vision = model.get_vision_hidden_states(batch)
             encoded = time.perf_counter()
-            out = model.generate(
-                input_ids=batch["input_ids"],
-                pixel_values=batch["pixel_values"],
-                tgt_sizes=batch["tgt_sizes"],
-                image_bound=batch["image_bound"],
-                attention_mask=batch["attention_mask"],
-                tokenizer=processor.tokenizer,
-                vision_hidden_states=vision,
-                **kwargs,
-            )
+            out = model.generate(batch, tokenizer=processor.tokenizer, vision_hidden_states=vision, **kwargs)
         done = time.perf_counter()
         timing.prep += prepared - start
         timing.vision += encoded - prepared

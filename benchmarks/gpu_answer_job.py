@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from mllm.bench import (
-    TINY_SHAPE,
     add_run_flags,
     check_at_least_one,
+    model_preset,
     random_mllm,
     start_run,
     toy_processor,
@@ -47,7 +47,7 @@ SUMMARY = re.compile(
 def save_model(args, device: torch.device, workdir: Path) -> tuple[Path, float]:
     """The random model and the processor in a model directory; returns it and the seconds the save took."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_mllm(TINY_SHAPE if args.tiny else {}, device, dtype)
+    model = random_mllm(model_preset(args.tiny), device, dtype)
     processor = toy_processor(workdir, small_images=args.tiny, vocab_size=model.config.vocab_size)
     model_dir = workdir / "model"
     start = time.perf_counter()

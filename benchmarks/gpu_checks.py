@@ -27,29 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mllm.model.inputs import MLLMInputs
+
 SHAPE = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2),
+    hidden_size=256, intermediate_size=512, vision_config=dict(hidden_size=128, intermediate_size=256)
 )
+"""The checked model: the benchmarks' `bench-tiny` preset, twice as wide."""
 CORPUS = ["A red circle and a blue square on a white table.", "Describe this image in detail, please."] * 8
-
-
-def to_device(value: Any, device: str) -> Any:
-    """Tensors inside dicts and lists moved to `device` (the processor's batch is nested)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    return value
 
 
 def build(workdir: Path):
@@ -62,7 +46,7 @@ def build(workdir: Path):
     from mllm.processing.processor import MLLMProcessor
 
     torch.manual_seed(0)
-    model = MLLMModel(MLLMConfig(**SHAPE, attn_implementation="eager")).eval()
+    model = MLLMModel(MLLMConfig.from_preset("bench-tiny", **SHAPE, attn_implementation="eager")).eval()
     build_toy_tokenizer(CORPUS, workdir / "tokenizer", vocab_size=600)
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     processor = MLLMProcessor(tokenizer, MLLMImageProcessor(scale_resolution=224, max_slice_nums=4))
@@ -82,21 +66,16 @@ def logits(model, batch: dict, attn: str, device: str, dtype: torch.dtype) -> to
     model.config._attn_implementation = attn  # what tests/test_model_fixture.py switches
     model.llm.config._attn_implementation = attn
     with torch.inference_mode():
-        out = model(to_device(batch, device)).logits.float().cpu()
+        out = model(MLLMInputs(batch).to(device)).logits.float().cpu()  # a moved copy
     mask = batch["attention_mask"].bool()
     return out[mask]  # [real tokens, vocab]: padded rows are not compared
 
 
 def greedy_tokens(model, chat: dict, tokenizer, **options) -> torch.Tensor:
     """24 greedy tokens per prompt (no early stop: a random model picks terminators at once)."""
-    device = next(model.parameters()).device
     with torch.inference_mode():
         tokens = model.generate(
-            input_ids=chat["input_ids"].to(device),
-            pixel_values=chat["pixel_values"],
-            tgt_sizes=chat["tgt_sizes"],
-            image_bound=chat["image_bound"],
-            attention_mask=chat["attention_mask"].to(device),
+            chat,
             tokenizer=tokenizer,
             do_sample=False,
             num_beams=1,
@@ -169,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         gpu.train()
-        batch = to_device(batch, device)
+        batch = MLLMInputs(batch).to(device)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = gpu(batch, labels=labels).loss
         loss.backward()

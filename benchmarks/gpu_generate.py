@@ -58,10 +58,10 @@ from pathlib import Path
 import torch
 
 from mllm.bench import (
-    TINY_SHAPE,
     ResultFile,
     add_run_flags,
     check_at_least_one,
+    model_preset,
     qwen2_twin,
     random_mllm,
     start_run,
@@ -69,11 +69,10 @@ from mllm.bench import (
     toy_processor,
     write_job,
 )
+from mllm.model.presets import preset_fields
 
-SHAPE_8B: dict = {}
-"""MiniCPM-V 2.6's shape (Qwen2-7B LLM, SigLIP-400M tower, 64 queries) is `MLLMConfig`'s default."""
-SHAPE_CHECK = dict(num_hidden_layers=2, vision_config=TINY_SHAPE["vision_config"])
-"""The fp32 token check on a GPU: Qwen2-7B's width, two layers."""
+CHECK_OVERRIDES = dict(num_hidden_layers=2, vision_config=preset_fields("bench-tiny")["vision_config"])
+"""The fp32 token check on a GPU: MiniCPM-V 2.6 (Qwen2-7B's width) with two layers and the tiny tower."""
 PATHS = {
     "fast": "ours --fast-generate",
     "static": "ours --static-cache",
@@ -175,8 +174,11 @@ def prompts(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor
 
 def token_check(args, device: torch.device, tokenizer, results: ResultFile) -> None:
     """fp32: every path's tokens against the dynamic cache's, greedy and beam 3, batch 2."""
-    shape = TINY_SHAPE if device.type == "cpu" else SHAPE_CHECK
-    engines = Engines(random_mllm(shape, device, torch.float32, seed=1), tokenizer)
+    on_cpu = device.type == "cpu"
+    check = random_mllm(
+        model_preset(on_cpu), device, torch.float32, seed=1, **({} if on_cpu else CHECK_OVERRIDES)
+    )
+    engines = Engines(check, tokenizer)
     ids, mask = prompts(2, args.check_prompt_len, device)
     for strategy in ("greedy", "beam"):
         reference = engines.run(REFERENCE, ids, mask, strategy, args.check_new_tokens)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_check:
             token_check(args, device, processor.tokenizer, results)
         start = time.perf_counter()
-        model = random_mllm(TINY_SHAPE if args.tiny else SHAPE_8B, device, dtype)
+        model = random_mllm(model_preset(args.tiny), device, dtype)
         results.set("parameters", sum(p.numel() for p in model.parameters()))
         results.set("build_s", time.perf_counter() - start)
         engines = Engines(model, processor.tokenizer)

@@ -76,17 +76,6 @@ STEPS = (
     "eval_grounding",
     "fsdp_full",
 )
-SHAPE_TINY = dict(
-    vocab_size=1024,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    query_num=64,
-    vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
-)
-"""The --tiny shape; the full one is `MLLMConfig`'s default (MiniCPM-V 2.6)."""
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("rectangle", "ellipse")
 DESCRIBE = "Describe this image in detail."
@@ -414,7 +403,7 @@ class Rehearsal:
 
         start = time.perf_counter()
         self.files = write_data(self.work / "data", self.settings)
-        config = MLLMConfig(**(SHAPE_TINY if self.args.tiny else {}))
+        config = MLLMConfig.from_preset("bench-tiny" if self.args.tiny else "minicpmv-2.6")
         dtype = torch.bfloat16
         figures = write_checkpoint(self.model, config, self.device, dtype, shard_bytes=5 * 10**9)
         write_processor(self.model, corpus(self.files), self.args.tiny, config.vocab_size)

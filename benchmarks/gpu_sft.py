@@ -32,17 +32,15 @@ import torch
 from transformers import TrainerCallback
 
 from mllm.bench import (
-    TINY_SHAPE,
     add_run_flags,
     check_at_least_one,
+    model_preset,
     random_mllm,
     random_qwen2,
     start_run,
     synchronize,
 )
 
-SHAPE_7B: dict = {}
-"""MiniCPM-V 2.6's shape (Qwen2-7B LLM, SigLIP-400M tower) is `MLLMConfig`'s default."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PATHS = ("ours", "transformers + peft")
 
@@ -108,7 +106,7 @@ def ours_trainer(args, device: torch.device, dtype: torch.dtype, out_dir: str, c
         lora_dropout=0.0,
         tune_resampler=False,
     )
-    model = random_mllm(TINY_SHAPE if args.tiny else SHAPE_7B, device, dtype).train()
+    model = random_mllm(model_preset(args.tiny), device, dtype).train()
     set_trainable(model, model_args)
     model = apply_lora(model, model_args)
     ids = token_batch(args, model.config.vocab_size)
@@ -138,7 +136,7 @@ def transformers_trainer(args, device: torch.device, dtype: torch.dtype, out_dir
 
     from mllm.model.config import MLLMConfig
 
-    config = MLLMConfig(**(TINY_SHAPE if args.tiny else SHAPE_7B))
+    config = MLLMConfig.from_preset(model_preset(args.tiny))
     model = random_qwen2(config, device, dtype).train()
     lora = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none"

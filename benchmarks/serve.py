@@ -115,11 +115,11 @@ def engine_speed(model_dir: Path, count: int, max_tokens: int, repeats: int) -> 
     `repeats`), and whether both gave the same answers."""
     from PIL import Image
 
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
     from mllm.serve.batcher import BatchEngine, Job
     from mllm.serve.schemas import ChatCompletionRequest
 
-    model, processor = load_model_and_processor(str(model_dir), "cpu", "auto")
+    model, processor = load(model_dir, "cpu", "auto")
     image = Image.open(model_dir / "images" / "img_448x448.png").convert("RGB")
     request = ChatCompletionRequest.parse(
         b'{"messages": [{"role": "user", "content": "x"}], "temperature": 0}'

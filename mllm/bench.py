@@ -16,9 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peft
 import torch
+import transformers
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from mllm.files import write_json_atomic
+from mllm.data.toy_tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, tokenizer_config, write_config_json
+from mllm.io import write_json_atomic
+from mllm.model.config import MLLMConfig
+from mllm.model.loading import fill_random_, reset_buffers
+from mllm.model.modeling import MLLMModel
+from mllm.processing.image_processing import MLLMImageProcessor
+from mllm.processing.processor import MLLMProcessor
 
 TOKENIZER_CORPUS = [
     "The image shows a man sitting on a couch with his dog while a cat sleeps on the chair.",
@@ -27,18 +37,6 @@ TOKENIZER_CORPUS = [
     "On the dining table there are several cups, a bottle of wine and a bowl of oranges.",
 ]
 JOB_QUESTION = "Describe this image in detail."
-TINY_SHAPE = dict(
-    vocab_size=1024,
-    hidden_size=128,  # the resampler's smallest width
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    query_num=64,
-    vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
-)
-"""The benchmarks' --tiny model (MLLMConfig fields): seconds on a CPU."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -52,8 +50,6 @@ def device_name(device: torch.device) -> str:
 
 def run_metadata(benchmark: str, device: torch.device, argv: list[str] | None) -> dict[str, Any]:
     """What a raw result file must say about its run: the benchmark, device, library versions, date, command."""
-    import peft
-    import transformers
 
     command = argv if argv is not None else sys.argv[1:]
     return {
@@ -123,14 +119,15 @@ class ResultFile:
         write_json_atomic(self.path, self.payload)
 
 
-def random_mllm(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """MLLMModel of `shape` (MLLMConfig fields) with random weights: built on meta (no host memory), filled on
-    `device`."""
-    from mllm.model.config import MLLMConfig
-    from mllm.model.loading import fill_random_, reset_buffers
-    from mllm.model.modeling import MLLMModel
+def model_preset(tiny: bool) -> str:
+    """The benchmarks' model size: `bench-tiny` (--tiny: seconds on a CPU) or MiniCPM-V 2.6's 8B shape."""
+    return "bench-tiny" if tiny else "minicpmv-2.6"
 
-    config = MLLMConfig(**shape, attn_implementation="sdpa")
+
+def random_mllm(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides: Any):
+    """MLLMModel of a named size (`MLLMConfig.from_preset`, `overrides` on top) with random weights: built on meta
+    (no host memory), filled on `device`."""
+    config = MLLMConfig.from_preset(preset, **overrides, attn_implementation="sdpa")
     with torch.device("meta"):
         model = MLLMModel(config)
     model = model.to(dtype).to_empty(device=device)
@@ -141,7 +138,6 @@ def random_mllm(shape: dict[str, Any], device: torch.device, dtype: torch.dtype,
 
 def qwen2_config(config) -> Any:
     """transformers' Qwen2Config with the decoder fields of an MLLMConfig."""
-    from transformers import Qwen2Config
 
     fields = (
         "vocab_size",
@@ -163,9 +159,6 @@ def qwen2_config(config) -> Any:
 
 def random_qwen2(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """transformers' Qwen2ForCausalLM with the decoder shape of an MLLMConfig and random weights (same recipe)."""
-    from transformers import Qwen2ForCausalLM
-
-    from mllm.model.loading import fill_random_
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(qwen2_config(config))
@@ -177,7 +170,6 @@ def random_qwen2(config, device: torch.device, dtype: torch.dtype, seed: int = 0
 def qwen2_twin(llm):
     """transformers' Qwen2ForCausalLM sharing our `LLMForCausalLM`'s weight tensors (no copy): the same network in
     the library's own implementation (tests/test_llm_parity.py: same logits and tokens)."""
-    from transformers import Qwen2ForCausalLM
 
     with torch.device("meta"):
         twin = Qwen2ForCausalLM(qwen2_config(llm.config))
@@ -197,11 +189,6 @@ def toy_processor(workdir: Path, small_images: bool, vocab_size: int | None = No
     """The toy BPE tokenizer (built in code) with MiniCPM-V's slicing settings (`small_images`: one 56-px view per
     image, for CPU smoke runs); with `vocab_size`, padded to the model's vocabulary (`pad_vocabulary`), as a model
     directory that mllm loads needs."""
-    from transformers import AutoTokenizer
-
-    from mllm.data.toy_tokenizer import build_toy_tokenizer
-    from mllm.processing.image_processing import MLLMImageProcessor
-    from mllm.processing.processor import MLLMProcessor
 
     build_toy_tokenizer(TOKENIZER_CORPUS * 4, workdir / "tokenizer", vocab_size=600)
     if vocab_size is not None:
@@ -219,7 +206,6 @@ def pad_vocabulary(tokenizer_dir: Path, vocab_size: int) -> None:
 
     mllm refuses a tokenizer of at most half the config's `vocab_size` (a foreign or truncated tokenizer), and the
     real shape keeps its 151,666-row embedding; entries in the BPE vocabulary (not added tokens) keep loading fast."""
-    from mllm.data.toy_tokenizer import SPECIAL_TOKENS, tokenizer_config, write_config_json
 
     path = tokenizer_dir / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -237,7 +223,6 @@ def pad_vocabulary(tokenizer_dir: Path, vocab_size: int) -> None:
 def write_job(workdir: Path, items: int, seed: int = 0) -> Path:
     """An objhal_bench-format question file: `items` questions on synthetic 640x480 JPEG images (smooth colour fields
     with noise, so JPEG sizes and decode times are realistic)."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     image_dir = workdir / "images"

@@ -86,6 +86,11 @@ class RecordError(ValueError):
         self.field = field
 
 
+class ImageTooLargeError(RecordError):
+    """A RecordError for an image refused for its size (over the pixel cap, or a decompression bomb), so that a
+    server can answer it with 413 and an unreadable image with 400."""
+
+
 def read_json(path: str | os.PathLike, flag: str | None = None) -> Any:
     """A JSON file; a missing, undecodable or invalid file is a ValueError naming it (and the flag it came from)."""
     path = Path(path)
@@ -282,13 +287,13 @@ def open_image_header(
     try:
         image = Image.open(source)
     except Image.DecompressionBombError as exc:
-        raise RecordError(f"{where}: refused as a decompression bomb ({exc})", field) from exc
+        raise ImageTooLargeError(f"{where}: refused as a decompression bomb ({exc})", field) from exc
     except (OSError, ValueError) as exc:  # missing, not an image, truncated header
         raise RecordError(f"{where}: not a readable image ({exc})", field) from exc
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise RecordError(
+        raise ImageTooLargeError(
             f"{where}: {width}x{height} = {width * height} pixels is over the cap of {max_pixels} "
             "(--max-image-pixels)",
             field,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Grounding fine-tuning: Shikra-format REC/GC/Flickr30k data -> SFT conversations (`mllm prepare-grounding`), then
 # `mllm train grounding` (SFT on the prepared file: same trainer, same flags), then RefCOCO-family evaluation.
-# Boxes are written as [x0, y0, x1, y1] on a 0..1000 grid (mllm/eval/boxes.py), which is what evaluation reads.
+# Boxes are written as [x0, y0, x1, y1] on a 0..1000 grid (mllm/boxes.py), which is what evaluation reads.
 # Override any variable from the environment, e.g.
 #   NPROC=8 MODEL=/data/MLLM_Excercise_Model SHIKRA=/data/shikra_data IMAGES=/data/coco2014/train2014 scripts/finetune_grounding.sh
 # Extra arguments are passed on to the trainer (any transformers TrainingArguments flag works).

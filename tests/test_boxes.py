@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mllm.eval.boxes import (
+from mllm.boxes import (
     format_box,
     format_boxes,
     iou,

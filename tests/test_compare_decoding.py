@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.data_files import IMAGE_IDS, SYNONYMS, write_coco
 from PIL import Image
 
 from mllm.cli import main
@@ -18,10 +19,6 @@ from mllm.eval.compare_decoding import (
     validate_strategies,
 )
 
-IMAGE_IDS = (11, 22, 33)
-# Ground truth: image 11 has a dog, 22 a cat, 33 a dog and a sofa.
-INSTANCES = {11: ["dog"], 22: ["cat"], 33: ["dog", "sofa"]}
-SYNONYMS = "dog, dogs, puppy\ncat, cats, kitten\nsofa, couch\nbook, books\napple, apples\n"
 # Captions of the fake model, per strategy and image: greedy hallucinates nothing, sampling a cat on image 11
 # and a book on 33, beam mentions no object at all on 22.
 CAPTIONS = {
@@ -29,25 +26,6 @@ CAPTIONS = {
     "sampling": {11: "A dog and a cat play.", 22: "A kitten.", 33: "A puppy reads a book on the sofa."},
     "beam": {11: "A dog.", 22: "Nothing here.", 33: "A dog."},
 }
-
-
-def write_coco(root: Path) -> Path:
-    """The four COCO 2014 files CHAIR reads, with instances only (captions empty)."""
-    names = sorted({n for objs in INSTANCES.values() for n in objs})
-    categories = [{"id": i + 1, "name": n, "supercategory": "x"} for i, n in enumerate(names)]
-    cat_id = {c["name"]: c["id"] for c in categories}
-    annotations = [
-        {"id": k, "image_id": imid, "category_id": cat_id[name]}
-        for k, (imid, name) in enumerate((i, n) for i, objs in INSTANCES.items() for n in objs)
-    ]
-    images = [{"id": imid, "file_name": f"COCO_val2014_{imid:012d}.jpg"} for imid in IMAGE_IDS]
-    empty = {"images": [], "annotations": [], "categories": categories}
-    root.mkdir(parents=True, exist_ok=True)
-    for split in ("val", "train"):
-        instances = {"images": images, "annotations": annotations, "categories": categories}
-        (root / f"instances_{split}2014.json").write_text(json.dumps(instances if split == "val" else empty))
-        (root / f"captions_{split}2014.json").write_text(json.dumps({"images": [], "annotations": []}))
-    return root
 
 
 def write_questions(path: Path, image_dir: Path) -> Path:

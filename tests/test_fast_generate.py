@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixture_data import batch_data, expected, single_sample
-from fixture_data import generate_on as run
-from tiny_llm import TINY_LLM
+from helpers.fixture_data import batch_data, expected, single_sample
+from helpers.fixture_data import generate_on as run
 from transformers import AutoTokenizer
 
 from mllm.model.config import MLLMConfig
 from mllm.model.fast_generate import FastGenerator
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.modeling import MLLMModel
+from mllm.model.presets import preset_fields
 
-TINY = dict(TINY_LLM, max_position_embeddings=512, attention_bias=True)
+TINY = preset_fields("tiny-llm", max_position_embeddings=512, attention_bias=True)
 PAD = 0
 
 
@@ -218,3 +218,38 @@ def test_decode_cache_is_kept_between_calls(llm):
     kept = gen._cache.storage
     gen.generate(embeds[:, 2:], mask[:, 2:], max_new_tokens=3, pad_token_id=PAD, eos_token_id=[1])
     assert gen._cache.storage is kept  # same rows, fewer slots: no new allocation (no new CUDA graph)
+
+
+def failing_step(error: Exception):
+    """A `compile_fn` whose compiled step raises `error` (as a failing torch.compile would on its first call)."""
+
+    def compile_fn(fn):
+        def step(*args):
+            raise error
+
+        return step
+
+    return compile_fn
+
+
+def test_compiler_failure_falls_back_and_says_why(llm, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    ids, mask = prompts()
+    embeds = llm.get_input_embeddings()(ids)
+    common = dict(max_new_tokens=5, pad_token_id=PAD, eos_token_id=[1])
+    failure = BackendCompilerFailed(identity, RuntimeError("no C compiler"), None)
+    gen = FastGenerator(llm, compile=True, compile_fn=failing_step(failure))
+    with caplog.at_level("WARNING", logger="mllm.model.fast_generate"):
+        tokens = gen.generate(embeds, mask, **common)
+    assert torch.equal(tokens, FastGenerator(llm).generate(embeds, mask, **common))
+    assert gen.step.compiled is None and "BackendCompilerFailed" in gen.step.compile_error
+    assert "no C compiler" in caplog.text and "decoding eagerly" in caplog.text
+
+
+def test_an_error_of_the_step_itself_is_not_swallowed(llm):
+    ids, mask = prompts()
+    embeds = llm.get_input_embeddings()(ids)
+    gen = FastGenerator(llm, compile=True, compile_fn=failing_step(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        gen.generate(embeds, mask, max_new_tokens=5, pad_token_id=PAD, eos_token_id=[1])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixture_data import batch_data, expected, single_sample
-from fixture_data import generate_on as run
+from helpers.fixture_data import batch_data, expected, single_sample
+from helpers.fixture_data import generate_on as run
 from transformers import AutoTokenizer, TextIteratorStreamer
 
 from mllm.model.modeling import MLLMModel

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training_helpers import distributed_env
+from helpers.training import distributed_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

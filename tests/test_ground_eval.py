@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mllm.boxes import format_box
 from mllm.cli import main
 from mllm.eval.answer import QuestionItem
-from mllm.eval.boxes import format_box
-from mllm.eval.ground import GroundingEvalConfig, evaluate_grounding, prediction_path
+from mllm.eval.grounding_run import GroundingEvalConfig, evaluate_grounding, prediction_path
 
 SIZE = 56
 
@@ -149,7 +149,7 @@ def test_cli_eval_grounding_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["eval", "grounding", "m", "--data", str(data), "--prompt", "Where?"]) == 2
     assert "--prompt must contain {expr}" in capsys.readouterr().err
     assert main(["eval", "grounding", "--data", str(data)]) == 2
-    assert "MODEL_DIR is needed" in capsys.readouterr().err
+    assert "MODEL is needed" in capsys.readouterr().err
 
 
 def test_cli_ground_prints_a_pixel_box_and_writes_a_png(
@@ -168,7 +168,7 @@ def test_cli_ground_prints_a_pixel_box_and_writes_a_png(
 
 
 def test_ground_one_converts_the_answer_to_pixels() -> None:
-    from mllm.eval.ground import ground_one
+    from mllm.eval.grounding_run import ground_one
 
     def answer(batch: list[QuestionItem]) -> tuple[list[str], int]:
         assert batch[0].question == "Find the cat."

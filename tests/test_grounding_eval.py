@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mllm.boxes import format_box
 from mllm.cli import grounding as grounding_cli
-from mllm.eval.boxes import format_box
-from mllm.eval.grounding import markdown_table, score_item, score_predictions, split_name_from_path, visualize
+from mllm.eval.grounding_score import (
+    markdown_table,
+    score_item,
+    score_predictions,
+    split_name_from_path,
+    visualize,
+)
 
 
 @pytest.mark.parametrize(

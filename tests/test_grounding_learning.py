@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mllm.boxes import iou
 from mllm.cli import main
 from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
-from mllm.eval.boxes import iou
 
 logger = logging.getLogger(__name__)
 

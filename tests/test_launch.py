@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.test_sft import make_sft_files
-from tests.training_helpers import cpu_training_args
+from helpers.data_files import make_sft_files
+from helpers.training import cpu_training_args
 
 
 def sgd_step(model_dir: str, data: str, out: str, per_device_batch: int) -> dict:

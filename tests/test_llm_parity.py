@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_llm import TINY_LLM
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mllm.model.config import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
+from mllm.model.presets import preset_fields
 
-TINY = dict(TINY_LLM, max_position_embeddings=256)
+TINY = preset_fields("tiny-llm", max_position_embeddings=256)
 TOL = 1e-5
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixture_data import batch_data, expected
+from helpers.fixture_data import batch_data, expected
 
 from mllm.model.modeling import MLLMModel
 from mllm.model.vision import navit_position_ids, pad_strips

@@ -3,8 +3,6 @@ refusal of mismatched files), trainer step 0, and a tiny model learning to prefe
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
@@ -13,50 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from training_helpers import cpu_training_args
+from helpers.data_files import QUESTION, make_preference_file
+from helpers.training import cpu_training_args
 
 from mllm.data.preference import PreferenceDataset, preference_collator
 from mllm.data.sft import IGNORE_INDEX, SupervisedDataset
 from mllm.processing.processor import MLLMProcessor
 
 logger = logging.getLogger(__name__)
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-QUESTION = "What is in the image?"
-
-
-def make_preference_file(root: Path, n: int = 16, base64_every: int = 4, name: str = "pref.json") -> Path:
-    """n pairs about a 56x56 one-colour image: chosen names its colour, rejected another one. Every
-    `base64_every`-th item carries the image as base64, the others as image_path under root/images/."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
-    items = []
-    for i in range(n):
-        color = names[i % len(names)]
-        wrong = names[(i + 1 + i // len(names)) % len(names)]
-        if wrong == color:
-            wrong = names[(i + 2) % len(names)]
-        image = Image.new("RGB", (56, 56), COLORS[color])
-        item = {
-            "idx": i,
-            "question": QUESTION,
-            "chosen": f"A {color} square.",
-            "rejected": f"A {wrong} square.",
-        }
-        if base64_every and i % base64_every == 0:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            item["image"] = (
-                base64.b64encode(buffer.getvalue()).decode() + " " * 1000
-            )  # over the base64 length
-        else:
-            image.save(root / "images" / f"{i}.png")
-            item["image_path"] = f"images/{i}.png"
-        items.append(item)
-    path = root / name
-    path.write_text(json.dumps(items))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def test_4_kill_during_torn_tail_repair_of_a_large_file_loses_nothing(tmp_path):
 
 
 def test_5_training_refuses_an_output_dir_with_a_finished_model(small_model_dir, tmp_path, capsys):
-    from test_sft import make_sft_files
+    from helpers.data_files import make_sft_files
 
     data = make_sft_files(tmp_path / "d", 2)
     out = tmp_path / "run"
@@ -177,8 +177,9 @@ def test_5_training_refuses_an_output_dir_with_a_finished_model(small_model_dir,
 
 
 def test_5_overwrite_output_dir_deletes_the_old_checkpoints(tmp_path):
+    from helpers.training import cpu_training_args
+
     from mllm.train.runner import check_output_dir
-    from tests.training_helpers import cpu_training_args
 
     out = tmp_path / "run"
     (out / "checkpoint-60").mkdir(parents=True)
@@ -223,7 +224,7 @@ def test_7_web_uploads_are_capped_bombs_named_and_decoded_under_the_model_lock(t
     bomb.write_bytes(header_only_png(30000, 30000))
     big = tmp_path / "big.png"
     Image.new("RGB", (200, 200), "white").save(big)
-    handle = web_app.ModelHandle(None, None, None, None, threading.Lock(), max_image_pixels=10_000)
+    handle = web_app.ModelHandle(None, None, None, threading.Lock(), max_image_pixels=10_000)
     _, status, *_ = list(web_app.respond(handle, ChatSession(), [str(bomb)], "What?", Decoding(), False))[-1]
     assert status.startswith("**Error:**") and "bomb.png" in status and "decompression bomb" in status
     _, status, *_ = list(web_app.respond(handle, ChatSession(), [str(big)], "What?", Decoding(), False))[-1]
@@ -350,8 +351,9 @@ def test_10_image_mark_without_an_image_names_the_item(small_model_dir, tmp_path
 
 
 def test_10_resume_auto_falls_back_past_a_torn_state_or_an_empty_optimizer(tmp_path, caplog):
+    from helpers.training import cpu_training_args
+
     from mllm.train.runner import resolve_resume
-    from tests.training_helpers import cpu_training_args
 
     for step in (10, 20, 30):
         folder = tmp_path / f"checkpoint-{step}"
@@ -391,7 +393,7 @@ def test_10_control_tokens_in_text_are_refused(small_model_dir):
 
 
 def test_10_preference_training_that_logged_nothing_exits_0(small_model_dir, tmp_path):
-    from test_preference import make_preference_file
+    from helpers.data_files import make_preference_file
 
     from mllm.train.preference import main as preference_main
 

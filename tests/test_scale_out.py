@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import distributed_env, kill_tree, torchrun
+from helpers.training import distributed_env, kill_tree, torchrun
 
 from mllm.cli import main
 
@@ -277,7 +277,7 @@ def test_save_pretrained_is_transformers_with_the_official_layout(
 
 def test_fsdp_on_cpu_is_refused_naming_the_flag(tmp_path: Path, small_model_dir: Path, capsys) -> None:
     """accelerate only switches to FSDP for accelerator processes; on CPUs it would train without sharding."""
-    from test_sft import make_sft_files
+    from helpers.data_files import make_sft_files
 
     data = make_sft_files(tmp_path / "d", 4)
     argv = [

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from training_helpers import distributed_env
+from helpers.training import distributed_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from helpers.web import chat_greedy, fixture_image
 from PIL import Image
-from web_helpers import chat_greedy, fixture_image
 
 from mllm.model.chat import chat, decoding_kwargs
 
@@ -23,9 +23,9 @@ QUESTION = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def model_and_processor(small_model_dir):
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    return load_model_and_processor(str(small_model_dir), "cpu", "auto")
+    return load(small_model_dir, "cpu", "auto")
 
 
 def start(model_and_processor, **settings):

@@ -8,41 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data_files import make_sft_files
+from helpers.training import cpu_training_args
 from PIL import Image
-from training_helpers import cpu_training_args
 
 from mllm.data.sft import IGNORE_INDEX, SupervisedDataset, data_collator
 from mllm.processing.processor import MLLMProcessor
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def make_sft_files(root: Path, n: int = 8, long_no: bool = False) -> Path:
-    """n one-turn yes/no items about the colour of a 56x56 image, images under root/images/color/ (`long_no`: the
-    No answers name the colour, so answers differ in length)."""
-    (root / "images" / "color").mkdir(parents=True, exist_ok=True)
-    items = []
-    names = list(COLORS)
-    for i in range(n):
-        color = names[i % len(names)]
-        Image.new("RGB", (56, 56), COLORS[color]).save(root / "images" / "color" / f"{i}.png")
-        asked = color if i % 2 == 0 else names[(i + 1) % len(names)]
-        items.append(
-            {
-                "id": i,
-                "image": f"images/color/{i}.png",
-                "conversations": [
-                    {"role": "user", "content": f"<image>\nIs the picture {asked}? Please answer yes or no."},
-                    {
-                        "role": "assistant",
-                        "content": "Yes" if asked == color else f"No, it is {color}." if long_no else "No",
-                    },
-                ],
-            }
-        )
-    path = root / "train.json"
-    path.write_text(json.dumps(items))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +307,9 @@ def test_lora_saves_merges_and_matches(tmp_path: Path, small_model_dir: Path) ->
         got = merged(batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # The inference commands read the LoRA directory directly (base from the adapter config, merged in memory).
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    direct, _ = load_model_and_processor(str(tmp_path / "lora"), "cpu", "float32")
+    direct, _ = load(tmp_path / "lora", "cpu", "float32")
     with torch.no_grad():
         torch.testing.assert_close(direct(batch).logits, expected, rtol=1e-4, atol=1e-4)
     base = MLLMModel.from_pretrained(small_model_dir).eval()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_sft import make_sft_files
+from helpers.data_files import make_sft_files
 
 from mllm.cli import main
 
@@ -138,8 +138,9 @@ def test_deepspeed_configs_leave_the_schedule_to_the_command_line() -> None:
 
 def test_resume_auto_passes_over_a_checkpoint_cut_short(tmp_path: Path) -> None:
     """A kill during a save leaves a checkpoint folder without trainer_state.json (Trainer writes it last)."""
+    from helpers.training import cpu_training_args
+
     from mllm.train.runner import resolve_resume
-    from tests.training_helpers import cpu_training_args
 
     for step, complete in ((4, True), (8, True), (12, False)):
         folder = tmp_path / f"checkpoint-{step}"

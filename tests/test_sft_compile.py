@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sft import make_sft_files
+from helpers.data_files import make_sft_files
 
 from mllm.cli import main
 

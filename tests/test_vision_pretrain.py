@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import cpu_training_args
 
 from mllm.data.box_labels import (
     IGNORE_INDEX,
@@ -22,7 +23,6 @@ from mllm.data.box_labels import (
     token_box_labels,
 )
 from mllm.train.losses import token_box_loss, token_label_loss
-from tests.training_helpers import cpu_training_args
 
 
 def test_token_labels_follow_the_box_centres_and_the_smaller_box_wins() -> None:

@@ -13,12 +13,13 @@ import json
 
 import pytest
 import torch
+from helpers.vlm_tiny import FAMILIES, build_tiny
 from PIL import Image
-from vlm_tiny import FAMILIES, build_tiny
 
+from mllm.api import load_vlm
 from mllm.model.chat import decoding_kwargs
 from mllm.train.losses import IGNORE_INDEX, preference_loss
-from mllm.vlm import load_vlm, model_family
+from mllm.vlm import model_family
 from mllm.vlm.hf import BLIP_FAMILIES
 from mllm.vlm.minicpmv import MiniCPMVVLM
 from mllm.vlm.processors import IMAGE_ONLY_PROCESSORS

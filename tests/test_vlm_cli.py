@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.data_files import IMAGE_IDS, SYNONYMS, write_coco
+from helpers.vlm_tiny import FAMILIES, build_tiny
 from PIL import Image
-from test_compare_decoding import IMAGE_IDS, SYNONYMS, write_coco
-from vlm_tiny import FAMILIES, build_tiny
 
+from mllm.api import load_vlm
 from mllm.cli import main
 from mllm.model.chat import decoding_kwargs
-from mllm.vlm import load_vlm
 
 QUESTION = "What is in the image?"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers.web import MAX_LENGTH, QUESTION, chat_greedy, fixture_image, start_server
 from PIL import Image
-from web_helpers import MAX_LENGTH, QUESTION, chat_greedy, fixture_image, start_server
 
 NEW_TOKENS = 24
 
@@ -21,9 +21,9 @@ def server(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model_dir):
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    return load_model_and_processor(str(tiny_model_dir), "cpu", "auto")
+    return load(tiny_model_dir, "cpu", "auto")
 
 
 @pytest.fixture
@@ -283,7 +283,7 @@ def test_grounding_picture_draws_the_answer_boxes(monkeypatch, tmp_path):
     Image.new("RGB", (200, 100), "white").save(path)
     answer = "The <ref>square</ref>[250, 200, 750, 800]"
     monkeypatch.setattr(web_app, "stream_answer", lambda *args, **kwargs: iter(["The", answer]))
-    handle = web_app.ModelHandle(None, None, None, None, threading.Lock())
+    handle = web_app.ModelHandle(None, None, None, threading.Lock())
     steps = list(web_app.respond(handle, ChatSession(), [str(path)], "Where?", Decoding(), True))
     shown, status, picture, _ = steps[-1]
     assert status == "Done: 1 box(es) drawn."

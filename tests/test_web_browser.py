@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.web import QUESTION, chat_greedy, fixture_image, start_server
 from PIL import Image
-from web_helpers import QUESTION, chat_greedy, fixture_image, start_server
 
 NEW_TOKENS = 20
 TIMEOUT_S = 90
@@ -86,9 +86,9 @@ def test_browser_uploads_asks_and_sees_the_answer(server, browser, tiny_model_di
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    model, processor = load_model_and_processor(str(tiny_model_dir), "cpu", "auto")
+    model, processor = load(tiny_model_dir, "cpu", "auto")
     image = Image.open(fixture_image(tiny_model_dir)).convert("RGB")
     expected = chat_greedy(model, processor, [{"role": "user", "content": [image, QUESTION]}], NEW_TOKENS)
     assert _visible(expected), "the fixture model should say something visible for this prompt"

@@ -1,5 +1,9 @@
 """The `mllm` command line. Each subcommand lives in its own module of this package, which defines
-`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments)."""
+`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments). The evaluations are
+one group, `mllm eval chair|vqa|grounding|decoding` (`mllm.cli.eval`).
+
+Every command module is imported to build the parser, so they import only argparse and light modules at their top;
+the library (torch, transformers) is imported inside each command's `run`, which keeps `mllm --help` fast."""
 
 from __future__ import annotations
 
@@ -10,14 +14,11 @@ from importlib import import_module
 
 # Subcommand modules, in the order `mllm --help` lists them. A module may register several commands.
 COMMAND_MODULES = [
-    "mllm.cli.chair",
     "mllm.cli.chat",
-    "mllm.cli.compare",
-    "mllm.cli.vqa",
+    "mllm.cli.eval",
     "mllm.cli.train",
     "mllm.cli.logp",
     "mllm.cli.grounding",
-    "mllm.cli.eval",
     "mllm.cli.toy",
     "mllm.cli.demo",
     "mllm.cli.web",
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, parsed arguments) of a command line, with the shared fix-ups: a question left after the options
+    (`chat`), an older `--model` folded into MODEL; usage errors exit as argparse's do."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse binds an optional positional before the options that follow it (`chat DIR --image X "question"`
@@ -47,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, target, " ".join(extra))
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    legacy_model = getattr(args, "legacy_model", None)  # an older spelling, e.g. `mllm logp --model DIR`
+    if legacy_model is not None:
+        if args.model is not None and args.model != legacy_model:
+            parser.error(f"{args.command}: give the model once (MODEL, or the older --model)")
+        args.model = legacy_model
+    if getattr(args, "model_required", False) and args.model is None:
+        parser.error(f"{args.command}: the model directory MODEL is required")
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

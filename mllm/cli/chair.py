@@ -1,4 +1,5 @@
-"""`mllm chair`: score an answers file with the CHAIR object-hallucination metric, as the reference script does."""
+"""`mllm eval chair --answers A.jsonl`: score an answers file with the CHAIR object-hallucination metric, as the
+reference script does (`mllm chair`, with `--save-path` for `--out`, is the older spelling)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import logging
 import sys
 from pathlib import Path
 
+from mllm.cli.common import add_hidden_alias
+
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "chair",
-        help="Score answers with the CHAIR object-hallucination metric.",
-        description="CHAIRs, CHAIRi, Recall and Len of an answers file against COCO 2014 ground truth.",
-    )
+HELP = "Score answers with the CHAIR object-hallucination metric."
+DESCRIPTION = "CHAIRs, CHAIRi, Recall and Len of an answers file against COCO 2014 ground truth."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--answers", required=True, help="Answers file (.jsonl, one object a line, or a .json list)."
     )
@@ -28,10 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Ground-truth cache: the reference's chair_300.pkl or our JSON cache; built here from --coco-path "
         "if missing (default with --coco-path: the user cache folder).",
     )
-    parser.add_argument(
-        "--save-path", help="Write overall metrics and per-caption details to this JSON file."
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Allow replacing an existing --save-path.")
+    parser.add_argument("--out", help="Write overall metrics and per-caption details to this JSON file.")
+    add_hidden_alias(parser, "--save-path", "out")
+    parser.add_argument("--overwrite", action="store_true", help="Allow replacing an existing --out.")
     parser.add_argument(
         "--image-id-key", default="image_id", help="Key of the image id (top level or metainfos)."
     )
@@ -51,11 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mllm.eval.chair import evaluate_chair, format_metrics
     from mllm.eval.chair_nlp import MissingNLTKResourceError
-    from mllm.files import write_json_atomic
+    from mllm.io import write_json_atomic
 
-    if args.save_path and Path(args.save_path).exists() and not args.overwrite:
+    if args.out and Path(args.out).exists() and not args.overwrite:
         print(
-            f"mllm chair: error: --save-path {args.save_path} exists; pass --overwrite to replace it",
+            f"mllm eval chair: error: --out {args.out} exists; pass --overwrite to replace it",
             file=sys.stderr,
         )
         return 2
@@ -70,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
             caption_key=args.caption_key,
         )
     except (ValueError, MissingNLTKResourceError) as error:
-        print(f"mllm chair: error: {error}", file=sys.stderr)
+        print(f"mllm eval chair: error: {error}", file=sys.stderr)
         return 2
     print(f"CHAIR of {len(result['sentences'])} captions (--nlp {result['nlp_backend']})")
     print(format_metrics(result["overall_metrics"]))
-    if args.save_path:
-        write_json_atomic(args.save_path, result)
-        logger.info("CHAIR details written to %s", args.save_path)
+    if args.out:
+        write_json_atomic(args.out, result)
+        logger.info("CHAIR details written to %s", args.out)
     return 0

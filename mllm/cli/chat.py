@@ -1,4 +1,5 @@
-"""`mllm chat MODEL_DIR [--image IMG ...] [QUESTION]` and `mllm answer MODEL_DIR --questions Q.jsonl --out A.jsonl`."""
+"""`mllm chat MODEL [--image IMG ...] [QUESTION]` and `mllm answer MODEL --questions Q.jsonl --out A.jsonl`, for
+every model family `mllm.load` reads."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 
 from mllm.cli.common import (
     add_decoding_flags,
+    add_model_argument,
     add_model_flags,
     add_overwrite_flag,
     generation_kwargs_from_args,
-    load_model_and_processor,
+    load_from_args,
     output_fingerprint,
 )
-from mllm.cli.families import answer_fn_for, is_other_family, load_other_family
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat = subparsers.add_parser(
         "chat", help="ask a model about images (one question, or an interactive session without one)"
     )
-    chat.add_argument("model_dir")
+    add_model_argument(chat)
     chat.add_argument("question", nargs="?", default=None, help="omit for an interactive, streamed session")
     chat.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     add_model_flags(chat)
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     answer = subparsers.add_parser(
         "answer", help="answer every question of an objhal_bench-format jsonl (resumable)"
     )
-    answer.add_argument("model_dir")
+    add_model_argument(answer)
     answer.add_argument("--questions", required=True, help="objhal_bench-format jsonl")
     answer.add_argument(
         "--out",
@@ -107,29 +108,18 @@ def run_chat(args: argparse.Namespace) -> int:
     import torch
 
     from mllm.model.chat import chat, model_max_length
+    from mllm.model.modeling import MLLMModel
 
     torch.manual_seed(args.seed)
     images = _open_images(args.image, args.max_image_pixels)
-    if is_other_family(args.model_dir):
-        return _chat_other_family(args, images)
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
+    model, processor = load_from_args(args)
+    if not isinstance(model, MLLMModel):
+        return _chat_other_family(args, model, processor, images)
     kwargs = _generation_kwargs(args)
-    limits = {"max_slice_nums": args.max_slice_nums, "max_length": model_max_length(model)}
+    limits = {"max_length": model_max_length(model)}
     first = [{"role": "user", "content": [*images, args.question] if images else args.question}]
     if args.question is not None:
-        print(
-            chat(
-                model,
-                None,
-                first,
-                processor.tokenizer,
-                processor,
-                **limits,
-                **kwargs,
-            )
-        )
+        print(chat(model, None, first, processor.tokenizer, processor, **limits, **kwargs))
         return 0
 
     def reply(history: list[dict]):
@@ -175,10 +165,14 @@ def _interactive(images: list, reply) -> int:
     return 0
 
 
-def _chat_other_family(args: argparse.Namespace, images: list) -> int:
+def _chat_other_family(args: argparse.Namespace, model, processor, images: list) -> int:
     """`mllm chat` for a LLaVA / Qwen2-VL / BLIP-family directory (`mllm.vlm`): the same flags, answers printed
     whole (no streaming)."""
-    vlm = load_other_family(args)
+    from mllm.vlm import as_vlm
+
+    if args.fast_generate:
+        raise ValueError("--fast-generate is the MiniCPM-V decoding path; leave it out for this model family")
+    vlm = as_vlm(model, processor)
     kwargs = generation_kwargs_from_args(args)
     first = {"role": "user", "content": [*images, args.question] if images else args.question}
     if args.question is not None:
@@ -194,7 +188,7 @@ def _chat_other_family(args: argparse.Namespace, images: list) -> int:
 def run_answer(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.eval.answer import generate_answers
+    from mllm.eval.answer import generate_answers, model_answer_fn
 
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
@@ -204,7 +198,8 @@ def run_answer(args: argparse.Namespace) -> int:
         device = f"cuda:{local_rank}"  # one GPU per rank under torchrun
     torch.manual_seed(args.seed + rank)
     kwargs = _generation_kwargs(args)
-    answer_fn, model = answer_fn_for(args, kwargs, device)
+    model, processor = load_from_args(args, device)
+    answer_fn = model_answer_fn(model, processor, kwargs)
     fingerprint = output_fingerprint(
         args,
         model,
@@ -218,7 +213,7 @@ def run_answer(args: argparse.Namespace) -> int:
             args.questions,
             args.out,
             answer_fn,
-            args.model_name or Path(args.model_dir).name,
+            args.model_name or Path(args.model).name,
             args.batch_size,
             args.limit,
             length_fn=None if args.no_length_bucketing else getattr(answer_fn, "prompt_length", None),

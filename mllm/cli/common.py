@@ -1,10 +1,41 @@
-"""Flags and loading shared by the inference commands (chat, answer, eval, ground, web)."""
+"""Flags and loading shared by the commands. The spellings are the same everywhere: the model directory is the first
+positional argument (MODEL), outputs are `--out`, image folders `--image-root`; the older spellings of a command
+(`--save-path`, `--out-dir`, `--image-folder`, `--model`) stay accepted as hidden aliases (`add_hidden_alias`)."""
 
 from __future__ import annotations
 
 import argparse
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # = mllm.api.DTYPES (no import at CLI build time)
+
+
+def add_model_argument(
+    parser: argparse.ArgumentParser, optional: bool = False, legacy_option: str | None = None, help: str = ""
+) -> None:
+    """The model directory as the first positional argument MODEL (`args.model`). `optional`: the command can do
+    without one (e.g. scoring existing predictions). `legacy_option` (e.g. "--model"): an older spelling, hidden,
+    that `mllm.cli.main` folds into `args.model`."""
+    text = help or "model directory (config.json, weights, tokenizer, preprocessor_config.json)"
+    if optional or legacy_option:
+        parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=text)
+    else:
+        parser.add_argument("model", metavar="MODEL", help=text)
+    if legacy_option:
+        parser.add_argument(legacy_option, dest="legacy_model", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(model_required=not optional)
+
+
+def add_hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str, type=None) -> None:
+    """An older spelling of a flag (e.g. `--out-dir` for `--out`, with the flag's `type`), accepted and not listed
+    in --help."""
+    parser.add_argument(option, dest=dest, type=type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_image_root_flag(parser: argparse.ArgumentParser, help: str, legacy: str | None = None) -> None:
+    """--image-root (the folder relative image paths start from) and its older spelling, hidden."""
+    parser.add_argument("--image-root", default=None, help=help)
+    if legacy:
+        add_hidden_alias(parser, legacy, "image_root")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +89,9 @@ def output_fingerprint(args: argparse.Namespace, model, **settings) -> dict:
     dtype the weights run in, the image pixel cap and the command's own settings (decoding, slicing...)."""
     from mllm.io import model_fingerprint, tokenizer_fingerprint
 
-    model_dir = getattr(args, "model_dir", None) or args.model
     return {
-        "model": model_fingerprint(model_dir),
-        "tokenizer": tokenizer_fingerprint(model_dir),
+        "model": model_fingerprint(args.model),
+        "tokenizer": tokenizer_fingerprint(args.model),
         "dtype": str(next(model.parameters()).dtype),
         "max_image_pixels": args.max_image_pixels,
         **settings,
@@ -104,42 +134,15 @@ def generation_kwargs_from_args(args: argparse.Namespace) -> dict:
     )
 
 
-def load_model_and_processor(
-    model_dir: str, device: str | None, dtype: str, attn_implementation: str = "sdpa"
-):
-    """MLLMModel (eval mode, on device) and MLLMProcessor from a model directory.
+def load_from_args(args: argparse.Namespace, device: str | None = None):
+    """(model, processor) of `args.model` through the front door (`mllm.load`) with the --device, --dtype,
+    --attn-implementation and --max-slice-nums flags (the last one only when the command has it)."""
+    from mllm.api import load
 
-    A LoRA checkpoint directory (adapter_config.json) works too: its base model (recorded by peft when it was
-    trained) is loaded and the adapter merged in memory, with the processor files saved beside the adapter."""
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from mllm.model.modeling import MLLMModel
-    from mllm.processing.processor import MLLMProcessor
-
-    processor = MLLMProcessor.from_pretrained(model_dir)  # checks the tokenizer before the weights load
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    adapter_config = Path(model_dir) / "adapter_config.json"
-    base_dir = model_dir
-    if adapter_config.is_file():
-        base_dir = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if not base_dir or not (Path(base_dir) / "config.json").is_file():
-            raise ValueError(
-                f"{model_dir} is a LoRA checkpoint whose base model ({base_dir!r}) is not a model directory here: "
-                f"merge it first with `mllm merge-lora BASE {model_dir} OUT`"
-            )
-    model = MLLMModel.from_pretrained(
-        base_dir, torch_dtype=torch_dtype, device=device, attn_implementation=attn_implementation
+    return load(
+        args.model,
+        device=device or args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        max_slice_nums=getattr(args, "max_slice_nums", None),
     )
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
-    model.eval()
-    return model, processor

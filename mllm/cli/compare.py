@@ -1,5 +1,6 @@
-"""`mllm compare-decoding MODEL_DIR --questions Q.jsonl (--coco-path DIR | --cache FILE)`: greedy vs sampling vs
-beam search, scored by CHAIR (hallucination) and length, as a markdown table, JSON and a bar chart."""
+"""`mllm eval decoding MODEL --questions Q.jsonl (--coco-path DIR | --cache FILE)` (older spelling: `mllm
+compare-decoding`, `--out-dir`): greedy vs sampling vs beam search, scored by CHAIR (hallucination) and length, as a
+markdown table, JSON and a bar chart."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import argparse
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags
+from mllm.cli.common import add_hidden_alias, add_model_argument, add_model_flags, load_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare-decoding",
-        help="answer a question file with several decoding strategies and compare their CHAIR scores",
-        description="Generate answers with each strategy (resumable), score them with CHAIR (ground truth loaded "
-        "once) and write decoding_comparison.md/.json/.png in --out-dir.",
-    )
-    parser.add_argument("model_dir")
+HELP = "answer a question file with several decoding strategies and compare their CHAIR scores"
+DESCRIPTION = (
+    "Generate answers with each strategy (resumable), score them with CHAIR (ground truth loaded once) and write "
+    "decoding_comparison.md/.json/.png in --out."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
     parser.add_argument("--questions", required=True, help="objhal_bench-format jsonl")
     parser.add_argument("--coco-path", help="folder with the COCO 2014 annotations (CHAIR ground truth)")
     parser.add_argument("--cache", help="CHAIR ground-truth cache (chair_300.pkl or our JSON cache)")
@@ -34,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--strategies", nargs="+", default=["greedy", "sampling", "beam"], help="in table order"
     )
     parser.add_argument(
-        "--out-dir", default="decoding_comparison", help="answers, CHAIR details and the report"
+        "--out", default="decoding_comparison", help="folder of the answers, CHAIR details and the report"
     )
+    add_hidden_alias(parser, "--out-dir", "out")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -62,8 +65,6 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.cli.common import load_model_and_processor
-    from mllm.cli.families import is_other_family, load_other_family
     from mllm.eval.answer import model_answer_fn
     from mllm.eval.chair import load_evaluator
     from mllm.eval.chair_nlp import MissingNLTKResourceError
@@ -80,32 +81,21 @@ def run(args: argparse.Namespace) -> int:
         evaluator = load_evaluator(args.coco_path, args.cache, args.synonyms, args.nlp)
     except MissingNLTKResourceError as exc:
         raise ValueError(str(exc)) from exc
-    if is_other_family(args.model_dir):  # LLaVA / Qwen2-VL / BLIP families: see mllm.vlm
-        from mllm.eval.vlm_answer import vlm_answer_fn
+    model, processor = load_from_args(args)  # any family (mllm.vlm)
 
-        vlm = load_other_family(args)
-
-        def make_answer_fn(strategy: str, generation_kwargs: dict):
-            torch.manual_seed(args.seed)
-            return vlm_answer_fn(vlm, generation_kwargs)
-    else:
-        model, processor = load_model_and_processor(
-            args.model_dir, args.device, args.dtype, args.attn_implementation
-        )
-
-        def make_answer_fn(strategy: str, generation_kwargs: dict):
-            torch.manual_seed(args.seed)
-            return model_answer_fn(model, processor, generation_kwargs, args.max_slice_nums)
+    def make_answer_fn(strategy: str, generation_kwargs: dict):
+        torch.manual_seed(args.seed)
+        return model_answer_fn(model, processor, generation_kwargs)
 
     settings = ComparisonSettings(
-        model=str(Path(args.model_dir).resolve()),
+        model=str(Path(args.model).resolve()),
         questions=str(args.questions),
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,
     )
-    results = compare_decoding(args.questions, args.out_dir, make_answer_fn, evaluator, settings, strategies)
+    results = compare_decoding(args.questions, args.out, make_answer_fn, evaluator, settings, strategies)
     print(markdown_table(results))
-    print(f"report: {Path(args.out_dir) / 'decoding_comparison.md'} (+ .json, .png)")
+    print(f"report: {Path(args.out) / 'decoding_comparison.md'} (+ .json, .png)")
     return 0

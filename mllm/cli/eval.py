@@ -1,7 +1,9 @@
-"""`mllm eval grounding MODEL_DIR --data REC.jsonl ...` (Acc@0.5 per RefCOCO split, resumable, with pictures) and
-`mllm ground MODEL_DIR --image IMG "expression"` (one box, printed in pixels and drawn).
+"""`mllm eval chair|vqa|grounding|decoding`, the evaluations as one command group, and `mllm ground MODEL --image IMG
+"expression"` (one box, printed in pixels and drawn).
 
-`eval` is a command group: its subcommands (only `grounding` for now) are nested under it."""
+`mllm eval grounding MODEL --data REC.jsonl ...` (Acc@0.5 per RefCOCO split, resumable, with pictures) is defined
+here; chair, vqa and decoding in their own modules. Their older top-level names (`mllm chair`, `mllm eval-vqa`,
+`mllm compare-decoding`) stay as hidden aliases with the same flags."""
 
 from __future__ import annotations
 
@@ -10,19 +12,40 @@ import json
 import logging
 from pathlib import Path
 
-from mllm.cli.common import add_model_flags, add_overwrite_flag, output_fingerprint
-from mllm.eval.boxes import BOX_FORMATS  # a light module: re only
+from mllm.boxes import BOX_FORMATS  # a light module: re only
+from mllm.cli import chair, compare, vqa
+from mllm.cli.common import (
+    add_hidden_alias,
+    add_model_argument,
+    add_model_flags,
+    add_overwrite_flag,
+    load_from_args,
+    output_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
-    "Where is {expr} in image? answer in [x0,y0,x1,y1] format."  # = mllm.eval.ground.DEFAULT_PROMPT
+    "Where is {expr} in image? answer in [x0,y0,x1,y1] format."  # = mllm.eval.grounding_run.DEFAULT_PROMPT
 )
 
 
+TASKS = {
+    # task: (module with HELP, DESCRIPTION, add_arguments(parser) and run(args); its older top-level name)
+    "chair": (chair, "chair"),
+    "vqa": (vqa, "eval-vqa"),
+    "decoding": (compare, "compare-decoding"),
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("eval", help="evaluate a model on a benchmark: grounding")
+    group = subparsers.add_parser("eval", help="evaluate: chair, vqa, grounding, decoding")
     tasks = group.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+    for name, (module, old_name) in TASKS.items():
+        module.add_arguments(tasks.add_parser(name, help=module.HELP, description=module.DESCRIPTION))
+        module.add_arguments(
+            subparsers.add_parser(old_name, description=module.DESCRIPTION)
+        )  # hidden: no help
     _register_grounding(tasks)
     _register_ground(subparsers)
 
@@ -51,9 +74,7 @@ def _register_grounding(tasks: argparse._SubParsersAction) -> None:
         "appended to OUT_DIR/<file>.predictions.jsonl (a rerun skips answered lines), then Acc@IoU0.5 per split: "
         "OUT_DIR/summary.md, OUT_DIR/summary.json and --vis pictures in OUT_DIR/vis/.",
     )
-    p.add_argument(
-        "model_dir", nargs="?", default=None, help="model directory (not needed with --predictions)"
-    )
+    add_model_argument(p, optional=True, help="model directory (not needed with --predictions)")
     p.add_argument("--data", type=Path, action="append", default=[], help="Shikra REC jsonl (repeatable)")
     p.add_argument(
         "--predictions",
@@ -66,11 +87,12 @@ def _register_grounding(tasks: argparse._SubParsersAction) -> None:
         "--image-root", type=Path, default=None, help="folder of img_path (default: each data file's folder)"
     )
     p.add_argument(
-        "--out-dir",
+        "--out",
         type=Path,
         default=None,
-        help="default: eval_grounding/<model dir name> in the working dir",
+        help="folder of the predictions, summary and pictures (default: eval_grounding/<model dir name> here)",
     )
+    add_hidden_alias(p, "--out-dir", "out", Path)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N lines of each data file")
     p.add_argument("--vis", type=int, default=0, help="draw N pictures (spread over the splits)")
@@ -83,7 +105,7 @@ def _register_ground(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "ground", help="find one expression in one image: print the box in pixels and draw it"
     )
-    p.add_argument("model_dir")
+    add_model_argument(p)
     p.add_argument("expression", help='what to find, e.g. "the man in the red shirt"')
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image stem>_ground.png)")
@@ -92,16 +114,16 @@ def _register_ground(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval_grounding(args: argparse.Namespace) -> int:
-    from mllm.eval.ground import GroundingEvalConfig, evaluate_grounding, score_and_report
+    from mllm.eval.grounding_run import GroundingEvalConfig, evaluate_grounding, score_and_report
 
     if bool(args.data) == bool(args.predictions):
         raise ValueError("give either --data (run the model) or --predictions (score existing answers)")
-    if args.data and args.model_dir is None:
-        raise ValueError("MODEL_DIR is needed with --data")
-    name = Path(args.model_dir).name if args.model_dir else "predictions"
+    if args.data and args.model is None:
+        raise ValueError("MODEL is needed with --data")
+    name = Path(args.model).name if args.model else "predictions"
     config = GroundingEvalConfig(
         data=args.data or args.predictions,
-        out_dir=args.out_dir or Path("eval_grounding") / name,
+        out_dir=Path(args.out) if args.out else Path("eval_grounding") / name,
         image_root=args.image_root,
         prompt=args.prompt,
         batch_size=args.batch_size,
@@ -134,15 +156,19 @@ def run_eval_grounding(args: argparse.Namespace) -> int:
 
 
 def _answer_fn(args: argparse.Namespace):
-    from mllm.cli.families import answer_fn_for
+    """(greedy answer function, model) of `args.model`, whatever its family."""
+    from mllm.eval.answer import model_answer_fn
     from mllm.model.chat import decoding_kwargs
 
-    return answer_fn_for(args, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens))
+    model, processor = load_from_args(args)
+    return model_answer_fn(
+        model, processor, decoding_kwargs("greedy", max_new_tokens=args.max_new_tokens)
+    ), model
 
 
 def run_ground(args: argparse.Namespace) -> int:
-    from mllm.eval.ground import ground_one
-    from mllm.eval.grounding import visualize
+    from mllm.eval.grounding_run import ground_one
+    from mllm.eval.grounding_score import visualize
     from mllm.io import open_image
 
     image = open_image(

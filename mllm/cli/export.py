@@ -1,11 +1,13 @@
-"""`mllm export MODEL_DIR OUT --format minicpmv --base OFFICIAL_DIR`: the official layout for vLLM, SGLang, SWIFT,
+"""`mllm export MODEL OUT --format minicpmv --base OFFICIAL_DIR`: the official layout for vLLM, SGLang, SWIFT,
 LLaMA-Factory and transformers' remote code (see `mllm.model.export`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mllm.model.export import FORMATS
+from mllm.cli.common import add_model_argument
+
+FORMATS = ("minicpmv",)  # = mllm.model.export.FORMATS (no torch import at CLI build time)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write a model directory in the official MiniCPM-V layout (for vLLM, SGLang, SWIFT, ...)",
     )
-    export.add_argument("model_dir")
+    add_model_argument(export)
     export.add_argument("out")
     export.add_argument(
         "--format", required=True, choices=FORMATS, help="minicpmv: the official MiniCPM-V layout"
@@ -30,5 +32,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from mllm.model.export import export_minicpmv
 
-    print(export_minicpmv(args.model_dir, args.out, args.base, overwrite=args.overwrite))
+    print(export_minicpmv(args.model, args.out, args.base, overwrite=args.overwrite))
     return 0

@@ -9,7 +9,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from mllm.eval.boxes import BOX_FORMATS, OUTPUT_BOX_FORMATS
+from mllm.boxes import BOX_FORMATS, OUTPUT_BOX_FORMATS
+from mllm.cli.common import add_hidden_alias
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
         "prepare-grounding",
         help="Shikra-format REC/GC/Flickr30k jsonl + templates -> SFT-format grounding conversations.",
         description="Write SFT-format conversations for referring-expression comprehension, grounded captioning "
-        "and phrase grounding. Boxes are written as [x0, y0, x1, y1] on a 0..1000 grid (see mllm.eval.boxes).",
+        "and phrase grounding. Boxes are written as [x0, y0, x1, y1] on a 0..1000 grid (see mllm.boxes).",
     )
     p.add_argument("--rec", type=Path, action="append", default=[], help="Shikra REC jsonl (repeatable).")
     p.add_argument("--gc", type=Path, action="append", default=[], help="Shikra GC jsonl (repeatable).")
@@ -45,7 +46,13 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mix-sft", type=Path, help="General SFT-format JSON file to mix in.")
     p.add_argument("--mix-ratio", type=float, default=0.0, help="SFT items per grounding item (default 0).")
-    p.add_argument("--mix-image-folder", type=Path, help="Image folder of --mix-sft (default: its folder).")
+    p.add_argument(
+        "--mix-image-root",
+        dest="mix_image_folder",
+        type=Path,
+        help="Image folder of --mix-sft (default: its folder).",
+    )
+    add_hidden_alias(p, "--mix-image-folder", "mix_image_folder", Path)
     p.add_argument(
         "--box-format",
         default="mllm",
@@ -72,8 +79,9 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
         choices=BOX_FORMATS,
         help="Answer syntax (qwen25vl: pixels, see boxes).",
     )
-    p.add_argument("--out-dir", type=Path, help="Write summary.json, summary.md and vis/ here.")
-    p.add_argument("--vis", type=int, default=0, help="Draw the first N items as PNGs (needs --out-dir).")
+    p.add_argument("--out", type=Path, help="Write summary.json, summary.md and vis/ to this folder.")
+    add_hidden_alias(p, "--out-dir", "out", Path)
+    p.add_argument("--vis", type=int, default=0, help="Draw the first N items as PNGs (needs --out).")
     p.add_argument("--image-root", type=Path, help="Folder of the images named by `img_path`/`image`.")
     p.set_defaults(func=run_score)
 
@@ -106,21 +114,21 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from mllm.eval.grounding import markdown_table, score_predictions, visualize_items
+    from mllm.eval.grounding_score import markdown_table, score_predictions, visualize_items
 
-    if args.vis and args.out_dir is None:
-        raise ValueError("--vis needs --out-dir")
+    if args.vis and args.out is None:
+        raise ValueError("--vis needs --out")
     summary = score_predictions(
         args.predictions, box_format=args.box_format, split=args.split, image_root=args.image_root
     )
     table = markdown_table(summary)
     print(table)
-    if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         public = {k: v for k, v in summary.items() if k != "items"}
-        (args.out_dir / "summary.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
-        (args.out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+        (args.out / "summary.json").write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
+        (args.out / "summary.md").write_text(table + "\n", encoding="utf-8")
         if args.vis:
-            written = visualize_items(summary["items"][: args.vis], args.out_dir / "vis")
-            logger.info("wrote %d pictures to %s", len(written), args.out_dir / "vis")
+            written = visualize_items(summary["items"][: args.vis], args.out / "vis")
+            logger.info("wrote %d pictures to %s", len(written), args.out / "vis")
     return 0

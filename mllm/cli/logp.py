@@ -1,4 +1,5 @@
-"""`mllm logp --model REF_DIR --data preference_train.json --out FILE`: reference log-probs for preference training.
+"""`mllm logp REF_MODEL --data preference_train.json --out FILE` (older spelling: `--model REF_MODEL`): reference
+log-probs for preference training.
 
 Resumable (rerun the same command after an interruption) and shardable: under
 `torchrun --nproc_per_node N -m mllm logp ...` each process computes its share on its own GPU and rank 0 merges.
@@ -10,7 +11,13 @@ import argparse
 import logging
 import os
 
-from mllm.cli.common import add_model_flags, add_overwrite_flag
+from mllm.cli.common import (
+    add_image_root_flag,
+    add_model_argument,
+    add_model_flags,
+    add_overwrite_flag,
+    load_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Compute chosen/rejected log-probs of every pair under a reference model (resumable, "
         "shardable with torchrun).",
     )
-    parser.add_argument("--model", required=True, help="Reference model directory (usually the SFT model).")
+    add_model_argument(
+        parser, legacy_option="--model", help="reference model directory (usually the SFT model)"
+    )
     parser.add_argument("--data", required=True, help="Preference data (RLAIF-V JSON).")
     parser.add_argument("--out", required=True, help="Output JSONL file (header + one record per pair).")
-    parser.add_argument("--image-folder", default=None, help="Folder image_path values are relative to.")
+    add_image_root_flag(parser, "Folder image_path values are relative to.", legacy="--image-folder")
     parser.add_argument("--batch-size", type=int, default=4, help="Pairs per forward (default 4).")
     parser.add_argument(
         "--max-length", type=int, default=2048, help="Longest sequence; must match training's (2048)."
@@ -55,7 +64,6 @@ def _init_distributed(device: str | None) -> tuple[str | None, bool]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm.cli.common import load_model_and_processor
     from mllm.data.preference import PreferenceDataset
     from mllm.train.logps import compute_reference_logps
 
@@ -63,14 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     device, distributed = _init_distributed(args.device)
     try:
-        model, processor = load_model_and_processor(args.model, device, args.dtype, args.attn_implementation)
+        model, processor = load_from_args(args, device)
         dataset = PreferenceDataset(
-            args.data,
-            processor,
-            args.image_folder,
-            args.max_length,
-            args.max_slice_nums,
-            args.max_image_pixels,
+            args.data, processor, args.image_root, args.max_length, args.max_image_pixels
         )
         out = compute_reference_logps(
             model,

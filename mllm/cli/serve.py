@@ -1,4 +1,4 @@
-"""`mllm serve MODEL_DIR`: the OpenAI-compatible API (FastAPI + uvicorn, from the optional extra `serve`)."""
+"""`mllm serve MODEL`: the OpenAI-compatible API (FastAPI + uvicorn, from the optional extra `serve`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mllm.cli.common import add_listen_flags, add_model_flags, load_model_and_processor
+from mllm.cli.common import add_listen_flags, add_model_argument, add_model_flags, load_from_args
 
 API_KEY_ENV = "MLLM_API_KEY"
 
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model directory over the OpenAI chat-completions API (pip install -e '.[serve]')",
     )
-    serve.add_argument("model_dir")
+    add_model_argument(serve)
     add_listen_flags(serve, 8000, "API")
     serve.add_argument(
         "--api-key",
@@ -73,11 +73,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             "mllm serve needs fastapi and uvicorn, from the optional extra: pip install -e '.[serve]'"
         )
+    from mllm.model.modeling import MLLMModel
     from mllm.serve.app import run_server
     from mllm.serve.config import ServeConfig
 
     config = ServeConfig(
-        model_name=args.served_model_name or Path(args.model_dir).resolve().name,
+        model_name=args.served_model_name or Path(args.model).resolve().name,
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -90,11 +91,10 @@ def run_serve(args: argparse.Namespace) -> int:
         max_request_pixels=args.max_request_pixels,
         max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=args.allowed_local_media_path,
-        max_slice_nums=args.max_slice_nums,
         max_beams=args.max_beams,
     )
-    model, processor = load_model_and_processor(
-        args.model_dir, args.device, args.dtype, args.attn_implementation
-    )
+    model, processor = load_from_args(args)
+    if not isinstance(model, MLLMModel):
+        raise ValueError(f"{args.model}: mllm serve runs MiniCPM-V models (model_type mllm or minicpmv) only")
     run_server(model, processor, config)
     return 0

@@ -1,7 +1,10 @@
-"""`mllm train sft|grounding|preference|vision [options]`, `mllm plot-curves RUN_DIR`, `mllm merge-lora BASE CKPT OUT`.
+"""`mllm train sft|grounding|preference|vision MODEL [options]`, `mllm plot-curves RUN_DIR`, `mllm merge-lora BASE
+CKPT OUT`.
 
 Training options are parsed by transformers' HfArgumentParser from our small model/data dataclasses plus all of
-`TrainingArguments` (`mllm train sft --help` lists them), so every Trainer flag works as usual.
+`TrainingArguments` (`mllm train sft --help` lists them), so every Trainer flag works as usual. The spellings of the
+other commands work here too (`training_argv`): the model directory may come first (for `--model`), `--out` is
+`--output-dir` and `--image-root` is `--image-folder`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_help=True,
     )
     train.add_argument("task", choices=TASKS)
-    train.add_argument("options", nargs=argparse.REMAINDER, help="model, data and TrainingArguments flags")
+    train.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="MODEL (or --model MODEL), then data and TrainingArguments flags (--out for --output-dir, --image-root "
+        "for --image-folder)",
+    )
     train.set_defaults(func=run_train)
 
     plot = subparsers.add_parser(
@@ -49,6 +57,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=run_merge)
 
 
+SPELLINGS = {"--out": "--output-dir", "--image-root": "--image-folder"}
+"""The command line's common flags -> the names of the training dataclasses' fields."""
+
+
+def training_argv(options: list[str]) -> list[str]:
+    """`mllm train` options in the spellings of the other commands -> HfArgumentParser's: a first positional
+    MODEL becomes `--model MODEL`, `--out` `--output-dir`, `--image-root` `--image-folder` (also as `--flag=value`)."""
+    argv = list(options)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]
+    for i, item in enumerate(argv):
+        flag, eq, value = item.partition("=")
+        if flag in SPELLINGS:
+            argv[i] = SPELLINGS[flag] + eq + value
+    return argv
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
         return _train(args)
@@ -67,17 +92,18 @@ def _end_process_group() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    argv = training_argv(args.options)
     if args.task == "preference":
         from mllm.train.preference import main as preference_main
 
-        return preference_main(args.options)
+        return preference_main(argv)
     if args.task == "vision":
         from mllm.train.vision import run_vision
 
-        return run_vision(args.options)
+        return run_vision(argv)
     from mllm.train.runner import run_sft
 
-    return run_sft(args.options, task=args.task)
+    return run_sft(argv, task=args.task)
 
 
 def run_plot(args: argparse.Namespace) -> int:

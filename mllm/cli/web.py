@@ -1,17 +1,17 @@
-"""`mllm web MODEL_DIR`: the chat page (Gradio, from the optional extra `web`)."""
+"""`mllm web MODEL`: the chat page (Gradio, from the optional extra `web`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mllm.cli.common import add_listen_flags, add_model_flags
+from mllm.cli.common import add_listen_flags, add_model_argument, add_model_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     web = subparsers.add_parser(
         "web", help="serve a chat page for a model directory (needs the extra: pip install -e '.[web]')"
     )
-    web.add_argument("model_dir")
+    add_model_argument(web)
     add_listen_flags(web, 7860, "page")
     web.add_argument(
         "--max-length",
@@ -34,7 +34,7 @@ def run_web(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     serve(
-        args.model_dir,
+        args.model,
         host=args.host,
         port=args.port,
         device=args.device,

@@ -6,7 +6,7 @@ Three tasks, each from its own files and templates:
 - GC (grounded captioning): user gives a box (`<objs>` / `<boxes>`), the assistant answers with the expression.
 - Flickr30k entities (phrase grounding): the assistant writes the caption with the box(es) after each phrase.
 
-Boxes are written with `mllm.eval.boxes` (one convention for the whole project). Each output item is
+Boxes are written with `mllm.boxes` (one convention for the whole project). Each output item is
 `{"id", "image", "conversations": [{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", ...}]}`
 with `image` an absolute path, so the file can be mixed with other data and used from any working directory.
 Templates are drawn with a per-task RNG seeded from `seed`, so the output is the same for the same inputs.
@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.eval.boxes import OUTPUT_BOX_FORMATS, format_boxes, wrap_ref
+from mllm.boxes import OUTPUT_BOX_FORMATS, format_boxes, wrap_ref
 from mllm.io import open_image_header, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class GroundingPrepConfig:
     mix_image_folder: Path | None = None
     """Folder the mixed SFT file's relative image paths start from; default: that file's folder."""
     box_format: str = "mllm"
-    """Syntax of the boxes written into the conversations, one of `mllm.eval.boxes.OUTPUT_BOX_FORMATS`: ours (mllm),
+    """Syntax of the boxes written into the conversations, one of `mllm.boxes.OUTPUT_BOX_FORMATS`: ours (mllm),
     Qwen-VL's (qwen), Shikra's, or a target family's (llava, qwen2vl, qwen25vl)."""
     ref_tags: bool = False
     """Wrap expressions and phrases as <ref>...</ref> (Qwen2-VL's object_ref tags for qwen2vl / qwen25vl; off: the

@@ -7,7 +7,7 @@ An item (REFERENCE.md section 2):
      optional "logps": [win_logp, win_avg_logp, win_per_token_logp, rej_logp, rej_avg_logp, rej_per_token_logp]
 
 Both sequences are the conversation [user: "<image>\\n" + question, assistant: response], tokenized by the same
-code as SFT (`mllm.data.sft.encode_messages`), so the prompt the policy is aligned on is exactly the prompt it was
+code as SFT (the processor's `encode_training`), so the prompt the policy is aligned on is exactly the prompt it was
 fine-tuned and is queried with. Labels cover the response and its `<|im_end|>` only. The image's pixels are loaded
 once per item; the collator puts all chosen rows first, then all rejected rows, and lists each image once with a
 row -> image index, so the trainer runs the vision tower once per pair.
@@ -31,7 +31,7 @@ from mllm.data.sft import (
     IGNORE_INDEX,
     EncodedItem,
     attach_image_markers,
-    encode_messages,
+    encode_item,
     find_image,
     read_json_list,
     truncate,
@@ -129,14 +129,12 @@ class PreferenceDataset(Dataset):
         processor: MLLMProcessor,
         image_folder: str | Path | None = None,
         max_length: int = 2048,
-        max_slice_nums: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.data_path = Path(data_path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
-        self.max_slice_nums = max_slice_nums
         self.max_image_pixels = max_image_pixels
         self.pairs: list[PreferencePair] = []
         self.n_skipped = 0
@@ -195,8 +193,7 @@ class PreferenceDataset(Dataset):
         for name, response in responses.items():
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
             messages, _ = attach_image_markers(messages, "image", where)
-            ids, labels, bound = encode_messages(self.processor, messages, [size], where, self.max_slice_nums)
-            encoded[name] = truncate(EncodedItem(ids, labels, bound, [], len(bound)), self.max_length)
+            encoded[name] = truncate(encode_item(self.processor, messages, [size], where), self.max_length)
         chosen, rejected = encoded["chosen"], encoded["rejected"]
         if chosen is None or rejected is None:
             return None
@@ -228,9 +225,7 @@ class PreferenceDataset(Dataset):
         pair = self.pairs[index]
         where = f"{self.data_path}, idx {pair.idx}"
         with open_image(pair.image, where, self.max_image_pixels) as image:
-            strips, tgt_sizes = self.processor.image_processor.preprocess_image(
-                image, self.max_slice_nums, where=where
-            )
+            strips, tgt_sizes = self.processor.image_processor.preprocess_image(image, where=where)
         n = pair.chosen.n_slices
         return {
             "idx": pair.idx,

@@ -5,9 +5,9 @@ An item of the SFT format (REFERENCE.md section 2):
      "conversations": [{"role": "user", "content": "<image>\\nIs the circle red? Please answer yes or no."},
                        {"role": "assistant", "content": "Yes"}]}
 
-The prompt is built by the same code as inference: the tokenizer's chat template renders the conversation and the
-image processor writes each image's placeholder. Only the assistant's tokens and their closing `<|im_end|>` are
-targets; everything else is -100. Token ids, labels and image bounds are computed once, when the dataset is opened,
+The prompt is built by the processor, as for inference (`MLLMProcessor.encode_training`: the tokenizer's chat template
+renders the conversation and the image processor writes each image's placeholder, with the processor's slicing
+settings). Only the assistant's tokens and their closing `<|im_end|>` are targets; everything else is IGNORE_INDEX. Token ids, labels and image bounds are computed once, when the dataset is opened,
 from the image headers alone (sizes, no pixel decoding), so that a broken item fails at once with its file, id and
 reason, and over-long items are truncated or skipped before training starts. Pixels are read in `__getitem__`.
 """
@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image_header
-from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor, check_control_tokens
+from mllm.model.losses import IGNORE_INDEX
+from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SFT_IMAGE_TOKEN = "<image>"
 """How an image is marked in the content of the SFT format (single-image items)."""
 
@@ -137,66 +137,18 @@ def attach_image_markers(
     return messages, paths
 
 
-def chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
-    """Render the conversation with the chat template and cut it into (text, is_target) pieces.
-
-    The target of an assistant turn is its content plus the closing `<|im_end|>`; the role header before it and
-    the newline after it are context. Each cut is found by rendering the prefix of the conversation with the
-    generation prompt, so that whatever template the tokenizer ships is honoured."""
-
-    def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    end_text = "<|im_end|>"
-    pieces: list[tuple[str, bool]] = []
-    cursor = 0
-    full = render(messages, False)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True) if i else ""
-        target = message["content"] + end_text
-        if not full.startswith(prefix) or not full[len(prefix) :].startswith(target):
-            raise ValueError(
-                f"{where}: the chat template is not prefix-consistent at turn {i}, so answer tokens cannot be located"
-            )
-        pieces.append((prefix[cursor:], False))
-        pieces.append((target, True))
-        cursor = len(prefix) + len(target)
-    pieces.append((full[cursor:], False))
-    return [(text, is_target) for text, is_target in pieces if text]
-
-
-def encode_messages(
+def encode_item(
     processor: MLLMProcessor,
     messages: list[dict[str, str]],
     sizes: list[tuple[int, int]],
     where: str,
-    max_slice_nums: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Messages whose images are IMAGE_MARKERs + each image's (W, H) -> (input_ids [T], labels [T], image_bound
-    [n, 2]). The one tokenization path of every training format (SFT, grounding, preference pairs)."""
-    for i, message in enumerate(messages):
-        check_control_tokens(message["content"], f"{where}: conversations[{i}].content")
-    ids: list[int] = []
-    labels: list[int] = []
-    image_idx = 0
-    tokenizer = processor.tokenizer
-    for text, is_target in chat_pieces(tokenizer, messages, where):
-        chunks = text.split(IMAGE_MARKER)
-        expanded = [chunks[0]]
-        for chunk in chunks[1:]:
-            placeholder = processor.image_processor.get_placeholder(
-                sizes[image_idx], image_idx, max_slice_nums
-            )
-            expanded.extend([placeholder, chunk])
-            image_idx += 1
-        piece_ids = tokenizer.encode("".join(expanded), add_special_tokens=False)
-        ids.extend(piece_ids)
-        labels.extend(piece_ids if is_target else [IGNORE_INDEX] * len(piece_ids))
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    bound = processor.image_bound_from_ids(input_ids)
-    return input_ids, torch.tensor(labels, dtype=torch.long), bound
+    image_paths: list[Path] | None = None,
+) -> EncodedItem:
+    """Messages whose images are IMAGE_MARKERs + each image's (W, H) -> an EncodedItem with labels on the targets
+    the processor marks (`MLLMProcessor.encode_training`)."""
+    input_ids, targets, bound = processor.encode_training(messages, sizes, where)
+    labels = input_ids.masked_fill(~targets, IGNORE_INDEX)
+    return EncodedItem(input_ids, labels, bound, image_paths or [], len(bound))
 
 
 def find_image(path: str, image_folder: Path | None, json_dir: Path, where: str) -> Path:
@@ -252,14 +204,12 @@ class SupervisedDataset(Dataset):
         processor: MLLMProcessor,
         image_folder: str | Path | None = None,
         max_length: int = 2048,
-        max_slice_nums: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.data_path = Path(data_path)
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
-        self.max_slice_nums = max_slice_nums
         self.max_image_pixels = max_image_pixels
         self.raw = read_json_list(self.data_path)
         self.items: list[EncodedItem] = []
@@ -292,10 +242,7 @@ class SupervisedDataset(Dataset):
         messages, rel_paths = attach_image_markers(messages, raw.get("image"), where)
         paths = [find_image(p, self.image_folder, self.data_path.parent, where) for p in rel_paths]
         sizes = [image_size(p, where, self.max_image_pixels) for p in paths]
-        input_ids, labels, bound = encode_messages(
-            self.processor, messages, sizes, where, self.max_slice_nums
-        )
-        return EncodedItem(input_ids, labels, bound, paths, len(bound))
+        return encode_item(self.processor, messages, sizes, where, paths)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -311,9 +258,7 @@ class SupervisedDataset(Dataset):
         sizes = []
         for path in item.image_paths:
             with open_image_header(path, f"{self.data_path}: image {path}", self.max_image_pixels) as image:
-                image_strips, tgt = self.processor.image_processor.preprocess_image(
-                    image, self.max_slice_nums, where=str(path)
-                )
+                image_strips, tgt = self.processor.image_processor.preprocess_image(image, where=str(path))
             strips.extend(image_strips)
             sizes.append(tgt)
         tgt_sizes = torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int32)
@@ -335,7 +280,7 @@ def data_collator(
 ) -> dict[str, Any]:
     """Right-pad a list of dataset samples into a training batch.
 
-    `input_ids` are padded with `pad_token_id`, `labels` with -100, `position_ids` with 0; `attention_mask` comes
+    `input_ids` are padded with `pad_token_id`, `labels` with IGNORE_INDEX, `position_ids` with 0; `attention_mask` comes
     from the real lengths. With `max_length`, samples are cut first without cutting an image placeholder (slices
     that no longer fit are dropped with their pixels). Image fields stay per-sample lists."""
     if max_length is not None:

@@ -1,7 +1,7 @@
 """Demo evaluation stage: yes/no accuracy, CHAIR (greedy and sampled) and grounding Acc@0.5 of one model.
 
 Each part calls the functions behind a command: `mllm eval-vqa` (mllm.eval.vqa), `mllm answer` + `mllm chair`
-(mllm.eval.answer, mllm.eval.chair with the toy synonyms) and `mllm score-grounding` (mllm.eval.grounding). Every
+(mllm.eval.answer, mllm.eval.chair with the toy synonyms) and `mllm score-grounding` (mllm.eval.grounding_score). Every
 answers/predictions file is appended per batch and skips finished items, so an interrupted evaluation resumes.
 
 Beside the raw figures each part reports what a skeptic asks for (mllm/demo/metrics.py): intervals, MME's pair
@@ -173,7 +173,7 @@ def grounding_questions(config: DemoConfig, folder: Path) -> Path:
 def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_name: str) -> dict[str, Any]:
     """Greedy boxes for the held-out expressions, scored by Acc@0.5; the image-blind boxes beside them."""
     from mllm.eval.answer import generate_answers, model_answer_fn
-    from mllm.eval.grounding import score_predictions
+    from mllm.eval.grounding_score import score_predictions
     from mllm.model.chat import decoding_kwargs
 
     answers = folder / "grounding_answers.jsonl"
@@ -201,7 +201,7 @@ def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_nam
 
 def grounding_pictures(config: DemoConfig, folder: Path, out_dir: Path, n: int) -> list[Path]:
     """Pictures (true box green, predicted red) of the first n grounded expressions of an evaluation folder."""
-    from mllm.eval.grounding import score_predictions, visualize_items
+    from mllm.eval.grounding_score import score_predictions, visualize_items
 
     scored = score_predictions(folder / "grounding_predictions.jsonl", image_root=world_dir(config))
     return visualize_items(scored["items"][:n], out_dir)
@@ -215,9 +215,9 @@ def evaluate_model(config: DemoConfig, folder: Path, model_dir: Path) -> dict[st
     """All three evaluations of the model in `model_dir`; outputs and figures in `folder`."""
     import torch
 
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
 
-    model, processor = load_model_and_processor(str(model_dir), config.torch_device(), "float32")
+    model, processor = load(model_dir, config.torch_device(), "float32")
     name = str(Path(model_dir).resolve())
     with torch.inference_mode():
         yes_no = eval_yes_no(model, processor, config, folder, name) if config.eval_yes_no else None

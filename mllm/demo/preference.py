@@ -37,12 +37,12 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """Reference log-probs of every pair under the SFT model (resumable: finished pairs are kept)."""
     import json
 
-    from mllm.cli.common import load_model_and_processor
+    from mllm.api import load
     from mllm.data.preference import PreferenceDataset
     from mllm.train.logps import compute_reference_logps
 
     model_dir = sft_model_dir(config)
-    model, processor = load_model_and_processor(str(model_dir), config.torch_device(), "float32")
+    model, processor = load(model_dir, config.torch_device(), "float32")
     dataset = PreferenceDataset(preference_data(config), processor, world_dir(config), 512)
     out = compute_reference_logps(
         model, dataset, logps_path(config), model_dir, batch_size=8, pad_token_id=processor.pad_token_id

@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 
 from mllm.io import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -41,6 +43,9 @@ from mllm.io import (
     open_image,
     run_isolated,
 )
+from mllm.model.chat import model_max_length
+from mllm.vlm import VLMBatch, as_vlm
+from mllm.vlm.minicpmv import MiniCPMVVLM
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +177,6 @@ def prefetched(
         for batch in batches:
             yield batch, None
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
         batch = next(batches, None)
         pending = pool.submit(prepare, batch) if batch is not None else None
@@ -259,8 +262,6 @@ def generate_answers(
     RecordError) is run on every item first. `length_fn` (an item's prompt length) turns on length bucketing;
     `shard=(rank, world_size)` runs this process's share into its part file, and `barrier` (called by every rank
     at the start and once its share is done) lets rank 0 record the fingerprint first and merge at the end."""
-    from tqdm import tqdm
-
     rank, world_size = shard
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -319,9 +320,7 @@ def item_conversation(item: QuestionItem) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def prompt_check_fn(
-    processor, max_slice_nums: int | None = None, max_length: int | None = None
-) -> Callable[[QuestionItem], int]:
+def prompt_check_fn(processor, max_length: int | None = None) -> Callable[[QuestionItem], int]:
     """An item -> its prompt's token count, from the image size alone (no resizing or slicing of pixels); a
     RecordError for a prompt the processor would refuse (control tokens, literal image tags, over `max_length`)."""
 
@@ -329,7 +328,7 @@ def prompt_check_fn(
         if item.prompt_tokens is not None:
             return item.prompt_tokens
         try:
-            return processor.check_prompt(item_conversation(item), max_slice_nums, max_length)
+            return processor.check_prompt(item_conversation(item), max_length=max_length)
         except RecordError:
             raise
         except ValueError as exc:
@@ -338,53 +337,31 @@ def prompt_check_fn(
     return check
 
 
-def model_answer_fn(
-    model,
-    processor,
-    generation_kwargs: dict[str, Any],
-    max_slice_nums: int | None = None,
-    max_length: int | None = None,
-):
-    """A batch of items -> greedy/sampled/beam answers from an MLLMModel (one generate call per batch).
+def model_answer_fn(model, processor, generation_kwargs: dict[str, Any], max_length: int | None = None):
+    """A batch of items -> answers (greedy, sampled or beam: `generation_kwargs`, one of our decoding presets) from
+    one `generate` call of any model family that `mllm.load` returns (`mllm.vlm.as_vlm`).
 
-    The returned function carries `check` and `prompt_length` (see `prompt_check_fn`; `max_length` defaults to the
-    model's positions, as on the web page) for `generate_answers`, and `prepare` (a batch -> processor inputs, CPU
-    work) so that `generate_answers` can build the next batch's inputs in a thread while this one generates;
-    `answer(batch, inputs)` then skips the processor."""
-    from mllm.model.chat import model_max_length
+    The returned function carries `prepare` (a batch -> model inputs, CPU work), so that `generate_answers` can
+    build the next batch's inputs in a thread while this one generates (`answer(batch, inputs)` then skips the
+    processor); a prompt the processor refuses is a RecordError. For MiniCPM-V it also carries `check` and
+    `prompt_length` (`prompt_check_fn`; `max_length` defaults to the model's positions, as on the web page)."""
+    vlm = as_vlm(model, processor)
+    minicpmv = isinstance(vlm, MiniCPMVVLM)
+    if generation_kwargs.get("fast") and not minicpmv:
+        raise ValueError("--fast-generate is the MiniCPM-V decoding path; leave it out for this model family")
 
-    tokenizer = processor.tokenizer
-    device = next(model.parameters()).device
-    max_length = max_length or model_max_length(model)
-
-    def prepare(batch: list[QuestionItem]) -> dict[str, Any]:
+    def prepare(batch: list[QuestionItem]) -> VLMBatch:
         try:
-            return processor.chat_batch(
-                [item_conversation(item) for item in batch],
-                max_slice_nums=max_slice_nums,
-                max_length=max_length,
-            )
+            return vlm.prepare([item_conversation(item) for item in batch])
         except ValueError as exc:
             raise RecordError(str(exc)) from exc
 
-    def answer(batch: list[QuestionItem], inputs: dict[str, Any] | None = None) -> tuple[list[str], int]:
-        if inputs is None:
-            inputs = prepare(batch)
-        tokens = model.generate(
-            input_ids=inputs["input_ids"].to(device),
-            pixel_values=inputs["pixel_values"],
-            tgt_sizes=inputs["tgt_sizes"],
-            image_bound=inputs["image_bound"],
-            attention_mask=inputs["attention_mask"].to(device),
-            tokenizer=tokenizer,
-            **generation_kwargs,
-        )
-        texts = model._decode_text(tokens, tokenizer)
-        stops = set(model.terminator_ids(tokenizer)) | {processor.pad_token_id}
-        n_new = sum(1 for row in tokens.tolist() for tok in row if tok not in stops)
-        return texts, n_new
+    def answer(batch: list[QuestionItem], inputs: VLMBatch | None = None) -> tuple[list[str], int]:
+        tokens = vlm.generate_tokens(inputs if inputs is not None else prepare(batch), **generation_kwargs)
+        return vlm.decode(tokens), vlm.count_generated(tokens)
 
-    answer.check = prompt_check_fn(processor, max_slice_nums, max_length)
-    answer.prompt_length = answer.check
     answer.prepare = prepare
+    if minicpmv:
+        answer.check = prompt_check_fn(processor, max_length or model_max_length(model))
+        answer.prompt_length = answer.check
     return answer

@@ -20,8 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from mllm.data.sft import attach_image_markers, find_image, normalise_messages, read_json_list
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, ResumableJsonl, open_image, run_isolated
+from mllm.model.chat import decoding_kwargs, model_max_length
 from mllm.processing.processor import IMAGE_MARKER
 
 logger = logging.getLogger(__name__)
@@ -173,8 +176,6 @@ def predict(
     """Answer the items not yet in `out_path` (a `mllm.io.ResumableJsonl` whose fingerprint is `model` plus
     `fingerprint`; a line per item) and return the predictions of every item answered. An item whose image fails
     (a RecordError from `answer_fn`) goes to `<out stem>.errors.jsonl` and the others are answered."""
-    from tqdm import tqdm
-
     output = ResumableJsonl(out_path, {"model": model, **(fingerprint or {})}, overwrite=overwrite)
     with output:
         records = output.records()
@@ -251,15 +252,11 @@ def model_vqa_fn(
     model,
     processor,
     max_new_tokens: int = 8,
-    max_slice_nums: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """A batch of items -> greedy answers from an MLLMModel, one generate call per batch. An unreadable image, one
     over `max_image_pixels` or a prompt over the model's positions is a RecordError."""
-    from mllm.model.chat import decoding_kwargs, model_max_length
-
     kwargs = decoding_kwargs("greedy", max_new_tokens=max_new_tokens)
-    device = next(model.parameters()).device
     max_length = model_max_length(model)
 
     def answer(batch: list[VQAItem]) -> list[str]:
@@ -272,18 +269,9 @@ def model_vqa_fn(
                 processor.prepare_chat_inputs([{"role": "user", "content": item.question}])[0]
                 for item in batch
             ]
-            inputs = processor(prompts, images, max_slice_nums=max_slice_nums, max_length=max_length)
+            inputs = processor(prompts, images, max_length=max_length)
         except ValueError as exc:
             raise RecordError(str(exc), "conversations") from exc
-        return model.generate(
-            input_ids=inputs["input_ids"].to(device),
-            pixel_values=inputs["pixel_values"],
-            tgt_sizes=inputs["tgt_sizes"],
-            image_bound=inputs["image_bound"],
-            attention_mask=inputs["attention_mask"].to(device),
-            tokenizer=processor.tokenizer,
-            decode_text=True,
-            **kwargs,
-        )
+        return model.generate(inputs, tokenizer=processor.tokenizer, decode_text=True, **kwargs)
 
     return answer

@@ -62,21 +62,6 @@ def _with_image(
     return msgs
 
 
-def generate_batch(model, batch: dict[str, Any], tokenizer, **kwargs: Any):
-    """`model.generate` on a processor batch (`chat_batch` or `collate` output), its token tensors on the model's
-    device; kwargs go to `generate`."""
-    device = next(model.parameters()).device
-    return model.generate(
-        input_ids=batch["input_ids"].to(device),
-        pixel_values=batch["pixel_values"],
-        tgt_sizes=batch["tgt_sizes"],
-        image_bound=batch["image_bound"],
-        attention_mask=batch["attention_mask"].to(device),
-        tokenizer=tokenizer,
-        **kwargs,
-    )
-
-
 def chat(
     model,
     image,
@@ -98,6 +83,8 @@ def chat(
     exercise (`sampling` chooses between its two presets); keyword arguments override them.
     """
     batched = bool(msgs) and isinstance(msgs[0], list)
+    if stream and batched:  # before anything starts: a generation thread must not be left running
+        raise ValueError("stream=True answers one conversation at a time (msgs: one list of messages)")
     conversations = msgs if batched else [msgs]
     images = image if batched else [image]
     if images is None:
@@ -110,9 +97,5 @@ def chat(
     batch = processor.chat_batch(conversations, max_slice_nums=max_slice_nums, max_length=max_length)
     kwargs = decoding_kwargs("sampling" if sampling else "beam", max_new_tokens=max_new_tokens)
     kwargs.update(generation_kwargs)
-    result = generate_batch(model, batch, tokenizer, stream=stream, decode_text=not stream, **kwargs)
-    if stream:
-        if batched:
-            raise ValueError("stream=True answers one conversation at a time")
-        return result
-    return result if batched else result[0]
+    result = model.generate(batch, tokenizer=tokenizer, stream=stream, decode_text=not stream, **kwargs)
+    return result if stream or batched else result[0]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+
+from mllm.model.presets import preset_fields
 
 MODEL_TYPES = ("mllm", "minicpmv")
 PROJECTORS = ("resampler", "merge", "mlp")
@@ -191,6 +193,12 @@ class MLLMConfig(PretrainedConfig):
         config_class = MiniCPMVConfig if model_type == MiniCPMVConfig.model_type else MLLMConfig
         return config_class.from_dict(config_dict, **kwargs)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MLLMConfig:
+        """A config of a named size (`mllm.model.presets.PRESETS`: "minicpmv-2.6", "toy", "bench-tiny",
+        "tiny-llm"), `overrides` on top (`vision_config` merged key by key), litgpt's `Config.from_name`."""
+        return cls(**preset_fields(name, **overrides))
+
     @property
     def vision(self) -> VisionConfig:
         """Typed view of `vision_config` with SigLIP defaults filled in."""
@@ -261,12 +269,10 @@ class MiniCPMVConfig(MLLMConfig):
     model_type = "minicpmv"
 
 
-def register_auto_classes() -> None:
-    """Make `AutoConfig.from_pretrained` understand "mllm" and "minicpmv" (called by the model module)."""
-    from transformers import AutoConfig
-
+def register_auto_config() -> None:
+    """Make `AutoConfig.from_pretrained` understand "mllm" and "minicpmv" (called when this module is imported)."""
     for config_class in (MLLMConfig, MiniCPMVConfig):
-        try:
-            AutoConfig.register(config_class.model_type, config_class)
-        except ValueError:
-            pass  # already registered in this process
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+
+
+register_auto_config()

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from mllm.model.loading import checkpoint_files
 
 logger = logging.getLogger(__name__)
@@ -136,8 +138,6 @@ def weights_dtype(config: dict[str, Any], files: list[Path]) -> str:
     named = config.get("torch_dtype") or config.get("dtype")
     if isinstance(named, str) and named != "auto":
         return named
-    from safetensors import safe_open
-
     for path in files:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.exc import TorchDynamoException
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -42,10 +43,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from mllm.model.inputs import positions_from_mask
 from mllm.model.llm import (
     Attention,
     DecoderLayer,
     LLMForCausalLM,
+    additive_mask,
     apply_rotary,
     causal_bias,
     eager_attention,
@@ -221,6 +224,8 @@ class DecodeStep:
         self.llm = llm
         self.enabled_compile = compile
         self.compiled: Callable | None = None
+        self.compile_error: str | None = None
+        """Why torch.compile failed, when it did (the step then runs eagerly)."""
         if compile:
             compile_fn = compile_fn or default_compile
             self.compiled = compile_fn(self._step_full)
@@ -243,17 +248,25 @@ class DecodeStep:
         dtype = cache.storage.dtype
         slot_t = torch.tensor([slot], device=ids.device)
         if self.compiled is not None:
-            bias = additive_bias(key_valid, dtype)[:, None, None, :]  # [R, 1, 1, S]
+            bias = additive_mask(key_valid, dtype)[:, None, None, :]  # [R, 1, 1, S]
             try:
                 # The last step's logits are no longer read: CUDA graphs may reuse their memory for this replay.
                 torch.compiler.cudagraph_mark_step_begin()
                 return self.compiled(ids, position_ids, bias, slot_t, cache.storage)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager step
-                logger.warning("torch.compile of the decode step failed (%s); decoding eagerly", exc)
+            except TorchDynamoException as exc:
+                # Only a failure of torch.compile itself (tracing, the backend's compiler) falls back: an error of
+                # the step (out of memory, a bad input) is the caller's to see. The reason is logged in full and
+                # kept in `compile_error`.
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "torch.compile of the decode step failed; decoding eagerly from now on (%s)",
+                    self.compile_error,
+                    exc_info=True,
+                )
                 self.compiled = None
         cache.attend_len = slot + 1
         cache.positions = slot_t
-        bias = additive_bias(key_valid[:, : slot + 1], dtype)[:, None, None, :]  # [R, 1, 1, slot+1]
+        bias = additive_mask(key_valid[:, : slot + 1], dtype)[:, None, None, :]  # [R, 1, 1, slot+1]
         embeds = self.llm.model.embed_tokens(ids[:, None])
         return run_layers(self.llm, embeds, position_ids[:, None], bias, cache, decode=True)
 
@@ -265,19 +278,12 @@ def default_compile(fn: Callable) -> Callable:
     return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
 
 
-def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool -> 0 where allowed, dtype's most negative finite value elsewhere (as `causal_bias` does)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-
-
 def prefill(
     llm: LLMForCausalLM, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: StaticKVCache
 ) -> torch.Tensor:
     """The whole left-padded prompt [B, T, D] into slots 0..T-1; returns the last position's logits [B, V]."""
     batch, length = attention_mask.shape
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    position_ids = positions_from_mask(attention_mask)  # [B, T]
     bias = causal_bias(attention_mask, batch, length, 0, embeds.dtype, embeds.device)  # [B, 1, T, T]
     cache.positions = torch.arange(length, device=embeds.device)
     cache.attend_len = length

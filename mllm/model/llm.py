@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mllm.model.config import MLLMConfig
+from mllm.model.losses import sft_loss
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +133,14 @@ def flash_attention(
     return out.transpose(1, 2).to(q.dtype)  # [B, H, T, d]
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (True = may attend) -> additive: 0 where allowed and dtype's most negative finite value elsewhere, rather
+    than -inf, so a fully blocked row (a padding query) softmaxes to a harmless uniform row instead of NaN."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def causal_bias(
     padding_mask: torch.Tensor | None,
     batch: int,
@@ -141,18 +150,14 @@ def causal_bias(
     device: torch.device,
 ) -> torch.Tensor:
     """Additive mask [B, 1, T, S]: query i (absolute position past_len + i) may see key j iff j <= past_len + i and
-    key j is not padding. Blocked entries get dtype's most negative finite value rather than -inf, so a fully
-    blocked row (a padding query) softmaxes to a harmless uniform row instead of NaN."""
+    key j is not padding (`additive_mask`)."""
     kv_len = past_len + q_len
     q_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # [T, 1]
     k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, S]
     allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, :kv_len].bool()  # [B, 1, T, S]
-    allowed = allowed.expand(batch, 1, q_len, kv_len)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return additive_mask(allowed.expand(batch, 1, q_len, kv_len), dtype)
 
 
 class Attention(nn.Module):
@@ -279,9 +284,7 @@ class LLMModel(LLMPreTrainedModel):
                 return None, None
         if attention_mask is not None and attention_mask.dim() == 4:
             if attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager":
-                attention_mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(
-                    ~attention_mask, torch.finfo(x.dtype).min
-                )  # eager adds the mask to the scores
+                attention_mask = additive_mask(attention_mask, x.dtype)  # eager adds the mask to the scores
             return attention_mask, None  # a [B, 1, T, S] mask: additive, or bool for sdpa
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         padding_mask = attention_mask if padded else None
@@ -356,7 +359,7 @@ class LLMForCausalLM(LLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` [B, T] with -100 on ignored positions gives the mean next-token cross-entropy in `.loss`.
+        """`labels` [B, T] with IGNORE_INDEX on ignored positions gives the mean next-token cross-entropy in `.loss`.
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last)."""
         hidden, cache = self.model(
             input_ids=input_ids,
@@ -369,14 +372,5 @@ class LLMForCausalLM(LLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # [B, T, V]
-        loss = next_token_loss(logits, labels) if labels is not None else None
+        loss = sft_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of token t+1 given tokens <= t over labels != -100, computed in float32."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [B*(T-1)]
-    if not bool((shift_labels != -100).any()):
-        return shift_logits.sum() * 0.0  # nothing to learn from, but keep the graph connected
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)

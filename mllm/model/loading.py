@@ -15,10 +15,29 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mllm.model.config import MLLMConfig
+
 logger = logging.getLogger(__name__)
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+HUB_KWARGS = (
+    "trust_remote_code",
+    "adapter_kwargs",
+    "_from_auto",
+    "_from_pipeline",
+    "revision",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "subfolder",
+    "code_revision",
+)
+"""Download and remote-code options that transformers' Auto classes pass along to a
+model's or a processor's `from_pretrained`; a local directory needs none, so both drop them."""
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -145,16 +164,14 @@ def fill_random_(model: torch.nn.Module, device: torch.device, seed: int = 0) ->
 def load_pretrained(
     cls, model_dir, dtype=None, device_map=None, device=None, attn_implementation=None, **config_kwargs
 ):
-    """Build `cls` on meta from model_dir's config.json and fill it from its weights, strictly."""
-    from mllm.model.config import MLLMConfig, register_auto_classes
-
-    register_auto_classes()
+    """Build `cls` on meta from model_dir's config.json (or the `config` given, as AutoModel does) and fill it from
+    its weights, strictly."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}/config.json not found: is this a model directory?")
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    config = MLLMConfig.from_pretrained(model_dir, **config_kwargs)
+    config = config_kwargs.pop("config", None) or MLLMConfig.from_pretrained(model_dir, **config_kwargs)
     config._name_or_path = str(model_dir)  # recorded by peft as the base of an adapter trained on this model
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation

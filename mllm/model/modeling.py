@@ -3,26 +3,38 @@
 Data flow: slices [3, 14, L] -> `vpm` -> [L, vision_dim] tokens -> `resampler` -> 64 rows of LLM width per slice ->
 written over the 64 `<unk>` placeholder embeddings at each `image_bound` range -> `llm`.
 
-The `data` dict is the processor's output: input_ids [B, T], attention_mask [B, T], position_ids [B, T] (optional,
-derived from the mask when absent), image_bound (per sample an [n, 2] tensor of [start, end) ranges), pixel_values
-(per sample a list of [3, 14, L] strips) and tgt_sizes (per sample an [n, 2] tensor of (h, w) patch grids).
+`forward` and `generate` take the processor's batch, an `MLLMInputs` (`mllm.model.inputs`: input_ids,
+attention_mask, position_ids, image_bound, pixel_values, tgt_sizes), positionally or unpacked as keywords.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, TextIteratorStreamer
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    TextIteratorStreamer,
+)
+from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mllm.model.config import MLLMConfig
+from mllm.model.chat import chat
+from mllm.model.config import MiniCPMVConfig, MLLMConfig
 from mllm.model.export import carry_remote_code
+from mllm.model.fast_generate import FastGenerator
+from mllm.model.inputs import BATCH_FIELDS, MLLMInputs, positions_from_mask
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.loading import load_pretrained
+from mllm.model.loading import HUB_KWARGS, load_pretrained
 from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
@@ -59,12 +71,6 @@ class ChatStreamer(TextIteratorStreamer):
         super().put(value)
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded rows: 0.. over real tokens, 1 on padding (what HF generate used for the reference)."""
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    return position_ids.masked_fill(attention_mask == 0, 1)
-
-
 def penalty_over_new_tokens(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Generation kwargs with `repetition_penalty` passed as our own processor over every new token.
 
@@ -73,8 +79,6 @@ def penalty_over_new_tokens(kwargs: dict[str, Any]) -> dict[str, Any]:
     new tokens, so a prompt's answer would depend on the batch it sits in. The processor is given without that skip
     (and the built-in one switched off with penalty 1.0), which is what an unpadded, one-at-a-time call does.
     """
-    from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
-
     penalty = kwargs.get("repetition_penalty")
     if penalty is None or penalty == 1.0:
         return kwargs
@@ -106,8 +110,12 @@ def normalize_rows(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return centred / (centred.float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().to(rows.dtype) + eps)
 
 
-class MLLMModel(PreTrainedModel):
-    """MiniCPM-V 2.6-compatible multimodal model. Submodules `llm`, `vpm`, `resampler` match the checkpoint's keys."""
+class MLLMModel(PreTrainedModel, GenerationMixin):
+    """MiniCPM-V 2.6-compatible multimodal model. Submodules `llm`, `vpm`, `resampler` match the checkpoint's keys.
+
+    `generate` is our own (vision once, then transformers' generate on the LLM's fused embeddings); the
+    GenerationMixin base makes the model a generating one for transformers (`can_generate()`, a `generation_config`
+    read from and saved to generation_config.json)."""
 
     config: MLLMConfig
     config_class = MLLMConfig
@@ -150,8 +158,11 @@ class MLLMModel(PreTrainedModel):
     def from_pretrained(
         cls, model_dir, torch_dtype=None, device_map=None, device=None, **kwargs
     ) -> MLLMModel:
-        """Load a checkpoint directory (single/sharded safetensors or .bin) strictly; see `mllm.model.loading`."""
-        return load_pretrained(
+        """Load a checkpoint directory (single/sharded safetensors or .bin) strictly; see `mllm.model.loading`.
+        What `AutoModel.from_pretrained` passes along is understood: a `config` it has read, and hub options (a
+        local directory needs none)."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
+        model = load_pretrained(
             cls,
             model_dir,
             dtype=kwargs.pop("dtype", torch_dtype),
@@ -159,6 +170,9 @@ class MLLMModel(PreTrainedModel):
             device=device,
             **kwargs,
         )
+        if (Path(model_dir) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        return model
 
     def save_pretrained(self, save_directory, *args, max_shard_size: int | str = "5GB", **kwargs) -> None:
         """transformers' own `save_pretrained` (config.json + safetensors in the checkpoint's key layout, shards and
@@ -241,9 +255,12 @@ class MLLMModel(PreTrainedModel):
 
     # -- forward and generation -------------------------------------------------------------------------------------
 
-    def forward(self, data: dict[str, Any], **kwargs) -> CausalLMOutputWithPast:
-        """Fuse and run the LLM. kwargs (attention_mask, labels, use_cache, ...) go to the LLM; an explicit
-        attention_mask wins over data["attention_mask"]."""
+    def forward(self, data: Mapping[str, Any] | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Fuse and run the LLM on a batch (`MLLMInputs`): `model(inputs)` and `model(**inputs)` are the same call.
+        Other kwargs (labels, use_cache, ...) go to the LLM; an explicit attention_mask or position_ids wins over the
+        batch's."""
+        if data is None:
+            data = {k: kwargs.pop(k) for k in BATCH_FIELDS if k in kwargs}
         inputs_embeds, _ = self.get_vllm_embedding(data)
         attention_mask = kwargs.pop("attention_mask", data.get("attention_mask"))
         position_ids = kwargs.pop("position_ids", data.get("position_ids"))
@@ -280,13 +297,17 @@ class MLLMModel(PreTrainedModel):
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        inputs: MLLMInputs | Mapping[str, Any] | torch.Tensor | None = None,
         pixel_values: list[list[torch.Tensor]] | None = None,
         tgt_sizes: list[torch.Tensor] | None = None,
         image_bound: list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         tokenizer=None,
+        *,
+        input_ids: torch.Tensor | None = None,
         vision_hidden_states: list[torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_sizes: list | None = None,
         stream: bool = False,
         decode_text: bool = False,
         fast: bool = False,
@@ -294,6 +315,12 @@ class MLLMModel(PreTrainedModel):
         **generation_kwargs,
     ):
         """Vision once, fused inputs_embeds, then transformers' generate on the LLM with a KV cache.
+
+        `inputs` is the processor's batch (`MLLMInputs`): `generate(inputs, tokenizer=tok)`. Its fields may also
+        come as keywords (`generate(**inputs, tokenizer=tok)`, the reference's `generate(input_ids=..., ...)`) or in
+        the reference's positional order (a tensor in the place of `inputs` is `input_ids`). Token tensors go to the model's device here. `position_ids` and `image_sizes` are accepted and
+        not used: generation derives positions from the attention mask, as transformers does. `generation_kwargs`
+        override the model's `generation_config`.
 
         `fast=True` decodes with our static-cache path instead (`mllm.model.fast_generate`; same tokens, compiled
         decode step on CUDA unless `fast_compile=False`).
@@ -303,39 +330,41 @@ class MLLMModel(PreTrainedModel):
         """
         if tokenizer is None:
             raise ValueError("generate needs the tokenizer (terminator ids, decoding)")
-        batch = len(input_ids)
-        data = {
-            "input_ids": input_ids,
-            "pixel_values": pixel_values if pixel_values is not None else [[] for _ in range(batch)],
-            "tgt_sizes": tgt_sizes if tgt_sizes is not None else [None] * batch,
-            "image_bound": image_bound if image_bound is not None else [torch.zeros(0, 2)] * batch,
-            "vision_hidden_states": vision_hidden_states,
-        }
+        if isinstance(inputs, torch.Tensor):
+            inputs, input_ids = None, inputs
+        fields = {"input_ids": input_ids, "pixel_values": pixel_values, "tgt_sizes": tgt_sizes}
+        fields.update(image_bound=image_bound, attention_mask=attention_mask)
+        fields.update(vision_hidden_states=vision_hidden_states)
+        data = dict(MLLMInputs.of(inputs, **fields))
+        batch = len(data["input_ids"])
+        if stream and (batch != 1 or fast):
+            # refused before any work starts (no generation thread is left running)
+            raise ValueError(
+                "stream=True needs a batch of one prompt and the plain path (fast=False does not stream)"
+            )
+        defaults = {"pixel_values": [[] for _ in range(batch)], "tgt_sizes": [None] * batch}
+        defaults["image_bound"] = [torch.zeros(0, 2)] * batch
+        data.update({k: v for k, v in defaults.items() if data.get(k) is None})
         inputs_embeds, _ = self.get_vllm_embedding(data)
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        mask = data.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(data["input_ids"].shape, dtype=torch.long)
         terminators = self.terminator_ids(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         kwargs = {"pad_token_id": pad, "eos_token_id": terminators, **generation_kwargs}
-        kwargs.update(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device))
+        kwargs.update(inputs_embeds=inputs_embeds, attention_mask=mask.to(inputs_embeds.device))
         if stream:
-            if fast:
-                raise ValueError("fast=True does not stream; pass stream=False or fast=False")
             return self._stream(tokenizer, kwargs)
         output = self._fast_generate(kwargs, fast_compile) if fast else self._llm_generate(kwargs)
         return self._decode_text(output, tokenizer) if decode_text else output
 
     def chat(self, image, msgs, tokenizer, processor, **kwargs):
         """Messages (+ images) -> answer text; see `mllm.model.chat.chat` for the arguments and defaults."""
-        from mllm.model.chat import chat
-
         return chat(self, image, msgs, tokenizer, processor, **kwargs)
 
     def fast_generator(self, compile: bool | None = None):
         """The model's `FastGenerator` (static-cache decoding), kept so that its compiled step and decode cache serve
         every later call; a new one when `compile` asks for the other setting."""
-        from mllm.model.fast_generate import FastGenerator
-
         generator = self.__dict__.get("_fast_generator")
         if generator is None or (compile is not None and generator.step.enabled_compile != compile):
             generator = FastGenerator(self.llm, compile=compile)
@@ -348,16 +377,18 @@ class MLLMModel(PreTrainedModel):
         return generator.generate(kwargs.pop("inputs_embeds"), kwargs.pop("attention_mask"), **kwargs)
 
     def _llm_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
-        """transformers' generate on the fused embeddings. Its warning that repetition_penalty only sees the new
+        """transformers' generate on the fused embeddings, with the model's `generation_config` as defaults. Its warning that repetition_penalty only sees the new
         tokens is silenced: that is exactly the reference's behaviour (the prompt holds image placeholders)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-            return self.llm.generate(**penalty_over_new_tokens(kwargs))
+            config = copy.deepcopy(
+                self.generation_config
+            )  # the model's defaults, the call's settings over them
+            model_kwargs = config.update(**penalty_over_new_tokens(kwargs))
+            return self.llm.generate(generation_config=config, **model_kwargs)
 
     def _stream(self, tokenizer, kwargs: dict[str, Any]):
-        """Start generation in a thread feeding a TextIteratorStreamer (batch size 1)."""
-        if len(kwargs["inputs_embeds"]) != 1:
-            raise ValueError("stream=True needs a batch of one prompt")
+        """Start generation in a thread feeding a TextIteratorStreamer (batch size 1, checked by `generate`)."""
         streamer = ChatStreamer(tokenizer, self.terminator_ids(tokenizer))
 
         def run() -> None:
@@ -371,3 +402,21 @@ class MLLMModel(PreTrainedModel):
         # thread inside torch, which aborts the process.
         threading.Thread(target=run).start()
         return streamer
+
+
+class MiniCPMV(MLLMModel):
+    """`MLLMModel` under the official checkpoint's class name and `model_type` ("minicpmv"), so that transformers'
+    Auto classes map both spellings of config.json to this implementation."""
+
+    config_class = MiniCPMVConfig
+
+
+def register_auto_models() -> None:
+    """Let `AutoModel` / `AutoModelForImageTextToText.from_pretrained(model_dir)` load this model for both model
+    types (called when this module is imported)."""
+    for auto_class in (AutoModel, AutoModelForImageTextToText):
+        auto_class.register(MLLMConfig, MLLMModel, exist_ok=True)
+        auto_class.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
+
+
+register_auto_models()

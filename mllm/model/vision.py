@@ -16,6 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mllm.model.config import VisionConfig
+from mllm.model.llm import additive_mask, eager_attention
 
 
 def navit_position_ids(tgt_sizes: torch.Tensor, num_patches: int, side: int) -> torch.Tensor:
@@ -191,11 +192,7 @@ class VisionAttention(nn.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         dropout = self.dropout if self.training else 0.0
         if backend == "eager":
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # [N, h, L, L]
-            if bias is not None:
-                scores = scores + bias
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(F.dropout(probs, p=dropout, training=self.training), v)  # [N, h, L, d]
+            out = eager_attention(q, k, v, bias, dropout)  # [N, h, L, d]
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
@@ -267,9 +264,7 @@ class VisionTransformer(nn.Module):
         bias = None
         if not bool(patch_attention_mask.all()):  # only when some slice is padded, as in the reference
             keep = patch_attention_mask.reshape(x.shape[0], 1, 1, x.shape[1])  # [N, 1, 1, L]: per key
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~keep, torch.finfo(x.dtype).min
-            )
+            bias = additive_mask(keep, x.dtype)
         return self.post_layernorm(self.encoder(x, bias, backend))
 
     def encode_strips(

@@ -1,6 +1,7 @@
-"""Chat messages and images -> a left-padded batch for `MLLMModel.forward` / `generate`.
+"""Chat messages and images -> an `MLLMInputs` batch for `MLLMModel.forward` / `generate`.
 
-This is the one place that builds prompts (inference and the SFT dataset both call it):
+This is the one place that builds prompts: inference (`chat_batch`, `__call__`) and the training data
+(`encode_training`, used by the SFT and preference datasets and the model-family interface) all go through it.
 1. `prepare_chat_inputs`: each PIL image in a message becomes the marker `(<image>./</image>)`, the items of a
    content list are joined by newlines (as MiniCPM-V 2.6 `chat()` does), and the tokenizer's chat template renders
    the conversation.
@@ -9,6 +10,10 @@ This is the one place that builds prompts (inference and the SFT dataset both ca
    output overwrites.
 4. `__call__` / `collate`: left padding, an attention mask from the real lengths (not `input_ids != 0`: id 0 is
    "!" in Qwen2) and position ids.
+
+Slicing settings (`max_slice_nums`, `use_image_id`, ...) belong to the processor (its image processor's config,
+from preprocessor_config.json, overridable when it is loaded: `MLLMProcessor.from_pretrained(dir,
+max_slice_nums=1)`); the per-call overrides of the reference's processor call are accepted too.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
+from mllm.model.config import MiniCPMVConfig, MLLMConfig
+from mllm.model.inputs import MLLMInputs, positions_from_mask
+from mllm.model.loading import HUB_KWARGS
 from mllm.processing.image_processing import MLLMImageProcessor, to_rgb
 
 if TYPE_CHECKING:
@@ -180,8 +189,6 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
     Without these checks a directory that lost its tokenizer.json loads as a tokenizer of the added tokens alone,
     and every command would run on (and write) nonsense. Errors are ValueErrors naming the directory and file."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     model_dir = Path(model_dir)
     present = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     if not present:
@@ -232,22 +239,51 @@ def _config_vocab_size(model_dir: Path) -> int | None:
     return value
 
 
-def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D id tensors -> (ids [B, T] left-padded with pad_id, attention mask [B, T] long from the real lengths)."""
+def pad_rows(
+    sequences: list[torch.Tensor], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> (ids [B, T] padded with pad_id on `side`, attention mask [B, T] long from the real
+    lengths). Generation pads on the left (every row's next token sits in the last column), training on the right."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     length = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)  # [B, T]
     mask = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, T]
     for b, seq in enumerate(sequences):
-        if len(seq):
-            ids[b, length - len(seq) :] = seq
-            mask[b, length - len(seq) :] = 1
+        start = length - len(seq) if side == "left" else 0
+        ids[b, start : start + len(seq)] = seq
+        mask[b, start : start + len(seq)] = 1
     return ids, mask
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """cumsum(mask) - 1 on real tokens, 1 on padding (what HF generate computes, and what the fixture used)."""
-    position_ids = attention_mask.long().cumsum(-1) - 1  # [B, T]
-    return position_ids.masked_fill(attention_mask == 0, 1)
+def chat_pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
+    """Render a conversation with the chat template and cut it into (text, is_target) pieces.
+
+    The target of an assistant turn is its content plus the closing `<|im_end|>`; the role header before it and
+    the newline after it are context. Each cut is found by rendering the prefix of the conversation with the
+    generation prompt, so that whatever template the tokenizer ships is honoured."""
+
+    def render(msgs: list[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    end_text = "<|im_end|>"
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    full = render(messages, False)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True) if i else ""
+        target = message["content"] + end_text
+        if not full.startswith(prefix) or not full[len(prefix) :].startswith(target):
+            raise ValueError(
+                f"{where}: the chat template is not prefix-consistent at turn {i}, so answer tokens cannot be located"
+            )
+        pieces.append((prefix[cursor:], False))
+        pieces.append((target, True))
+        cursor = len(prefix) + len(target)
+    pieces.append((full[cursor:], False))
+    return [(text, is_target) for text, is_target in pieces if text]
 
 
 class MLLMProcessor:
@@ -263,14 +299,21 @@ class MLLMProcessor:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **image_processor_overrides: Any) -> MLLMProcessor:
         """Tokenizer and preprocessor_config.json from a checkpoint dir, without running remote code (see
-        `load_tokenizer`)."""
+        `load_tokenizer`). Keyword arguments override the slicing settings (e.g. `max_slice_nums=1`); the hub options
+        that `AutoProcessor` passes along are dropped (a local directory needs none)."""
+        overrides = {k: v for k, v in image_processor_overrides.items() if k not in HUB_KWARGS}
         tokenizer = load_tokenizer(model_dir)
-        return cls(tokenizer, MLLMImageProcessor.from_pretrained(model_dir, **image_processor_overrides))
+        return cls(tokenizer, MLLMImageProcessor.from_pretrained(model_dir, **overrides))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """Write the tokenizer files and preprocessor_config.json beside a saved model."""
         self.tokenizer.save_pretrained(str(out_dir))
         self.image_processor.save_pretrained(out_dir)
+
+    @property
+    def max_slice_nums(self) -> int:
+        """Most grid slices per image (the image processor's setting)."""
+        return self.image_processor.config.max_slice_nums
 
     @property
     def pad_token_id(self) -> int:
@@ -351,6 +394,36 @@ class MLLMProcessor:
             raise ValueError("the text contains literal image tags (<image>, </image>, <slice>, </slice>)")
         return len(ids)
 
+    def encode_training(
+        self, messages: list[dict[str, str]], image_sizes: list[tuple[int, int]], where: str = "conversation"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole conversation for training -> (input_ids [T] long, target mask [T] bool, image_bound [n, 2]).
+
+        `messages` are text-only with one IMAGE_MARKER per image and `image_sizes` each image's (W, H), so that only
+        image headers need to be read (the pixels come later, from `image_processor.preprocess_image`). The targets
+        are the assistant turns' tokens and their closing `<|im_end|>` (`chat_pieces`); the prompt is the one
+        `chat_batch` builds for inference. The one tokenization path of every training format (SFT, grounding,
+        preference pairs)."""
+        for i, message in enumerate(messages):
+            check_control_tokens(message["content"], f"{where}: conversations[{i}].content")
+        ids: list[int] = []
+        targets: list[bool] = []
+        image_idx = 0
+        for text, is_target in chat_pieces(self.tokenizer, messages, where):
+            chunks = text.split(IMAGE_MARKER)
+            if image_idx + len(chunks) - 1 > len(image_sizes):
+                raise ValueError(f"{where}: more image markers than the {len(image_sizes)} images given")
+            expanded = [chunks[0]]
+            for chunk in chunks[1:]:
+                placeholder = self.image_processor.get_placeholder(image_sizes[image_idx], image_idx)
+                expanded.extend([placeholder, chunk])
+                image_idx += 1
+            piece_ids = self.tokenizer.encode("".join(expanded), add_special_tokens=False)
+            ids.extend(piece_ids)
+            targets.extend([is_target] * len(piece_ids))
+        input_ids = torch.tensor(ids, dtype=torch.long)  # [T]
+        return input_ids, torch.tensor(targets, dtype=torch.bool), self.image_bound_from_ids(input_ids)
+
     def image_bound_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[n, 2] long: for each `<image>`/`<slice>` the index after it and the index of its closing tag."""
         ids = torch.as_tensor(input_ids).view(-1)  # [T]
@@ -399,45 +472,58 @@ class MLLMProcessor:
             "expanded_text": expanded,
         }
 
-    def collate(self, encoded: list[dict[str, Any]]) -> dict[str, Any]:
-        """Left-pad `encode` outputs into a batch; image_bound is shifted by each sample's pad length."""
-        input_ids, attention_mask = left_pad([e["input_ids"] for e in encoded], self.pad_token_id)
-        pads = [input_ids.shape[1] - len(e["input_ids"]) for e in encoded]
-        return {
-            "input_ids": input_ids,  # [B, T]
-            "attention_mask": attention_mask,  # [B, T]
-            "position_ids": position_ids_from_mask(attention_mask),  # [B, T]
-            "image_bound": [e["image_bound"] + pad for e, pad in zip(encoded, pads)],
-            "pixel_values": [e["pixel_values"] for e in encoded],
-            "tgt_sizes": [e["tgt_sizes"] for e in encoded],
-            "image_sizes": [e["image_sizes"] for e in encoded],
-        }
+    def collate(self, encoded: list[dict[str, Any]], padding_side: str = "left") -> MLLMInputs:
+        """Pad `encode` outputs into a batch (left for generation; right for training rows), image_bound shifted by
+        each sample's left padding."""
+        input_ids, attention_mask = pad_rows(
+            [e["input_ids"] for e in encoded], self.pad_token_id, padding_side
+        )
+        pads = [input_ids.shape[1] - len(e["input_ids"]) if padding_side == "left" else 0 for e in encoded]
+        return MLLMInputs(
+            {
+                "input_ids": input_ids,  # [B, T]
+                "attention_mask": attention_mask,  # [B, T]
+                "position_ids": positions_from_mask(attention_mask),  # [B, T]
+                "image_bound": [e["image_bound"] + pad for e, pad in zip(encoded, pads)],
+                "pixel_values": [e["pixel_values"] for e in encoded],
+                "tgt_sizes": [e["tgt_sizes"] for e in encoded],
+                "image_sizes": [e["image_sizes"] for e in encoded],
+            }
+        )
 
     def __call__(
         self,
-        texts: list[str],
-        images: list[list[Image.Image]] | None = None,
-        max_slice_nums: int | None = None,
+        text: str | list[str],
+        images: Image.Image | list[Image.Image] | list[list[Image.Image]] | None = None,
         max_length: int | None = None,
+        do_pad: bool = True,
+        max_slice_nums: int | None = None,
         use_image_id: bool | None = None,
-    ) -> dict[str, Any]:
-        """Prompts with markers and per-sample image lists -> a batch for `MLLMModel.forward(data)`."""
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise ValueError(f"texts: expected a list of prompts, got {type(texts).__name__}")
-        if images is None:
-            images = [[] for _ in texts]
-        if not isinstance(images, (list, tuple)) or len(images) != len(texts):
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> MLLMInputs:
+        """Prompts with image markers and their images -> a batch for `MLLMModel.forward(inputs)` / `generate`.
+
+        The reference's call: `processor(prompt, [image, ...], return_tensors="pt")` for one prompt (a string and a
+        flat list of its images, or one image), or `processor([prompt, ...], [[image, ...], ...])` for a batch (one
+        list of images per prompt). `max_slice_nums` / `use_image_id` override the processor's own settings for
+        this call. Tensors are always torch's: `return_tensors` may be "pt" or None; `do_pad` is accepted for the
+        reference's signature (the token rows are always padded, slices never are)."""
+        if kwargs:
+            raise ValueError(f"MLLMProcessor: unknown arguments {sorted(kwargs)}")
+        if return_tensors not in ("pt", None):
             raise ValueError(
-                f"images: expected one list of images per prompt ({len(texts)} prompts), got {images!r:.80}"
+                f"return_tensors={return_tensors!r}: this processor returns torch tensors ('pt')"
             )
+        texts, images = _per_prompt(text, images)
         encoded = []
-        for b, (text, sample_images) in enumerate(zip(texts, images)):
+        for b, (prompt, sample_images) in enumerate(zip(texts, images)):
             if sample_images is not None and not isinstance(sample_images, (list, tuple)):
                 raise ValueError(
                     f"images[{b}]: expected a list of images, got {type(sample_images).__name__}"
                 )
             encoded.append(
-                self.encode(text, sample_images, max_slice_nums, max_length, use_image_id, sample_idx=b)
+                self.encode(prompt, sample_images, max_slice_nums, max_length, use_image_id, sample_idx=b)
             )
         return self.collate(encoded)
 
@@ -459,4 +545,47 @@ class MLLMProcessor:
                 raise ValueError(f"msgs_batch[{b}]: {exc}") from exc
             texts.append(prompt)
             images.append(sample_images)
-        return self(texts, images, max_slice_nums, max_length, use_image_id)
+        return self(
+            texts, images, max_length=max_length, max_slice_nums=max_slice_nums, use_image_id=use_image_id
+        )
+
+
+def _per_prompt(text: Any, images: Any) -> tuple[list[str], list[list[Image.Image]]]:
+    """The processor call's (text, images) as one prompt list and one image list per prompt: a single prompt takes
+    a flat list of images (or one image), a list of prompts one list per prompt."""
+    if isinstance(text, str):
+        text = [text]
+        if isinstance(images, Image.Image):
+            images = [[images]]
+        elif isinstance(images, (list, tuple)) and all(isinstance(i, Image.Image) for i in images):
+            images = [list(images)]
+    if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+        raise ValueError(f"text: expected a prompt or a list of prompts, got {type(text).__name__}")
+    if images is None:
+        return list(text), [[] for _ in text]
+    if len(text) == 1 and isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        images = [list(images)]  # one prompt with a flat list of its images
+    if not isinstance(images, (list, tuple)) or len(images) != len(text):
+        raise ValueError(
+            f"images: expected one list of images per prompt ({len(text)} prompts), got {images!r:.80}"
+        )
+    return list(text), list(images)
+
+
+class ModelProcessor(MLLMProcessor):
+    """`MLLMProcessor` under the class name the exercise's checkpoints give in preprocessor_config.json
+    (`processor_class`), so that `AutoProcessor` resolves such a directory to it without remote code."""
+
+
+class MiniCPMVProcessor(MLLMProcessor):
+    """`MLLMProcessor` under the official checkpoint's class name (see `ModelProcessor`)."""
+
+
+def register_auto_processor() -> None:
+    """Let `AutoProcessor.from_pretrained(model_dir)` load our processor for both model types (called when this
+    module is imported; `mllm.model.modeling` registers the config and model classes likewise)."""
+    AutoProcessor.register(MLLMConfig, ModelProcessor, exist_ok=True)
+    AutoProcessor.register(MiniCPMVConfig, MiniCPMVProcessor, exist_ok=True)
+
+
+register_auto_processor()

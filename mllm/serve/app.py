@@ -117,7 +117,7 @@ class ChatService:
         try:
             with self._encode_lock:
                 prompt, images = self.processor.prepare_chat_inputs(messages)
-                encoded = self.processor.encode(prompt, images, self.config.max_slice_nums)
+                encoded = self.processor.encode(prompt, images)
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return Prepared(

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mllm.model.chat import generate_batch
 from mllm.serve.schemas import Decoding
 
 logger = logging.getLogger(__name__)
@@ -290,7 +289,7 @@ class BatchEngine:
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)
         self.batch_sizes.append(len(rows))
-        output = generate_batch(self.model, inputs, tokenizer, **kwargs)  # [rows, new]
+        output = self.model.generate(inputs, tokenizer=tokenizer, **kwargs)  # [rows, new]
         for row, tokens in zip(rows, output.tolist()):
             if not streams:
                 for token in tokens:

@@ -40,8 +40,6 @@ class ServeConfig:
     allowed_local_media_path: Path | None = None
     """`file://` image URLs are read only from under this folder; without it they are refused
     (`--allowed-local-media-path`)."""
-    max_slice_nums: int | None = None
-    """Override the processor's slicing (`--max-slice-nums`)."""
     max_beams: int = 8
     """Largest `num_beams` a request may ask for (`--max-beams`)."""
 

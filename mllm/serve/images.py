@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mllm.io import ImageTooLargeError, RecordError, open_image, open_image_header
 from mllm.serve.schemas import APIError, Message
 
 
@@ -84,19 +84,16 @@ def read_local_file(path: Path, allowed_root: Path | None, where: str) -> bytes:
 
 
 def decode_image(data: bytes, budget: ImageBudget, where: str) -> Image.Image:
-    """Encoded bytes -> an RGB image, its size charged to `budget` before the pixels are decoded."""
+    """Encoded bytes -> an RGB image through `mllm.io`'s header-checked decoding, its size charged to `budget`
+    before the pixels are decoded. An image refused for its size is a 413, an unreadable one a 400."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                budget.take(image.size, where)
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise APIError(413, f"{where}: {exc}", param=where, code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise APIError(
-            400, f"{where}: not a readable image ({type(exc).__name__}: {exc})", param=where
-        ) from None
+        with open_image_header(io.BytesIO(data), where, budget.max_image_pixels, field=None) as header:
+            budget.take(header.size, where)
+        return open_image(io.BytesIO(data), where, budget.max_image_pixels, field=None)
+    except ImageTooLargeError as exc:
+        raise APIError(413, str(exc), param=where, code="image_too_large") from None
+    except RecordError as exc:
+        raise APIError(400, str(exc), param=where) from None
 
 
 def to_chat_messages(

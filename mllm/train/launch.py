@@ -19,6 +19,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on this machine (for the processes' rendezvous)."""
@@ -28,9 +32,6 @@ def free_port() -> int:
 
 
 def _worker(rank: int, fn: Callable, args: tuple, world_size: int, port: int, threads: int, results) -> None:
-    import torch
-    import torch.distributed as dist
-
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -56,8 +57,6 @@ def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, thread
         raise ValueError(f"processes must be at least 1, got {processes}")
     if processes == 1:
         return fn(*args)
-    import torch.multiprocessing as mp
-
     results = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
         _worker,

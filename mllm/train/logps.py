@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from mllm.data.preference import PreferenceDataset, ReferenceLogps, preference_collator
 from mllm.io import (
@@ -35,7 +36,7 @@ from mllm.io import (
     tokenizer_fingerprint,
     write_text_atomic,
 )
-from mllm.train.losses import get_batch_logps
+from mllm.model.losses import IGNORE_INDEX, get_batch_logps
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class PairLogps:
     logits: torch.Tensor
     """[2B, T, V]."""
     per_token: torch.Tensor
-    """[2B, T-1] float32, 0 where the label is -100."""
+    """[2B, T-1] float32, 0 where the label is IGNORE_INDEX."""
     sums: torch.Tensor
     """[2B] float32."""
     averages: torch.Tensor
@@ -94,7 +95,7 @@ def make_header(model_dir: str | Path, dataset: PreferenceDataset) -> dict[str, 
         "tokenizer": tokenizer_fingerprint(model_dir),
         "data": data_fingerprint(dataset.data_path),
         "max_length": dataset.max_length,
-        "max_slice_nums": dataset.max_slice_nums,
+        "max_slice_nums": dataset.processor.max_slice_nums,
         "n_items": len(dataset),
     }
 
@@ -135,7 +136,7 @@ def read_records(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
 def pair_records(batch: dict[str, Any], result: PairLogps) -> Iterator[dict[str, Any]]:
     """Per pair of the batch, the JSON record (per-token log-probs at response positions only)."""
     n = len(batch["idx"])
-    mask = batch["labels"][:, 1:] != -100  # [2B, T-1]
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [2B, T-1]
     per_token = result.per_token.detach().float().cpu()
     for b, idx in enumerate(batch["idx"]):
         record: dict[str, Any] = {"idx": idx}
@@ -246,8 +247,6 @@ def _write_share(
     num_workers: int,
 ) -> None:
     """Append one record per pair of `todo` to this process's part, flushed and synced after each batch."""
-    from torch.utils.data import DataLoader, Subset
-
     if not todo:
         return
     loader = DataLoader(

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from mllm.data.preference import PreferenceDataset, preference_collator
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
+from mllm.train.curves import plot_curves_after_training
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
-from mllm.train.losses import PREFERENCE_LOSS_TYPES, preference_loss
+from mllm.train.losses import IGNORE_INDEX, PREFERENCE_LOSS_TYPES, preference_loss
+from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
 from mllm.train.sft import MAX_IMAGE_PIXELS_HELP, ModelArguments, load_for_training
 
 logger = logging.getLogger(__name__)
@@ -191,7 +193,7 @@ class PreferenceTrainer(Trainer):
             "logps/ref_rejected": ref_rejected.mean(),
         }
         if args.sft_weight > 0:
-            n_tokens = (inputs["labels"][:n, 1:] != -100).sum().clamp(min=1)
+            n_tokens = (inputs["labels"][:n, 1:] != IGNORE_INDEX).sum().clamp(min=1)
             sft = -result.per_token[:n].sum() / n_tokens  # token-mean cross-entropy of the chosen responses
             metrics["loss/preference"] = loss.detach()
             metrics["loss/sft"] = sft.detach()
@@ -256,16 +258,11 @@ def attach_reference(
 def build_preference_trainer(
     model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreferenceTrainer:
-    model, processor = load_for_training(model_args, training_args)
+    model, processor = load_for_training(model_args, training_args, pref_args.max_slice_nums)
 
     def pairs(data: str, logps: str | None, default_file: str) -> PreferenceDataset:
         dataset = PreferenceDataset(
-            data,
-            processor,
-            pref_args.image_folder,
-            pref_args.max_length,
-            pref_args.max_slice_nums,
-            pref_args.max_image_pixels,
+            data, processor, pref_args.image_folder, pref_args.max_length, pref_args.max_image_pixels
         )
         attach_reference(
             model, dataset, logps, default_file, model_args, pref_args, training_args, processor.pad_token_id
@@ -288,19 +285,12 @@ def build_preference_trainer(
 
 
 def parse_preference_args(argv: list[str]):
-    from transformers import HfArgumentParser
-
-    from mllm.train.runner import MLLMTrainingArguments
-
     parser = HfArgumentParser((ModelArguments, PreferenceArguments, MLLMTrainingArguments))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
 def main(argv: list[str]) -> int:
     """`mllm train preference [flags]`: train, save the model and state, plot loss/rewards/margins vs step."""
-    from mllm.train.curves import plot_curves_after_training
-    from mllm.train.runner import check_output_dir, resolve_resume
-
     model_args, pref_args, training_args = parse_preference_args(argv)
     check_output_dir(training_args)
     trainer = build_preference_trainer(model_args, pref_args, training_args)

@@ -23,9 +23,11 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from mllm.api import load
 from mllm.data.sft import SupervisedDataset, data_collator
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
-from mllm.train.losses import sft_loss, sft_loss_per_sample
+from mllm.model.losses import sft_loss, sft_loss_per_sample
+from mllm.model.modeling import MLLMModel
 
 logger = logging.getLogger(__name__)
 
@@ -238,23 +240,27 @@ def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def load_for_training(args: ModelArguments, training_args: TrainingArguments):
+def load_for_training(
+    args: ModelArguments, training_args: TrainingArguments, max_slice_nums: int | None = None
+):
     """Model (with freeze flags and optional LoRA) and processor from a model directory, in `--weights-dtype` (by
-    default the dtype the training arguments ask for: bf16/fp16 weights, else float32); gradient checkpointing
-    non-reentrant by default."""
-    from mllm.model.modeling import MLLMModel
-    from mllm.processing.processor import MLLMProcessor
-
+    default the dtype the training arguments ask for: bf16/fp16 weights, else float32), on the CPU until Trainer
+    places it; gradient checkpointing non-reentrant by default. `max_slice_nums` overrides the processor's
+    slicing."""
     set_seed(
         training_args.seed
     )  # what is made before Trainer seeds itself (LoRA adapters) must not vary by run
     torch_dtype = resolve_weights_dtype(args.weights_dtype, training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model = MLLMModel.from_pretrained(
-        args.model, torch_dtype=torch_dtype, attn_implementation=args.attn_implementation
+    model, processor = load(
+        args.model, "cpu", torch_dtype, args.attn_implementation, max_slice_nums=max_slice_nums
     )
-    processor = MLLMProcessor.from_pretrained(args.model)
+    if not isinstance(model, MLLMModel):
+        raise ValueError(
+            f"--model {args.model}: mllm train fine-tunes MiniCPM-V models (model_type mllm or minicpmv)"
+        )
+    model.train()
     set_trainable(model, args)
     if args.use_lora:
         model = apply_lora(model, args)
@@ -274,14 +280,9 @@ def build_sft_trainer(
     training_args: TrainingArguments,
     trainer_cls: type[Trainer] = SFTTrainer,
 ) -> Trainer:
-    model, processor = load_for_training(model_args, training_args)
+    model, processor = load_for_training(model_args, training_args, data_args.max_slice_nums)
     train = SupervisedDataset(
-        data_args.data,
-        processor,
-        data_args.image_folder,
-        data_args.max_length,
-        data_args.max_slice_nums,
-        data_args.max_image_pixels,
+        data_args.data, processor, data_args.image_folder, data_args.max_length, data_args.max_image_pixels
     )
     evaluation = (
         SupervisedDataset(
@@ -289,7 +290,6 @@ def build_sft_trainer(
             processor,
             data_args.image_folder,
             data_args.max_length,
-            data_args.max_slice_nums,
             data_args.max_image_pixels,
         )
         if data_args.eval_data

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import HfArgumentParser, Trainer, set_seed
 
+from mllm.boxes import iou
 from mllm.data.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
-from mllm.eval.boxes import iou
 from mllm.model.merger import GridProjector
 from mllm.model.vision import VisionTransformer
 from mllm.train.losses import token_box_loss, token_label_loss

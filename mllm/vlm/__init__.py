@@ -1,19 +1,22 @@
 """One interface over the model families: our MiniCPM-V and transformers' LLaVA-1.5, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL, BLIP-2 and InstructBLIP. `load_vlm(path)` picks the implementation from config.json's model_type."""
+Qwen2.5-VL, BLIP-2 and InstructBLIP. `as_vlm(model, processor)` wraps a loaded pair in the family's implementation;
+`mllm.load_vlm(path)` (the front door, `mllm.api`) loads and wraps in one step."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from mllm.model.modeling import MLLMModel
+from mllm.vlm.hf import HF_FAMILIES, HFVLM
 from mllm.vlm.interface import VLM, VLMBatch
+from mllm.vlm.minicpmv import MiniCPMVVLM
 
 MINICPMV_TYPES = ("mllm", "minicpmv")
-HF_TYPES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip-2", "instructblip")
+HF_TYPES = HF_FAMILIES
 
-__all__ = ["HF_TYPES", "MINICPMV_TYPES", "VLM", "VLMBatch", "load_vlm", "model_family"]
+__all__ = ["HF_TYPES", "MINICPMV_TYPES", "VLM", "VLMBatch", "as_vlm", "model_family"]
 
 
 def model_family(model_dir: str | Path) -> str:
@@ -32,13 +35,9 @@ def model_family(model_dir: str | Path) -> str:
     return model_type
 
 
-def load_vlm(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> VLM:
-    """The model directory's family implementation, in eval mode on `device` (default: cuda if available)."""
-    family = model_family(model_dir)
-    if family in MINICPMV_TYPES:
-        from mllm.vlm.minicpmv import MiniCPMVVLM
-
-        return MiniCPMVVLM.from_pretrained(model_dir, device, dtype)
-    from mllm.vlm.hf import HFVLM
-
-    return HFVLM.from_pretrained(model_dir, device, dtype)
+def as_vlm(model: Any, processor: Any) -> VLM:
+    """A loaded (model, processor) pair behind the family interface: ours as `MiniCPMVVLM`, transformers' families
+    as `HFVLM` (by the model config's model_type)."""
+    if isinstance(model, MLLMModel):
+        return MiniCPMVVLM(model, processor)
+    return HFVLM(model, processor, model.config.model_type)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mllm.train.losses import IGNORE_INDEX
+from mllm.model.losses import IGNORE_INDEX
 
 Render = Callable[[list[dict], bool], str]
 """(messages, add_generation_prompt) -> the template's text."""

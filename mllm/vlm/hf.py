@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mllm.vlm.chat_labels import align_labels, assistant_pieces
 from mllm.vlm.interface import VLM, Conversation, VLMBatch
+from mllm.vlm.processors import IMAGE_ONLY_PROCESSORS
 
 FALLBACK_TEMPLATES = {
     # BLIP-2's VQA prompt (Li et al. 2023, "Question: {} Answer:"); the answer follows after a space.
@@ -43,7 +45,7 @@ BOX_FORMATS = {
     "blip-2": "shikra",
     "instructblip": "shikra",
 }
-"""The box syntax each family writes (see `mllm.eval.boxes`)."""
+"""The box syntax each family writes (see `mllm.boxes`)."""
 
 PARAMETER_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "llava": {
@@ -74,6 +76,27 @@ PARAMETER_GROUPS["instructblip"] = PARAMETER_GROUPS["blip-2"]
 
 HF_FAMILIES = tuple(BOX_FORMATS)  # = mllm.vlm.HF_TYPES
 BLIP_FAMILIES = ("blip-2", "instructblip")
+
+
+def load_hf_family(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, processor) of a transformers checkpoint directory of a supported family; what
+    `mllm.load` returns for such a directory."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in HF_FAMILIES:
+        raise ValueError(
+            f"{model_dir}: model_type {family!r} is not one of the supported families {HF_FAMILIES}"
+        )
+    if family in BLIP_FAMILIES and config.get("text_config", {}).get("is_encoder_decoder"):
+        raise ValueError(
+            f"{model_dir}: a {family} model with an encoder-decoder language model (Flan-T5) is not "
+            "supported: its labels and log-probs live on the decoder side"
+        )
+    processor_cls = IMAGE_ONLY_PROCESSORS.get(family, AutoProcessor)
+    processor = processor_cls.from_pretrained(str(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    return model.eval(), processor
 
 
 def hf_messages(conversation: Conversation, where: str) -> tuple[list[dict[str, Any]], list[Image.Image]]:
@@ -132,32 +155,6 @@ class HFVLM(VLM):
         self.n_leading_specials = len(with_specials) - len(
             self.tokenizer("x", add_special_tokens=False)["input_ids"]
         )
-
-    @classmethod
-    def from_pretrained(
-        cls, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None
-    ) -> HFVLM:
-        """Model (eval mode) and processor of a transformers checkpoint directory of a supported family."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from mllm.vlm.processors import IMAGE_ONLY_PROCESSORS
-
-        model_dir = Path(model_dir)
-        config = json.loads((model_dir / "config.json").read_text())
-        family = config.get("model_type")
-        if family in BLIP_FAMILIES and config.get("text_config", {}).get("is_encoder_decoder"):
-            raise ValueError(
-                f"{model_dir}: a {family} model with an encoder-decoder language model (Flan-T5) is not "
-                "supported: its labels and log-probs live on the decoder side"
-            )
-        processor_cls = IMAGE_ONLY_PROCESSORS.get(family, AutoProcessor)
-        processor = processor_cls.from_pretrained(str(model_dir))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device)
-        model.eval()
-        return cls(model, processor, family)
 
     def _terminators(self) -> list[int]:
         """The generation config's eos ids, then the tokenizer's eos."""

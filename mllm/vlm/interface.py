@@ -11,7 +11,7 @@ str and PIL images}`. Every family implements:
 - `generate_tokens(batch, **generation_kwargs)`: the new tokens [B, new] of transformers' `generate`, stopping at
   the family's terminators; `decode` turns them into answers.
 - `parameter_groups()`: parameter-name prefixes of the vision tower, the projector and the LLM (the freeze flags).
-- `family` (config.json's model_type) and `box_format` (how the family writes boxes, see `mllm.eval.boxes`).
+- `family` (config.json's model_type) and `box_format` (how the family writes boxes, see `mllm.boxes`).
 
 On top of those, shared here: `answer` (conversations -> answers, greedy unless given other settings), `sft_loss`,
 `response_logps` (per-sample log-probability of each conversation's assistant tokens), `freeze`.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mllm.model.chat import decoding_kwargs
-from mllm.train.losses import get_batch_logps, sft_loss
+from mllm.model.losses import get_batch_logps, sft_loss
 
 Conversation = list[dict[str, Any]]
 MODULE_GROUPS = ("vision", "projector", "llm")
@@ -49,7 +49,7 @@ class VLM(ABC):
     family: str
     """config.json's model_type ("minicpmv", "llava", "qwen2_vl", ...)."""
     box_format: str
-    """The box syntax the family writes (a `mllm.eval.boxes.OUTPUT_BOX_FORMATS` name)."""
+    """The box syntax the family writes (a `mllm.boxes.OUTPUT_BOX_FORMATS` name)."""
     model: torch.nn.Module
     """The underlying transformers model (for optimisers, peft, save_pretrained)."""
 
@@ -80,7 +80,7 @@ class VLM(ABC):
 
     @abstractmethod
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write the model and its processor files so that `load_vlm(out_dir)` opens them again."""
+        """Write the model and its processor files so that `mllm.load_vlm(out_dir)` opens them again."""
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +98,7 @@ class VLM(ABC):
         return sum(1 for row in tokens.tolist() for tok in row if tok not in stops)
 
     def sft_loss(self, batch: VLMBatch) -> torch.Tensor:
-        """Next-token cross-entropy over the assistant tokens of a labelled batch (`mllm.train.losses.sft_loss`)."""
+        """Next-token cross-entropy over the assistant tokens of a labelled batch (`mllm.model.losses.sft_loss`)."""
         if batch.labels is None:
             raise ValueError("sft_loss needs a batch prepared with with_labels=True")
         return sft_loss(self.logits(batch), batch.labels)

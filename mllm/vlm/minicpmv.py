@@ -8,88 +8,54 @@ from typing import Any
 
 import torch
 
-from mllm.data.sft import data_collator, encode_messages
-from mllm.processing.processor import build_chat_messages
+from mllm.model.losses import IGNORE_INDEX
+from mllm.model.modeling import MLLMModel
+from mllm.processing.processor import MLLMProcessor, build_chat_messages
 from mllm.vlm.interface import VLM, Conversation, VLMBatch
 
 
 class MiniCPMVVLM(VLM):
-    """An `MLLMModel` and its `MLLMProcessor`."""
+    """An `MLLMModel` and its `MLLMProcessor` (whose settings decide the slicing)."""
 
     box_format = "mllm"
 
-    def __init__(self, model, processor, max_slice_nums: int | None = None) -> None:
+    def __init__(self, model: MLLMModel, processor: MLLMProcessor) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = model.config.model_type
-        self.max_slice_nums = max_slice_nums
-
-    @classmethod
-    def from_pretrained(
-        cls, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None
-    ) -> MiniCPMVVLM:
-        from mllm.model.modeling import MLLMModel
-        from mllm.processing.processor import MLLMProcessor
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        model = MLLMModel.from_pretrained(model_dir, torch_dtype=dtype, device=device)
-        model.eval()
-        return cls(model, MLLMProcessor.from_pretrained(model_dir))
 
     def prepare(self, conversations: list[Conversation], with_labels: bool = False) -> VLMBatch:
         if not with_labels:
-            inputs = self.processor.chat_batch(conversations, max_slice_nums=self.max_slice_nums)
-        else:
-            inputs = data_collator(
-                [self._example(c, f"conversation {b}") for b, c in enumerate(conversations)],
-                self.processor.pad_token_id,
-            )
-        labels = inputs.pop("labels", None)
-        device = self.device
-        for key in ("input_ids", "attention_mask", "position_ids"):
-            inputs[key] = inputs[key].to(device)
-        return VLMBatch(inputs, None if labels is None else labels.to(device))
+            return VLMBatch(self.processor.chat_batch(conversations).to(self.device))
+        rows = [self._example(c, f"conversation {b}") for b, c in enumerate(conversations)]
+        inputs = self.processor.collate(rows, padding_side="right")
+        labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        for b, row in enumerate(rows):
+            labels[b, : len(row["labels"])] = row["labels"]
+        return VLMBatch(inputs.to(self.device), labels.to(self.device))
 
     def _example(self, conversation: Conversation, where: str) -> dict[str, Any]:
-        """One conversation -> a training sample (ids, labels on the assistant turns, image slices)."""
+        """One conversation -> a training row (ids, labels on the assistant turns, image slices)."""
         messages, images = build_chat_messages(conversation)
-        sizes = [image.size for image in images]
-        input_ids, labels, bound = encode_messages(
-            self.processor, messages, sizes, where, self.max_slice_nums
+        input_ids, targets, bound = self.processor.encode_training(
+            messages, [image.size for image in images], where
         )
-        strips, tgt_sizes = [], [torch.zeros(0, 2, dtype=torch.int32)]
-        for image in images:
-            image_strips, tgt = self.processor.image_processor.preprocess_image(
-                image, self.max_slice_nums, where=where
-            )
-            strips.extend(image_strips)
-            tgt_sizes.append(tgt)
+        pixels = self.processor.image_processor([images])
         return {
             "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": torch.arange(len(input_ids), dtype=torch.long),
+            "labels": input_ids.masked_fill(~targets, IGNORE_INDEX),
             "image_bound": bound,
-            "pixel_values": strips,
-            "tgt_sizes": torch.cat(tgt_sizes),
+            "pixel_values": pixels["pixel_values"][0],
+            "tgt_sizes": pixels["tgt_sizes"][0],
+            "image_sizes": pixels["image_sizes"][0],
         }
 
     def logits(self, batch: VLMBatch) -> torch.Tensor:
         return self.model(batch.inputs, use_cache=False).logits  # [B, T, V]
 
     def generate_tokens(self, batch: VLMBatch, **generation_kwargs: Any) -> torch.Tensor:
-        inputs = batch.inputs
-        return self.model.generate(
-            input_ids=inputs["input_ids"],
-            pixel_values=inputs["pixel_values"],
-            tgt_sizes=inputs["tgt_sizes"],
-            image_bound=inputs["image_bound"],
-            attention_mask=inputs["attention_mask"],
-            tokenizer=self.tokenizer,
-            **generation_kwargs,
-        )
+        return self.model.generate(batch.inputs, tokenizer=self.tokenizer, **generation_kwargs)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.model._decode_text(tokens, self.tokenizer)

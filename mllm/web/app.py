@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllm.api import load
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS
-from mllm.model.chat import model_max_length
+from mllm.model.chat import decoding_kwargs, model_max_length
+from mllm.model.modeling import MLLMModel
 from mllm.web.grounding import draw_boxes, find_boxes
 from mllm.web.session import ChatSession, Decoding, check_images, open_images, stream_answer, user_turn
 
@@ -30,12 +32,12 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 @dataclass(frozen=True)
 class ModelHandle:
-    """What the page needs to answer: model, processor, prompt limit, slicing override and the model lock."""
+    """What the page needs to answer: model, processor (which owns the slicing settings), prompt limit and the
+    model lock."""
 
     model: Any
     processor: Any
     max_length: int | None
-    max_slice_nums: int | None
     lock: threading.Lock
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Uploads over this many pixels (and decompression bombs) are refused from their headers."""
@@ -116,9 +118,7 @@ def _answer(handle, session, paths, question, decoding, grounding, settings):
         try:
             images = open_images(paths, handle.max_image_pixels)
             messages = [*session.messages, user_turn(question, images)]
-            texts = stream_answer(
-                handle.model, handle.processor, messages, decoding, handle.max_length, handle.max_slice_nums
-            )
+            texts = stream_answer(handle.model, handle.processor, messages, decoding, handle.max_length)
         except ValueError as exc:  # an image cannot be decoded, the prompt is too long or malformed
             hint = " Clear starts a new conversation." if session.messages else ""
             yield session.display, error_text(f"{str(exc).rstrip('.')}.{hint}"), None, False
@@ -247,8 +247,6 @@ def _decoding_panel(gr) -> list:
 
 def _preset_penalty(strategy: str) -> float:
     """Switching strategy loads that strategy's repetition penalty preset (1.0 for greedy)."""
-    from mllm.model.chat import decoding_kwargs
-
     return decoding_kwargs(strategy).get("repetition_penalty", 1.0)
 
 
@@ -285,18 +283,14 @@ def serve(
     block: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
-    """Load the model directory and serve the page (the body of `mllm web`)."""
-    from mllm.cli.common import load_model_and_processor
-
+    """Load the model directory (`mllm.load`, `max_slice_nums` overriding the processor's slicing) and serve the
+    page (the body of `mllm web`)."""
     quiet_gradio_env()
-    model, processor = load_model_and_processor(str(model_dir), device, dtype, attn_implementation)
+    model, processor = load(model_dir, device, dtype, attn_implementation, max_slice_nums=max_slice_nums)
+    if not isinstance(model, MLLMModel):
+        raise ValueError(f"{model_dir}: mllm web runs MiniCPM-V models (model_type mllm or minicpmv) only")
     handle = ModelHandle(
-        model,
-        processor,
-        max_length or model_max_length(model),
-        max_slice_nums,
-        threading.Lock(),
-        max_image_pixels,
+        model, processor, max_length or model_max_length(model), threading.Lock(), max_image_pixels
     )
     logger.info("serving %s on http://%s:%d", model_dir, host, port)
     if host not in LOOPBACK_HOSTS:

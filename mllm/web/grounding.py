@@ -1,6 +1,6 @@
 """Grounding mode of the page: every box of an answer, with a label, drawn on the image.
 
-Boxes are read with `mllm.eval.boxes.parse_box` (all syntaxes it knows: `[x0, y0, x1, y1]` on 0..1000, Qwen's
+Boxes are read with `mllm.boxes.parse_box` (all syntaxes it knows: `[x0, y0, x1, y1]` on 0..1000, Qwen's
 `<box>(x1,y1),(x2,y2)</box>`, Shikra's 0..1 floats). `parse_box` returns the first box of a text, so the answer is
 cut into pieces that each end with a box's closing mark and each piece is parsed on its own.
 """
@@ -11,7 +11,7 @@ import re
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mllm.eval.boxes import parse_box, to_pixels
+from mllm.boxes import parse_box, to_pixels
 
 _PIECE_END_RE = re.compile(r"(?<=\])|(?<=</box>)")
 _REF_RE = re.compile(r"<ref>(.*?)</ref>", re.DOTALL)

@@ -138,7 +138,6 @@ def stream_answer(
     messages: list[dict[str, Any]],
     decoding: Decoding,
     max_length: int | None = None,
-    max_slice_nums: int | None = None,
 ) -> Iterator[str]:
     """The answer to `messages` as it grows (each item is the whole text so far).
 
@@ -146,7 +145,7 @@ def stream_answer(
     caller can report it before changing anything. Beam search yields once, with the finished answer.
     """
     kwargs = decoding.kwargs()
-    common = {"max_slice_nums": max_slice_nums, "max_length": max_length, **kwargs}
+    common = {"max_length": max_length, **kwargs}
     if not decoding.streams:
         answer = chat(model, None, messages, processor.tokenizer, processor, **common)
         return iter([answer])

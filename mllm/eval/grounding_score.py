@@ -1,7 +1,7 @@
 """Grounding evaluation without a model: score a predictions file (Acc@IoU0.5 per RefCOCO split) and draw pictures.
 
 A predictions jsonl has one line per expression with at least `expression`, `bbox` (ground truth, pixels),
-`width`, `height`, and either `answer` (model text, read with `mllm.eval.boxes.parse_box`) or `pred_bbox`
+`width`, `height`, and either `answer` (model text, read with `mllm.boxes.parse_box`) or `pred_bbox`
 (pixels). `split` names the split; without it the split comes from the caller or the file name
 (`REC_refcoco+_unc_testA.jsonl` -> `refcoco+_testA`). `img_path` / `image` are used for pictures and, when
 `width`/`height` are absent, for the image size. An answer without a box counts as wrong and is listed.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mllm.boxes import iou as box_iou
+from mllm.boxes import parse_box, to_pixels
 from mllm.data.grounding import read_jsonl
-from mllm.eval.boxes import iou as box_iou
-from mllm.eval.boxes import parse_box, to_pixels
 from mllm.io import open_image_header
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Tiny random models of transformers' image-text-to-text families, built in code (nothing downloaded).
 
 `build_tiny(family, out_dir)` writes a model directory (config.json, safetensors, tokenizer, processor files) that
-`mllm.vlm.load_vlm` opens like a real checkpoint of that family: the tokenizer is a byte-level BPE trained here on a
+`mllm.load_vlm` opens like a real checkpoint of that family: the tokenizer is a byte-level BPE trained here on a
 few sentences plus the family's special tokens, with the family's real chat template (LLaVA-1.5, LLaVA-OneVision and
 Qwen2-VL as the llava-hf / Qwen checkpoints ship them; BLIP-2 and InstructBLIP ship none).
 """

@@ -6,7 +6,7 @@ answer goes, as one appended and flushed line, to `<out_dir>/<data stem>.predict
 `{"idx", "split", "img_path", "expression", "bbox", "width", "height", "question", "answer", "model"}`. Lines already
 there are skipped, so a killed run resumes where it stopped (the file is a `mllm.io.ResumableJsonl`: fingerprinted,
 locked, a torn last line cut off). Unusable lines (not UTF-8 or JSON, missing image, bad bbox, an image over the
-pixel cap) go to `<stem>.predictions.errors.jsonl` and the run goes on. The predictions are then scored by `mllm.eval.grounding.score_predictions`: `summary.md` (the
+pixel cap) go to `<stem>.predictions.errors.jsonl` and the run goes on. The predictions are then scored by `mllm.eval.grounding_score.score_predictions`: `summary.md` (the
 table), `summary.json` (per split and overall, with the unparsable answers) and `--vis N` pictures under `vis/`.
 """
 
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 
+from mllm.boxes import BOX_FORMATS, parse_box, to_pixels
 from mllm.eval.answer import QuestionItem, answer_batch, batched, checked
-from mllm.eval.boxes import BOX_FORMATS, parse_box, to_pixels
-from mllm.eval.grounding import (
+from mllm.eval.grounding_score import (
     markdown_table,
     score_predictions,
     split_name_from_path,
@@ -71,7 +72,7 @@ class GroundingEvalConfig:
     vis: int = 0
     """Pictures to draw in all (spread over the splits)."""
     box_format: str = "auto"
-    """How answers write boxes: auto, mllm (0..1000), qwen, shikra (see mllm.eval.boxes)."""
+    """How answers write boxes: auto, mllm (0..1000), qwen, shikra (see mllm.boxes)."""
     overwrite: bool = False
     """Start a predictions file afresh when it was made with other inputs or settings (refused otherwise)."""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -198,8 +199,6 @@ def generate_split(
     """Answer every not-yet-answered line of one REC file into a `mllm.io.ResumableJsonl` (its fingerprint: the
     data file, the model, the prompt and `fingerprint`), one flushed line per answer; bad lines go to its errors
     file."""
-    from tqdm import tqdm
-
     prints = {
         "data": file_fingerprint(data_path),
         "model_name": model_name,
