@@ -7,6 +7,7 @@ from math import comb
 import numpy as np
 import pytest
 
+from mllm.boxes import iou
 from mllm.eval.blind import (
     best_box_per_key,
     best_constant_box,
@@ -14,7 +15,6 @@ from mllm.eval.blind import (
     majority_answers,
     predict_by_backoff,
 )
-from mllm.eval.boxes import iou
 from mllm.eval.stats import binomial_p_value, mcnemar, pair_accuracy, proportion_interval
 
 

@@ -194,7 +194,7 @@ def grounding_metrics(
 ) -> dict[str, Any]:
     """Acc@0.5 with its interval and the blind baselines of the model's scored predictions (`score_predictions`
     items, in the order of `records`, the REC records they answer); `train_records` fit the blind boxes."""
-    from mllm.eval.boxes import iou
+    from mllm.boxes import iou
 
     if len(scored_items) != len(records):
         raise ValueError(f"{len(scored_items)} scored boxes for {len(records)} REC records")

@@ -50,7 +50,7 @@ def predict_by_backoff(tables: Sequence[dict], item_keys: Sequence[Sequence[Hash
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box of a [N, 4] with every box of b [M, 4] -> [N, M] (`[x0, y0, x1, y1]`, the same formula as
-    `mllm.eval.boxes.iou`: continuous coordinates, 0 for an empty union)."""
+    `mllm.boxes.iou`: continuous coordinates, 0 for an empty union)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     inter_w = np.clip(
         np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None
