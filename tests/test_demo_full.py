@@ -1,74 +1,94 @@
-"""The full `mllm demo` (what `make demo` runs, seed 0): the model trained from scratch answers yes/no questions
-about the image above chance, grounds expressions above the constant box, and preference training lowers CHAIRi.
+"""The full `mllm demo` (what `make demo` runs, seed 0), read as a skeptic would (issue 26), from OUT/metrics.json.
 
-The `--fast` demo (tests/test_demo.py) is too short for the first two: the lookups they need start after ~1,000 SFT
-steps of 32 (yes/no after SFT, seed 0: 54.0% at 750 steps, 58.3% at 1,200, 59.3% at 1,300; docs/LOG.md). So this file runs
-the whole demo, about 14 minutes on CI's 2 cores. "Above" is a one-sided binomial test at p < 0.01: the answers must
-be better than what chance (yes/no, 50%) or the constant box (its own accuracy on the same expressions) gets right
-with probability 1% or more. Measured (seeds 0 / 1 / 2): yes/no 59.3% / 55.5% / 62.2% of 600 (p 3e-6 / 0.004 /
-1e-9); Acc@0.5 5.5% / 8.0% / 9.8% of 400 against the constant box 2.0% / 0.5% / 2.5% (p 3e-5 / 1e-27 / 1e-12);
-CHAIRi sampled 12.6 -> 2.8 / 14.7 -> 5.3 / 14.6 -> 4.0, greedy 2.4 -> 1.8 / 3.5 -> 3.4 / 2.6 -> 2.1 (docs/LOG.md).
+What it asserts is what the default demo reaches today, with margin (seed 0, 2026-12-04, the README's demo section):
+- every part-1 metric is written for both models (`after_sft`, `after_preference`), with intervals, MME pair accuracy
+  and image-blind baselines fit on the training data, each compared with the model on the same items (McNemar);
+- yes/no after SFT beats every image-blind rule by McNemar's exact one-sided test (measured 59.3% against at most
+  51.7%, p <= 0.0034), colour and count are above chance (62.7% and 69.3%, binomial p 0.001 and 1e-6);
+- Acc@0.5 after SFT beats the mean training box on the same expressions (5.5% against 2.0%, one-sided p 0.008);
+- greedy CHAIRi <= 10% (2.4%), and preference training cuts the sampled CHAIRi by >= 30% (12.6 -> 2.8) while recall,
+  yes/no and Acc@0.5 fall by at most 5, 3 and 3 points.
+
+Not asserted, because the demo does not reach them (issue 26, part 2, stays open): existence and position are at
+chance (55.3% and 50.0%), pair accuracy is 24.0% (coin-flipping gives 25%), and the boxes do not beat the best
+image-blind rule (the best box per position phrase: 7.75% against the model's 5.5%). The `--fast` demo
+(tests/test_demo.py) is too short for any of this, so this file runs the whole demo (about 15 minutes on CI's 2 cores).
 """
 
 from __future__ import annotations
 
 import json
-from math import comb
-from pathlib import Path
 
 import pytest
 
 from mllm.cli import main
-from mllm.demo.stages import DONE
+from mllm.demo.metrics import METRICS_KEYS, metric
 
 P_VALUE = 0.01
-
-
-def binomial_tail(hits: int, n: int, p: float) -> float:
-    """P(X >= hits) for X ~ Binomial(n, p): how often `hits` or more come out of chance alone."""
-    return sum(comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(hits, n + 1))
-
-
-def test_binomial_tail() -> None:
-    assert binomial_tail(0, 10, 0.3) == pytest.approx(1.0)
-    assert binomial_tail(10, 10, 0.5) == pytest.approx(0.5**10)
-    assert binomial_tail(329, 600, 0.5) < P_VALUE < binomial_tail(328, 600, 0.5)
-
-
-def figures(out: Path, stage: str) -> dict:
-    return json.loads((out / stage / DONE).read_text())["figures"]
+MIN_YES_NO = 0.55
+"""Measured 0.593 on seed 0."""
+MIN_GROUNDING_P = 0.05
+"""One-sided McNemar p of the boxes against the mean training box; measured 0.008."""
+MAX_GREEDY_CHAIRI = 0.10
+MAX_SAMPLED_CHAIRI_RATIO = 0.70
+MAX_RECALL_DROP = 0.05
+MAX_PREFERENCE_DROP = 0.03
 
 
 @pytest.fixture(scope="module")
-def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def metrics(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo") / "full"
     assert main(["demo", "--out", str(out)]) == 0
-    return out
+    return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_full_demo_answers_yes_no_questions_above_chance(full_demo: Path) -> None:
-    yes_no = figures(full_demo, "eval_sft")["yes_no"]
-    assert (
-        yes_no["n"] == 600 and yes_no["invalid"] <= 6
-    )  # answers that are not yes/no count as wrong; measured 0-1
-    correct = round(yes_no["accuracy"] * yes_no["n"])
-    assert binomial_tail(correct, yes_no["n"], 0.5) < P_VALUE, yes_no
+def test_full_demo_writes_every_part_1_metric(metrics: dict) -> None:
+    for name in ("after_sft", "after_preference"):
+        block = metrics[name]
+        for key in METRICS_KEYS:
+            value = metric(block, key)
+            assert isinstance(value, float) and 0.0 <= value <= 1.0, (name, key, value)
+        yes_no, grounding = block["yes_no"], block["grounding"]
+        assert yes_no["n"] == 600 and yes_no["pairs"] == 300 and grounding["n"] == 400
+        assert yes_no["ci95"][0] <= yes_no["accuracy"] <= yes_no["ci95"][1]
+        assert grounding["ci95"][0] <= grounding["acc"] <= grounding["ci95"][1]
+        assert set(yes_no["blind"]) == {
+            "majority per category",
+            "majority per question template",
+            "majority per question",
+        }
+        assert {"mean training box", "best constant box", "best box per position phrase"} <= set(
+            grounding["blind"]
+        )
+        assert yes_no["blind_accuracy"] == max(c["baseline_accuracy"] for c in yes_no["blind"].values())
+        assert grounding["blind_acc"] == max(c["baseline_accuracy"] for c in grounding["blind"].values())
 
 
 @pytest.mark.slow
-def test_full_demo_grounds_above_the_constant_box(full_demo: Path) -> None:
-    grounding = figures(full_demo, "eval_sft")["grounding"]
-    assert grounding["n"] == 400 and 0.0 < grounding["baseline_acc"] < 0.5
-    hits = round(grounding["acc"] * grounding["n"])
-    assert binomial_tail(hits, grounding["n"], grounding["baseline_acc"]) < P_VALUE, grounding
+def test_full_demo_answers_yes_no_better_than_every_image_blind_rule(metrics: dict) -> None:
+    yes_no = metrics["after_sft"]["yes_no"]
+    assert yes_no["accuracy"] >= MIN_YES_NO, yes_no["accuracy"]
+    for name, comparison in yes_no["blind"].items():
+        assert comparison["model_correct"] > comparison["baseline_correct"], name
+        assert comparison["p_model_better"] < P_VALUE, (name, comparison)
+    for name in ("color", "count"):  # existence and position are at chance (not asserted)
+        assert yes_no["per_category"][name]["p_chance"] < P_VALUE, (name, yes_no["per_category"][name])
 
 
 @pytest.mark.slow
-def test_full_demo_hallucinates_less_after_preference_training(full_demo: Path) -> None:
-    before = figures(full_demo, "eval_sft")["chair"]
-    after = figures(full_demo, "eval_preference")["chair"]
-    # sampled (temperature 1, where the noisy captions' hallucinations show): measured 12.6 -> 2.8 (seed 0)
-    assert after["sampled"]["CHAIRi"] < 0.7 * before["sampled"]["CHAIRi"], (before, after)
-    # greedy descriptions are already nearly clean (2.4 -> 1.8 / 3.5 -> 3.4 / 2.6 -> 2.1): they must stay so
-    assert after["greedy"]["CHAIRi"] < 0.1
+def test_full_demo_boxes_beat_the_mean_training_box(metrics: dict) -> None:
+    mean_box = metrics["after_sft"]["grounding"]["blind"]["mean training box"]
+    assert mean_box["model_correct"] > mean_box["baseline_correct"]
+    assert mean_box["p_model_better"] < MIN_GROUNDING_P, mean_box
+
+
+@pytest.mark.slow
+def test_full_demo_hallucinates_less_after_preference_training(metrics: dict) -> None:
+    before, after = metrics["after_sft"], metrics["after_preference"]
+    assert before["chair"]["greedy"]["CHAIRi"] <= MAX_GREEDY_CHAIRI
+    sampled_before, sampled_after = before["chair"]["sampled"], after["chair"]["sampled"]
+    assert sampled_after["CHAIRi"] <= MAX_SAMPLED_CHAIRI_RATIO * sampled_before["CHAIRi"], (before, after)
+    assert sampled_after["Recall"] >= sampled_before["Recall"] - MAX_RECALL_DROP
+    assert after["yes_no"]["accuracy"] >= before["yes_no"]["accuracy"] - MAX_PREFERENCE_DROP
+    assert after["grounding"]["acc"] >= before["grounding"]["acc"] - MAX_PREFERENCE_DROP

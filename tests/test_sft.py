@@ -200,6 +200,48 @@ def test_per_sample_loss_with_gradient_accumulation_matches_one_big_batch(
     assert_same_parameters(big.model, acc.model)
 
 
+def test_vision_learning_rate_applies_to_the_tower_alone(tmp_path: Path, small_model_dir: Path) -> None:
+    data = make_sft_files(tmp_path / "d", 4)
+    kw = dict(per_device_train_batch_size=4, max_steps=1, optim="sgd", model_kw={"tune_vision": True})
+    plain = _trainer(small_model_dir, data, tmp_path / "a", **kw)
+    slow = _trainer(small_model_dir, data, tmp_path / "b", vision_learning_rate=0.0, **kw)
+    before = {name: p.detach().clone() for name, p in slow.model.named_parameters()}
+    plain.train()
+    slow.train()
+    assert {group["lr"] for group in slow.optimizer.param_groups} == {0.0, 2e-3}
+    moved = {name for name, p in slow.model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and not any(name.startswith("vpm.") for name in moved)  # lr 0: the tower stays as it was
+    assert any(
+        not torch.equal(p, before[n]) for n, p in plain.model.named_parameters() if n.startswith("vpm.")
+    )
+    # the rest of the model takes the same step as without the flag
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), slow.model.named_parameters()):
+        if not name.startswith("vpm."):
+            torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="--vision-learning-rate"):
+        cpu_training_args(tmp_path, vision_learning_rate=-1.0)
+
+
+def test_frozen_embeddings_stay_while_the_llm_trains(tmp_path: Path, small_model_dir: Path) -> None:
+    data = make_sft_files(tmp_path / "d", 4)
+    trainer = _trainer(
+        small_model_dir,
+        data,
+        tmp_path / "a",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        model_kw={"tune_embeddings": False},
+    )
+    llm = trainer.model.llm
+    embeddings = llm.get_input_embeddings().weight.detach().clone()
+    output = llm.get_output_embeddings().weight.detach().clone()
+    layer = llm.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(llm.get_input_embeddings().weight, embeddings)
+    assert torch.equal(llm.get_output_embeddings().weight, output)
+    assert not torch.equal(llm.model.layers[0].mlp.up_proj.weight, layer)
+
+
 def test_loss_reduction_flag_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--loss-reduction"):
         cpu_training_args(tmp_path, loss_reduction="mean")

@@ -426,3 +426,49 @@ def test_cli_make_and_tokenizer(tmp_path, capsys):
         "config.json",
         "preprocessor_config.json",
     }
+
+
+def test_lookup_questions_answer_from_the_scene():
+    """The opt-in lookups (`ToyWorldConfig.lookup_questions`): shapes present, the shape of a uniquely coloured
+    object, and the column and row of an object, in the words the position questions use."""
+    from mllm.data.toy import ToyObject, lookup_questions
+
+    objects = [
+        ToyObject("circle", "red", [4, 4, 24, 24], [4, 4, 21]),  # centre (14, 14): top left
+        ToyObject("square", "blue", [80, 44, 100, 64], [80, 44, 21]),  # centre (90, 54): middle right
+        ToyObject("star", "blue", [44, 84, 64, 104], [44, 84, 21]),  # centre (54, 94): bottom center
+    ]
+    places = {("red", "circle"): ("left", "top"), ("blue", "square"): ("right", "middle")}
+    places[("blue", "star")] = ("center", "bottom")
+    for seed in range(8):
+        qa = dict(lookup_questions(objects, 112, np.random.default_rng(seed)))
+        assert qa.pop("What shapes are in the image?") == "circle, square, star."
+        assert qa.pop("What shape is the red object?") == "circle."  # blue is not unique
+        (column_q, column), (row_q, row) = qa.items()
+        color, shape = column_q.removeprefix("Which column is the ").removesuffix(" in?").split()
+        assert row_q == f"Which row is the {color} {shape} in?"
+        assert (column, row) == tuple(word + "." for word in places[(color, shape)])
+
+
+def test_preset_options_without_system_message_image_id_or_long_rope(toy_tok_dir, tmp_path, world):
+    from transformers import AutoTokenizer
+
+    from mllm.data.toy_tokenizer import ToyPresetConfig
+
+    tok_dir = build_toy_tokenizer(toy_corpus(world), tmp_path / "tok", vocab_size=600, default_system=False)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    user = [{"role": "user", "content": "<image>\nIs there a star? Please answer yes or no."}]
+    rendered = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    with_system = AutoTokenizer.from_pretrained(toy_tok_dir).apply_chat_template(
+        user, tokenize=False, add_generation_prompt=True
+    )
+    assert with_system == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + rendered
+    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
+    system = [{"role": "system", "content": "Be brief."}, *user]
+    assert tok.apply_chat_template(system, tokenize=False).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>"
+    )
+    out = write_toy_preset(tmp_path / "preset", tok_dir, ToyPresetConfig(rope_theta=1e4, use_image_id=False))
+    config = json.loads((out / "config.json").read_text())
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert (config["rope_theta"], config["use_image_id"], pre["use_image_id"]) == (1e4, False, False)

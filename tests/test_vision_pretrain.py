@@ -63,6 +63,22 @@ def test_region_presence_marks_the_classes_of_each_cell() -> None:
     assert presence[1].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
+def test_region_boxes_take_the_box_most_of_a_cell_carries() -> None:
+    from mllm.train.vision import region_boxes
+
+    a, b = torch.tensor([0.1, 0.1, 0.3, 0.3]), torch.tensor([0.5, 0.5, 0.9, 0.9])
+    boxes = torch.zeros(1, 16, 4)
+    inside = torch.zeros(1, 16, dtype=torch.bool)
+    # 4 x 4 token grid, 2 x 2 cells: cell 0 has one token of a and two of b; cell 3 has one of b; cells 1, 2 none
+    for token, box in ((0, a), (1, b), (4, b), (15, b)):
+        boxes[0, token], inside[0, token] = box, True
+    boxes[0, 5] = a  # background token: its box is ignored
+    targets, present = region_boxes(boxes, inside, torch.tensor([[4, 4]]), side=2)
+    assert present.tolist() == [[True, False, False, True]]
+    torch.testing.assert_close(targets[0, 0], b)
+    torch.testing.assert_close(targets[0, 3], b)
+
+
 def test_token_label_loss_ignores_padding() -> None:
     logits = torch.randn(2, 3, 4)
     labels = torch.tensor([[0, 1, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]])
@@ -211,6 +227,25 @@ def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path
     figures = train_vision(args, cpu_training_args(out, max_steps=3, per_device_train_batch_size=4))
     assert figures["steps"] == 3
     assert changed_parts(out, model_dir) == {"vpm", "resampler"}
+
+
+def test_row_boxes_train_a_box_head_on_the_rows(toy_world_and_model, tmp_path: Path) -> None:
+    from mllm.train.vision import train_vision
+
+    world, model_dir = toy_world_and_model
+    with pytest.raises(ValueError, match="--row-boxes needs --align-rows"):
+        vision_arguments(world, model_dir, row_boxes=True)
+    plain, boxed = tmp_path / "plain", tmp_path / "boxed"
+    for out, row_boxes in ((plain, False), (boxed, True)):
+        args = vision_arguments(world, model_dir, align_rows=True, row_boxes=row_boxes)
+        figures = train_vision(args, cpu_training_args(out, max_steps=2, per_device_train_batch_size=4))
+        assert figures["steps"] == 2
+    # the box term adds to the loss (same data, same seed), and the saved model is the MLLM model alone
+    assert (
+        figures["first_loss"]
+        > json.loads((plain / "trainer_state.json").read_text())["log_history"][0]["loss"]
+    )
+    assert changed_parts(boxed, model_dir) == {"vpm", "resampler"}
 
 
 def test_weights_load_in_float32_unless_a_half_precision_is_asked(

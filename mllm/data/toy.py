@@ -83,6 +83,11 @@ class ToyWorldConfig:
     the number of objects, the colour of a shape that is unique in the image. A model trained from scratch on
     MME-paired yes/no alone stays at chance (neither the question nor the image alone predicts the answer); with these
     beside them it learned colour-presence and count pairs in probes (docs/LOG.md, 2026-11-26)."""
+    lookup_questions: bool = False
+    """Per training image, also short-answer questions for the lookups the other yes/no questions need: the shapes
+    present ("What shapes are in the image?"), the shape of an object named by its colour ("What shape is the red
+    object?", colour unique in the image) and the column and row of an object ("Which column is the red circle
+    in?" -> "left."). A yes/no answer is learnt beside a short answer whose first word it compares (docs/LOG.md)."""
     noise_rate: float = 0.15
     """Share of TRAIN descriptions that mention an object absent from the image."""
     n_preference: int = 1000
@@ -350,6 +355,25 @@ def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[t
     return qa
 
 
+def lookup_questions(
+    objects: list[ToyObject], image_size: int, rng: np.random.Generator
+) -> list[tuple[str, str]]:
+    """Short-answer lookups whose answer's first word is what a yes/no question compares: the shapes present, the
+    shape of an object named by its (unique) colour, and the column and row of an object named by colour and shape
+    ("left."/"center."/"right.", "top."/"middle."/"bottom.", the words the position questions ask about)."""
+    shapes = [s for s in SHAPES if any(o.shape == s for o in objects)]
+    qa = [("What shapes are in the image?", ", ".join(shapes) + ".")]
+    unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
+    if unique:
+        obj = unique[int(rng.integers(len(unique)))]
+        qa.append((f"What shape is the {obj.color} object?", f"{obj.shape}."))
+    obj = objects[int(rng.integers(len(objects)))]
+    vertical, horizontal = region(obj, image_size)
+    qa.append((f"Which column is the {obj.color} {obj.shape} in?", f"{horizontal}."))
+    qa.append((f"Which row is the {obj.color} {obj.shape} in?", f"{vertical}."))
+    return qa
+
+
 def training_questions(scene: Scene, cfg: ToyWorldConfig, rng: np.random.Generator) -> list[tuple[str, str]]:
     """The extra training questions of one image: yes/no pairs of other categories the scene supports (random
     categories, up to `train_yes_no_pairs` pairs with the image's own), then the open questions if on. Each becomes
@@ -367,6 +391,8 @@ def training_questions(scene: Scene, cfg: ToyWorldConfig, rng: np.random.Generat
             pairs += 1
     if cfg.open_questions:
         qa += open_questions(scene.objects, rng)
+    if cfg.lookup_questions:
+        qa += lookup_questions(scene.objects, cfg.image_size, rng)
     return qa
 
 

@@ -38,6 +38,9 @@ def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
         n_test=config.n_test,
         n_preference=min(config.n_preference, config.n_train),
         noise_rate=config.noise_rate,
+        max_objects=config.max_objects,
+        train_yes_no_pairs=config.train_yes_no_pairs,
+        lookup_questions=config.lookup_questions,
         min_object_size=config.min_object_size,
         max_object_size=config.max_object_size,
         overwrite=bool(leftovers),
@@ -66,7 +69,11 @@ def preset_config(config: DemoConfig):
     from mllm.data.toy_tokenizer import ToyPresetConfig
 
     return ToyPresetConfig(
-        patch_size=config.patch_size, vision_layers=config.vision_layers, query_num=config.query_num
+        patch_size=config.patch_size,
+        vision_layers=config.vision_layers,
+        query_num=config.query_num,
+        rope_theta=config.rope_theta,
+        use_image_id=config.use_image_id,
     )
 
 
@@ -78,7 +85,9 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
     from mllm.model.config import MLLMConfig
     from mllm.model.modeling import MLLMModel
 
-    tokenizer_dir = build_toy_tokenizer(toy_corpus(world_dir(config)), folder / "tokenizer")
+    tokenizer_dir = build_toy_tokenizer(
+        toy_corpus(world_dir(config)), folder / "tokenizer", default_system=config.default_system_prompt
+    )
     out = init_model_dir(config)
     write_toy_preset(
         out,

@@ -44,6 +44,13 @@ class DemoConfig:
     """Preference pairs (on the first training images)."""
     noise_rate: float = 0.15
     """Share of training descriptions that mention an absent object: the hallucination to fix."""
+    max_objects: int = 4
+    """Most objects per image (the toy world's `max_objects`, 1-4)."""
+    train_yes_no_pairs: int = 2
+    """Yes/no pairs per training image (the toy world's `train_yes_no_pairs`, 1-4)."""
+    lookup_questions: bool = False
+    """The toy world's `lookup_questions`: short-answer questions about the shapes present, the shape of an object
+    named by its colour and the place of a named object, beside the colour, count and colour-of-a-shape ones."""
     min_object_size: int = 22
     """Smallest object side in pixels (the toy world's `min_object_size`)."""
     max_object_size: int = 34
@@ -51,6 +58,13 @@ class DemoConfig:
     of 30-46 px gave better boxes (Acc@0.5 12.2% against 1.0% on CPU, 16.2% against 1.0% on a GPU) but no better
     answers or CHAIR, so the default stays (docs/LOG.md, 2026-11-27)."""
     # --- model ---
+    default_system_prompt: bool = True
+    """The toy tokenizer's chat template adds MiniCPM-V's default system message to every conversation (False: the
+    same ChatML without it, 11 tokens less per sample)."""
+    use_image_id: bool = True
+    """The preset's `use_image_id` (`<image_id>0</image_id>` before each image, 3 tokens)."""
+    rope_theta: float = 1000000.0
+    """The preset's RoPE base (Qwen2's 1e6)."""
     vision_stem: str = "conv"
     """`vision_config.stem` of the preset: "conv" lets a tower trained from scratch learn positions. "cnn" (with
     patch_size 8, vision_layers 0, position_init_std 0) is the only tower here that learned the toy shapes under
@@ -96,10 +110,20 @@ class DemoConfig:
     """`--align-rows` of the `vision` stage: the projector learns, too, to point each image row at the LLM's input
     embeddings of the shape and colour names present in its region. With it the descriptions name the right objects
     (greedy CHAIRi 2.3 against 52.9 without, after the same SFT; docs/LOG.md, 2026-11-27 (night))."""
+    vision_row_boxes: bool = False
+    """`--row-boxes` of the `vision` stage: a linear head on each aligned row also predicts the box of the object
+    covering most of its region, so that the frozen tower's rows carry where the objects are (a linear read-out of
+    the aligned rows found the box at IoU >= 0.5 for 22% of the object cells without it; docs/LOG.md)."""
     sft_tune_vision: bool | None = None
     """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
     8.1 with it frozen; docs/LOG.md, 2026-11-27 (night))."""
+    sft_tune_embeddings: bool = True
+    """Train the LLM's (tied) token embeddings in the SFT stages (`--tune-embeddings`). Off keeps the word vectors
+    that the `vision` stage aligned the image rows to."""
+    sft_vision_lr: float | None = None
+    """Peak learning rate of the vision tower in the SFT stages when it is trained there (`--vision-learning-rate`;
+    None: `sft_lr`)."""
 
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
     align_steps: int = 0

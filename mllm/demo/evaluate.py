@@ -4,8 +4,9 @@ Each part calls the functions behind a command: `mllm eval-vqa` (mllm.eval.vqa),
 (mllm.eval.answer, mllm.eval.chair with the toy synonyms) and `mllm score-grounding` (mllm.eval.grounding_score). Every
 answers/predictions file is appended per batch and skips finished items, so an interrupted evaluation resumes.
 
-The grounding baseline is computed, not assumed: the mean training box (pixels) predicted for every expression,
-scored by the same `score_predictions`.
+Beside the raw figures each part reports what a skeptic asks for (mllm/demo/metrics.py): intervals, MME's pair
+accuracy, and image-blind baselines fit on the training files only, compared with the model on the same items by
+McNemar's exact test. The baselines are computed, not assumed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
+from mllm.demo.metrics import grounding_metrics, yes_no_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +66,13 @@ def eval_yes_no(model, processor, config: DemoConfig, folder: Path, model_name: 
     )
     report = score_predictions(records)
     (folder / "yes_no.md").write_text(report_markdown(report, "Yes/no accuracy"), encoding="utf-8")
-    return {
-        "accuracy": report.overall.accuracy,
-        "n": report.overall.total,
-        "invalid": report.overall.invalid,
-        "per_category": {c.category: c.accuracy for c in report.categories},
-    }
+    test_items = json.loads((folder / "yes_no_test.json").read_text(encoding="utf-8"))
+    train_items = [
+        item
+        for item in json.loads((world_dir(config) / "sft" / "train.json").read_text(encoding="utf-8"))
+        if YES_NO_SUFFIX in item["conversations"][0]["content"]
+    ]
+    return {"invalid": report.overall.invalid, **yes_no_metrics(records, test_items, train_items)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,14 +170,8 @@ def grounding_questions(config: DemoConfig, folder: Path) -> Path:
     return path
 
 
-def mean_training_box(config: DemoConfig) -> list[float]:
-    """The constant-box baseline: the mean pixel box of the REC training records."""
-    records = read_jsonl(world_dir(config) / "grounding" / "rec_train.jsonl")
-    return [sum(r["bbox"][i] for r in records) / len(records) for i in range(4)]
-
-
 def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_name: str) -> dict[str, Any]:
-    """Greedy boxes for the held-out expressions, scored by Acc@0.5; the constant-box baseline beside them."""
+    """Greedy boxes for the held-out expressions, scored by Acc@0.5; the image-blind boxes beside them."""
     from mllm.eval.answer import generate_answers, model_answer_fn
     from mllm.eval.grounding_score import score_predictions
     from mllm.model.chat import decoding_kwargs
@@ -191,18 +188,14 @@ def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_nam
         {**a["metainfos"], "answer": a["answer"], "split": GROUNDING_SPLIT} for a in read_jsonl(answers)
     ]
     write_jsonl(folder / "grounding_predictions.jsonl", predictions)
-    box = mean_training_box(config)
-    baseline = [{**p, "answer": None, "pred_bbox": box} for p in predictions]
-    write_jsonl(folder / "grounding_baseline.jsonl", baseline)
     world = world_dir(config)
     scored = score_predictions(folder / "grounding_predictions.jsonl", image_root=world)
-    base = score_predictions(folder / "grounding_baseline.jsonl", image_root=world)
+    train_records = read_jsonl(world / "grounding" / "rec_train.jsonl")
+    metrics = grounding_metrics(scored["items"], predictions, train_records)
     return {
-        "acc": scored["overall"]["acc"],
-        "n": scored["overall"]["n"],
+        **metrics,
         "unparsable": scored["overall"]["unparsable"],
-        "baseline_acc": base["overall"]["acc"],
-        "baseline_box": [round(v, 1) for v in box],
+        "baseline_acc": metrics["blind"]["mean training box"]["baseline_accuracy"],
     }
 
 
@@ -232,7 +225,10 @@ def evaluate_model(config: DemoConfig, folder: Path, model_dir: Path) -> dict[st
         grounding = eval_grounding(model, processor, config, folder, name) if config.eval_grounding else None
     parts = []
     if yes_no:
-        parts.append(f"yes/no {100 * yes_no['accuracy']:.1f}%")
+        parts.append(
+            f"yes/no {100 * yes_no['accuracy']:.1f}% (pairs {100 * yes_no['pair_accuracy']:.1f}%, "
+            f"blind {100 * yes_no['blind_accuracy']:.1f}%)"
+        )
     if chair:
         g = chair["greedy"]
         parts.append(f"CHAIRs/CHAIRi greedy {100 * g['CHAIRs']:.1f}/{100 * g['CHAIRi']:.1f}")
@@ -241,7 +237,8 @@ def evaluate_model(config: DemoConfig, folder: Path, model_dir: Path) -> dict[st
             parts.append(f"sampled {100 * s['CHAIRs']:.1f}/{100 * s['CHAIRi']:.1f}")
     if grounding:
         parts.append(
-            f"Acc@0.5 {100 * grounding['acc']:.1f}% (constant box {100 * grounding['baseline_acc']:.1f}%)"
+            f"Acc@0.5 {100 * grounding['acc']:.1f}% (blind {100 * grounding['blind_acc']:.1f}%, "
+            f"mean box {100 * grounding['baseline_acc']:.1f}%)"
         )
     return {
         "model_dir": str(model_dir),

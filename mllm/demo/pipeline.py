@@ -2,7 +2,7 @@
 
 world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted
 and mixed) -> align (SFT on the descriptions alone) -> sft -> eval_sft -> logps (reference log-probs) ->
-preference (NCA) -> eval_preference -> REPORT.md.
+preference (NCA) -> eval_preference -> REPORT.md and metrics.json.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from mllm.demo.build import MODEL_STAGE, WORLD_STAGE, make_model, make_world
 from mllm.demo.config import DemoConfig
 from mllm.demo.evaluate import evaluate_model
+from mllm.demo.metrics import write_metrics
 from mllm.demo.preference import (
     LOGPS_STAGE,
     PREFERENCE_STAGE,
@@ -87,7 +88,7 @@ STAGES = (
 def run_demo(
     config: DemoConfig, until: str | None = None, echo: Callable[[str], None] = print
 ) -> dict[str, StageRecord]:
-    """Run (or skip, when done) every stage up to and including `until`, then write REPORT.md.
+    """Run (or skip, when done) every stage up to and including `until`, then write REPORT.md and metrics.json.
 
     Uses `config.threads` torch threads for the duration (restored afterwards): on a shared 2-core machine more
     threads only fight over the cores. OMP_WAIT_POLICY=PASSIVE is set for child processes; for this process it
@@ -112,6 +113,9 @@ def run_demo(
     finally:
         torch.set_num_threads(threads)
     report = build_report(config, records)
+    metrics = write_metrics(config, {name: record.figures for name, record in records.items()})
     total = sum(r.seconds for r in records.values())
-    echo(f"demo done: {len(records)} stages ({total:.0f} s of stage time); report: {report}")
+    echo(
+        f"demo done: {len(records)} stages ({total:.0f} s of stage time); report: {report}, figures: {metrics}"
+    )
     return records

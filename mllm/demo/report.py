@@ -39,7 +39,9 @@ def metric_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
     categories = sorted(get(before, "yes_no", "per_category") or get(after, "yes_no", "per_category") or {})
     rows = [
         ("yes/no accuracy", ("yes_no", "accuracy")),
-        *((f"yes/no accuracy, {c} questions", ("yes_no", "per_category", c)) for c in categories),
+        *((f"yes/no accuracy, {c} questions", ("yes_no", "per_category", c, "accuracy")) for c in categories),
+        ("yes/no pair accuracy (both questions of an image right)", ("yes_no", "pair_accuracy")),
+        ("yes/no, best image-blind rule", ("yes_no", "blind_accuracy")),
         ("CHAIRs, greedy", ("chair", "greedy", "CHAIRs")),
         ("CHAIRi, greedy", ("chair", "greedy", "CHAIRi")),
         ("Recall, greedy", ("chair", "greedy", "Recall")),
@@ -47,9 +49,62 @@ def metric_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
         ("CHAIRi, sampled (T=1)", ("chair", "sampled", "CHAIRi")),
         ("Recall, sampled (T=1)", ("chair", "sampled", "Recall")),
         ("grounding Acc@0.5", ("grounding", "acc")),
-        ("constant-box baseline Acc@0.5", ("grounding", "baseline_acc")),
+        ("grounding, best image-blind box", ("grounding", "blind_acc")),
+        ("grounding, mean training box", ("grounding", "baseline_acc")),
     ]
     return [f"| {label} | {pct(get(before, *path))} | {pct(get(after, *path))} |" for label, path in rows]
+
+
+def evidence_section(figures: dict[str, Any] | None, label: str) -> list[str]:
+    """The model against chance and every image-blind rule on the same items: accuracies with 95% intervals and
+    McNemar's exact p-values (two-sided)."""
+    if not figures:
+        return []
+    lines = [f"## The evidence ({label})", ""]
+    yes_no, grounding = figures.get("yes_no"), figures.get("grounding")
+    if yes_no:
+        low, high = yes_no["ci95"]
+        lines += [
+            f"Yes/no: {yes_no['correct']} of {yes_no['n']} right ({pct(yes_no['accuracy'])}%, 95% interval "
+            f"{pct(low)}-{pct(high)}; p against chance {yes_no['p_chance']:.1g}); pairs with both questions right "
+            f"{yes_no['pairs_both_right']} of {yes_no['pairs']}, pairs answered alike {yes_no['pairs_same_answer']}.",
+            "",
+            "| category | right | accuracy | 95% interval | p against chance |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, c in yes_no["per_category"].items():
+            lines.append(
+                f"| {name} | {c['correct']}/{c['n']} | {pct(c['accuracy'])} | {pct(c['ci95'][0])}-{pct(c['ci95'][1])} "
+                f"| {c['p_chance']:.1g} |"
+            )
+        lines += ["", *comparison_table(yes_no["blind"]), ""]
+    if grounding:
+        low, high = grounding["ci95"]
+        plain = grounding["without_position_phrase"]
+        lines += [
+            f"Grounding: {grounding['correct']} of {grounding['n']} boxes at IoU >= 0.5 ({pct(grounding['acc'])}%, "
+            f"95% interval {pct(low)}-{pct(high)}). On the {plain['n']} expressions without a place phrase: model "
+            f"{pct(plain['model_accuracy'])}%, best constant box {pct(plain['baseline_accuracy'])}% (p "
+            f"{plain['p_value']:.1g}).",
+            "",
+            *comparison_table(grounding["blind"]),
+            "",
+        ]
+    return lines
+
+
+def comparison_table(blind: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per image-blind rule: its accuracy, the disagreements and McNemar's exact p-value."""
+    lines = [
+        "| image-blind rule (fit on the training data) | its accuracy | model right, rule wrong | rule right, "
+        "model wrong | McNemar p |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, c in blind.items():
+        lines.append(
+            f"| {name} | {pct(c['baseline_accuracy'])} | {c['model_only']} | {c['baseline_only']} | {c['p_value']:.1g} |"
+        )
+    return lines
 
 
 def grounding_grid(pictures: list[Path], out_png: Path, columns: int = 4) -> Path | None:
@@ -144,12 +199,15 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
         "",
         "Yes/no on the held-out questions; CHAIR on the held-out descriptions (`objhal_bench.jsonl`, toy synonyms; "
         f"sampled = {config.chair_samples} samples per image at temperature 1, fixed seeds); grounding on the "
-        "held-out REC split, against the mean training box predicted for every expression.",
+        "held-out REC split. Image-blind rules are fit on the training files only; the sections below compare "
+        "the model with each of them on the same items.",
         "",
         "| metric | after SFT | after preference training |",
         "|---|---:|---:|",
         *metric_rows(before, after),
         "",
+        *evidence_section(before, "after SFT"),
+        *evidence_section(after, "after preference training"),
     ]
     lines += curves_section(config)
     for stage in ("eval_preference", "eval_sft"):

@@ -145,6 +145,7 @@ def sft_training_arguments(
         loss_reduction=config.sft_loss_reduction,
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
         bf16=config.bf16,
+        vision_learning_rate=config.sft_vision_lr,
     )
 
 
@@ -224,6 +225,7 @@ def fit(
             tune_vision=config.tunes_vision_in_sft(),
             tune_llm=True,
             tune_resampler=True,
+            tune_embeddings=config.sft_tune_embeddings,
             attn_implementation=config.attn_implementation,
             weights_dtype="float32",  # with `bf16`: mixed precision, float32 weights and optimizer
         ),

@@ -53,6 +53,7 @@ def fit_vision(config: DemoConfig) -> dict[str, Any]:
         eval_instances=str(annotations / "instances_val2014.json"),
         eval_limit=config.n_test,
         align_rows=config.vision_align_rows,
+        row_boxes=config.vision_row_boxes,
         weights_dtype="float32",  # with `bf16`: autocast over float32 weights
         attn_implementation=config.attn_implementation,
     )

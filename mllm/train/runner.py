@@ -56,6 +56,15 @@ class MLLMTrainingArguments(TrainingArguments):
         },
     )
 
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the vision tower when it is trained (--tune-vision); default: "
+            "--learning-rate. A tower pretrained on its own task can adapt to the LLM at a lower rate without "
+            "forgetting that task."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.use_cpu and not accelerator_available():
             # Without it accelerate finds no distributed backend on a CPU-only machine and counts one process per
@@ -64,6 +73,8 @@ class MLLMTrainingArguments(TrainingArguments):
             logger.info("no GPU or other accelerator: training on the CPU (--use-cpu true)")
             self.use_cpu = True
         super().__post_init__()
+        if self.vision_learning_rate is not None and self.vision_learning_rate < 0:
+            raise ValueError(f"--vision-learning-rate must be >= 0, got {self.vision_learning_rate}")
         if self.loss_reduction not in SFT_LOSS_REDUCTIONS:
             raise ValueError(
                 f"--loss-reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"

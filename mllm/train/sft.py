@@ -91,6 +91,13 @@ class ModelArguments:
         default=True, metadata={"help": "Train the language model (all of it, or LoRA adapters)."}
     )
     tune_resampler: bool = field(default=True, metadata={"help": "Train the resampler."})
+    tune_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "With --tune-llm, train the LLM's token embeddings too (the output layer as well when they are "
+            "tied). Off keeps the vocabulary's vectors fixed, e.g. when the projector was aligned to them."
+        },
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -179,6 +186,27 @@ class SFTTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the vision tower's parameters in groups of their own at
+        `--vision-learning-rate` (the schedule scales every group alike)."""
+        already = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        vision_lr = getattr(self.args, "vision_learning_rate", None)
+        if vision_lr is None or already:
+            return optimizer
+        opt_model = self.model if model is None else model
+        vision = {id(p) for name, p in opt_model.named_parameters() if is_vision_parameter(name)}
+        groups = []
+        for group in optimizer.param_groups:
+            for in_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == in_vision]
+                if params:
+                    groups.append({**group, "params": params, "lr": vision_lr if in_vision else group["lr"]})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         """`--train-sampling-strategy group_by_length` with the lengths the dataset already knows (Trainer's own
         path would load every sample, images included, to measure it); anything else is Trainer's."""
@@ -254,11 +282,19 @@ def _is_module(model: torch.nn.Module, name: str) -> bool:
     return True
 
 
+def is_vision_parameter(name: str) -> bool:
+    """Whether a parameter name (of the model, or of its peft or DDP wrapper) belongs to the vision tower `vpm`."""
+    return name.startswith("vpm.") or ".vpm." in name
+
+
 def set_trainable(model: torch.nn.Module, args: ModelArguments) -> None:
     """requires_grad by component: `vpm`, `llm`, `resampler` (LoRA adapters are added after this)."""
     model.vpm.requires_grad_(args.tune_vision)
     model.resampler.requires_grad_(args.tune_resampler)
     model.llm.requires_grad_(args.tune_llm and not args.use_lora)
+    if not args.tune_embeddings:
+        model.llm.get_input_embeddings().requires_grad_(False)
+        model.llm.get_output_embeddings().requires_grad_(False)
 
 
 def apply_lora(model: torch.nn.Module, args: ModelArguments) -> torch.nn.Module:

@@ -55,25 +55,56 @@ def region_presence(
     return torch.stack(out)
 
 
+def region_boxes(
+    boxes: torch.Tensor, inside: torch.Tensor, tgt_sizes: torch.Tensor, side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token boxes [N, L, 4] and object masks [N, L] of slices with grids tgt_sizes [N, 2] -> the box of each
+    row's cell (the grid cut into side x side cells as the grid projectors cut it: the box most of the cell's object
+    tokens carry) [N, side*side, 4] and whether the cell holds any object token [N, side*side]."""
+    targets = boxes.new_zeros(len(boxes), side * side, 4)
+    present = torch.zeros(len(boxes), side * side, dtype=torch.bool, device=boxes.device)
+    for n, (h, w) in enumerate(tgt_sizes.tolist()):
+        grid, mask = boxes[n, : h * w].reshape(h, w, 4), inside[n, : h * w].reshape(h, w)
+        for i in range(side):
+            for j in range(side):
+                rows = slice(i * h // side, -(-(i + 1) * h // side))
+                cols = slice(j * w // side, -(-(j + 1) * w // side))
+                cell = grid[rows, cols][mask[rows, cols]]  # [k, 4] boxes of the cell's object tokens
+                if len(cell):
+                    unique, counts = torch.unique(cell, dim=0, return_counts=True)
+                    targets[n, i * side + j] = unique[counts.argmax()]
+                    present[n, i * side + j] = True
+    return targets, present
+
+
 class RowWordAlignment(nn.Module):
     """Scores the projector's image rows against fixed word vectors (the LLM's input embeddings of the category and
-    attribute names): logit = scale * <row, word / |word|> + bias, one per row and name."""
+    attribute names): logit = scale * <row, word / |word|> + bias, one per row and name. With `box_head`, a linear
+    head on the same rows predicts the box of each row's cell (a sigmoid: fractions of the image)."""
 
-    def __init__(self, projector: nn.Module, word_vectors: torch.Tensor, normalize: bool):
+    def __init__(
+        self, projector: nn.Module, word_vectors: torch.Tensor, normalize: bool, box_head: bool = False
+    ):
         super().__init__()
         self.projector = projector
         self.normalize = normalize
         self.register_buffer("words", F.normalize(word_vectors.float(), dim=-1), persistent=True)  # [K, D]
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.tensor(-2.0))
+        self.box_head = nn.Linear(word_vectors.shape[1], 4) if box_head else None
 
-    def forward(self, tokens: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, tgt_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(word logits [N, Q, K], row boxes [N, Q, 4] or None)."""
         from mllm.model.modeling import normalize_rows
 
         rows = self.projector(tokens, tgt_sizes)  # [N, Q, D]
         if self.normalize:
             rows = normalize_rows(rows)
-        return self.scale * rows.float() @ self.words.T + self.bias  # [N, Q, K]
+        logits = self.scale * rows.float() @ self.words.T + self.bias  # [N, Q, K]
+        boxes = torch.sigmoid(self.box_head(rows)) if self.box_head is not None else None
+        return logits, boxes
 
 
 class TokenLabelHeads(nn.Module):
@@ -121,32 +152,39 @@ class TokenLabelHeads(nn.Module):
                 inside = (labels != IGNORE_INDEX) & (labels != self.category_head.out_features - 1)  # [N, L]
                 loss = loss + token_box_loss(out["boxes"], box_labels.to(tokens.device), inside)
             if self.row_words is not None:
-                loss = loss + self._row_word_loss(tokens, tgt_sizes, category_labels, attribute_labels)
+                loss = loss + self._row_word_loss(
+                    tokens, tgt_sizes, category_labels, attribute_labels, box_labels
+                )
             out["loss"] = loss
         return out
 
-    def _row_word_loss(self, tokens, tgt_sizes, category_labels, attribute_labels) -> torch.Tensor:
-        """BCE of every row against the names present in its cell (categories, then attribute values)."""
+    def _row_word_loss(
+        self, tokens, tgt_sizes, category_labels, attribute_labels, box_labels
+    ) -> torch.Tensor:
+        """BCE of every row against the names present in its cell (categories, then attribute values); with a row
+        box head, + L1 of each row's box against its cell's."""
         tgt_sizes = tgt_sizes.to(tokens.device)
-        presence = [
-            region_presence(
-                category_labels.to(tokens.device),
-                tgt_sizes,
-                self.category_head.out_features - 1,
-                self.row_words.projector.side,
-            )
-        ]
+        categories = category_labels.to(tokens.device)
+        side = self.row_words.projector.side
+        background = self.category_head.out_features - 1
+        presence = [region_presence(categories, tgt_sizes, background, side)]
         if self.attribute_head is not None and attribute_labels is not None:
             presence.append(
                 region_presence(
                     attribute_labels.to(tokens.device),
                     tgt_sizes,
                     self.attribute_head.out_features - 1,
-                    self.row_words.projector.side,
+                    side,
                 )
             )
         target = torch.cat(presence, dim=-1)  # [N, Q, K]
-        return F.binary_cross_entropy_with_logits(self.row_words(tokens, tgt_sizes), target)
+        logits, boxes = self.row_words(tokens, tgt_sizes)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        if boxes is not None and box_labels is not None:
+            inside = (categories != IGNORE_INDEX) & (categories != background)  # [N, L]
+            cell_boxes, present = region_boxes(box_labels.to(tokens.device), inside, tgt_sizes, side)
+            loss = loss + token_box_loss(boxes, cell_boxes, present)
+        return loss
 
 
 @torch.no_grad()
@@ -206,6 +244,13 @@ class VisionPretrainArguments:
             "LLM's input embeddings of the category and attribute names present in its region."
         },
     )
+    row_boxes: bool = field(
+        default=False,
+        metadata={
+            "help": "With --align-rows, a linear head on each image row also predicts the box of the object "
+            "covering most of its region, so that the rows the LLM reads carry where the objects are."
+        },
+    )
     weights_dtype: str = field(default="auto", metadata={"help": WEIGHTS_DTYPE_HELP})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention of the tower: eager or sdpa."}
@@ -223,6 +268,8 @@ class VisionPretrainArguments:
         check_weights_dtype(self.weights_dtype)
         if self.attn_implementation not in ("eager", "sdpa"):
             raise ValueError(f"--attn-implementation must be eager or sdpa, got {self.attn_implementation!r}")
+        if self.row_boxes and not self.align_rows:
+            raise ValueError("--row-boxes needs --align-rows (the head reads the aligned rows)")
 
 
 def word_vectors(model, tokenizer, names: list[str]) -> torch.Tensor:
@@ -261,6 +308,7 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
             model.resampler,
             word_vectors(model, processor.tokenizer, names),
             model.config.normalize_image_rows,
+            box_head=args.row_boxes,
         )
     heads = TokenLabelHeads(
         model.vpm,
