@@ -1,6 +1,6 @@
 """Demo evaluation stage: yes/no accuracy, CHAIR (greedy and sampled) and grounding Acc@0.5 of one model.
 
-Each part calls the functions behind a command: `mllm eval-vqa` (mllm.eval.vqa), `mllm answer` + `mllm chair`
+Each part calls the functions behind a command: `mllm eval vqa` (mllm.eval.vqa), `mllm answer` + `mllm eval chair`
 (mllm.eval.answer, mllm.eval.chair with the toy synonyms) and `mllm score-grounding` (mllm.eval.grounding_score). Every
 answers/predictions file is appended per batch and skips finished items, so an interrupted evaluation resumes.
 

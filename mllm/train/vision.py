@@ -262,7 +262,7 @@ class VisionPretrainArguments:
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"--{name.replace('_', '-')}: file not found: {path}")
         if not Path(self.image_folder).is_dir():
-            raise ValueError(f"--image-folder: not a folder: {self.image_folder}")
+            raise ValueError(f"--image-root (--image-folder): not a folder: {self.image_folder}")
         if self.eval_limit < 1:
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         check_weights_dtype(self.weights_dtype)
