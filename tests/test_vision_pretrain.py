@@ -323,4 +323,4 @@ def test_the_command_line_trains_and_saves_a_model_directory(
     assert (out / "loss_curves.png").is_file()
     bad = ["train", "vision", "--model", str(model_dir), "--instances", str(coco_file(world))]
     assert main(bad + ["--image-folder", str(tmp_path / "nowhere"), "--output-dir", str(out)]) != 0
-    assert "--image-folder: not a folder" in capsys.readouterr().err
+    assert "--image-root (--image-folder): not a folder" in capsys.readouterr().err
