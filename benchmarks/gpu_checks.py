@@ -39,11 +39,11 @@ CORPUS = ["A red circle and a blue square on a white table.", "Describe this ima
 def build(workdir: Path):
     from transformers import AutoTokenizer
 
-    from mllm.data.toy_tokenizer import build_toy_tokenizer
     from mllm.model.config import MLLMConfig
     from mllm.model.modeling import MLLMModel
     from mllm.processing.image_processing import MLLMImageProcessor
     from mllm.processing.processor import MLLMProcessor
+    from mllm.toy.tokenizer import build_toy_tokenizer
 
     torch.manual_seed(0)
     model = MLLMModel(MLLMConfig.from_preset("bench-tiny", **SHAPE, attn_implementation="eager")).eval()

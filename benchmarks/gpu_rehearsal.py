@@ -150,9 +150,9 @@ def write_processor(out: Path, corpus: list[str], tiny: bool, vocab_size: int) -
     from transformers import AutoTokenizer
 
     from mllm.bench import pad_vocabulary
-    from mllm.data.toy_tokenizer import build_toy_tokenizer
     from mllm.processing.image_processing import MLLMImageProcessor
     from mllm.processing.processor import MLLMProcessor
+    from mllm.toy.tokenizer import build_toy_tokenizer
 
     build_toy_tokenizer(corpus, out / "tokenizer", vocab_size=700)
     pad_vocabulary(out / "tokenizer", vocab_size)

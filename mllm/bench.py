@@ -22,13 +22,13 @@ import transformers
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from mllm.data.toy_tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, tokenizer_config, write_config_json
 from mllm.io import write_json_atomic
 from mllm.model.config import MLLMConfig
 from mllm.model.loading import fill_random_, reset_buffers
 from mllm.model.modeling import MLLMModel
 from mllm.processing.image_processing import MLLMImageProcessor
 from mllm.processing.processor import MLLMProcessor
+from mllm.toy.tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, tokenizer_config, write_config_json
 
 TOKENIZER_CORPUS = [
     "The image shows a man sitting on a couch with his dog while a cat sleeps on the chair.",

@@ -28,19 +28,10 @@ LAYERS = [
     [("cli", "__main__")],  # one module per subcommand
 ]
 
-TOY = {
-    # The toy world and from-scratch training, to move into an `mllm/toy` application package (issue 25, part 1,
-    # after issue 26): until then they count as that application layer, wherever they live.
-    "mllm.data.toy",
-    "mllm.data.toy_tokenizer",
-    "mllm.data.box_labels",
-    "mllm.train.vision",
-    "mllm.model.merger",
-}
 KNOWN_EXCEPTIONS = {
-    # MLLMModel picks the from-scratch projectors of mllm.model.merger by the config's name; the registry that
+    # MLLMModel picks the from-scratch projectors of mllm.toy.projectors by the config's name; the registry that
     # replaces this import comes with the toy package (issue 25, part 1).
-    ("mllm.model.modeling", "mllm.model.merger"),
+    ("mllm.model.modeling", "mllm.toy.projectors"),
 }
 LAZY_IMPORT_PACKAGES = ("cli", "demo", "toy")
 """Where an mllm import may sit inside a function: the command line (see the module docstring), and for now the
@@ -53,9 +44,7 @@ def module_name(path: Path) -> str:
 
 
 def package_of(module: str) -> str:
-    """The top-level part of mllm a module belongs to ("model", "cli", "api", ...); the toy modules are "toy"."""
-    if module in TOY:
-        return "toy"
+    """The top-level part of mllm a module belongs to ("model", "cli", "api", "toy", ...)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -122,8 +111,8 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert not allowed("mllm.eval.answer", "mllm.train.sft") and not allowed(
         "mllm.data.grounding", "mllm.eval.vqa"
     )
-    assert allowed("mllm.demo.build", "mllm.train.vision")  # a toy module is an application beside the demo
-    assert not allowed("mllm.train.sft", "mllm.train.vision") and not allowed(
+    assert allowed("mllm.demo.build", "mllm.toy.pretrain")  # a toy module is an application beside the demo
+    assert not allowed("mllm.train.sft", "mllm.toy.pretrain") and not allowed(
         "mllm.web.app", "mllm.serve.app"
     )
 

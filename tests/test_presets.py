@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from mllm.data.toy_tokenizer import ToyPresetConfig, model_config
 from mllm.model.config import MLLMConfig
 from mllm.model.presets import PRESETS, preset_fields
+from mllm.toy.tokenizer import ToyPresetConfig, model_config
 
 COMPARED = (
     "hidden_size",

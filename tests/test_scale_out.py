@@ -54,7 +54,7 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, small_model_dir: Path) -> dict[str, Path]:
     """A small toy world (every file format) and its REC records prepared as grounding conversations."""
-    from mllm.data.toy import make_toy_world
+    from mllm.toy.world import make_toy_world
 
     root = tmp_path_factory.mktemp("scale_out_world")
     make_toy_world(root / "world", n_train=12, n_test=4, n_preference=8)

@@ -18,7 +18,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mllm.data.toy import make_toy_world
+    from mllm.toy.world import make_toy_world
 
     root = tmp_path_factory.mktemp("scripts_world") / "world"
     make_toy_world(root, n_train=8, n_test=4, n_preference=8)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm.data.toy import COLORS, DESCRIBE_QUESTION, QUESTION_TYPES, SHAPES, YES_NO_SUFFIX, make_toy_world
-from mllm.data.toy_tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, toy_corpus, write_toy_preset
+from mllm.toy.tokenizer import SPECIAL_TOKENS, build_toy_tokenizer, toy_corpus, write_toy_preset
+from mllm.toy.world import COLORS, DESCRIBE_QUESTION, QUESTION_TYPES, SHAPES, YES_NO_SUFFIX, make_toy_world
 
 SMALL = {"n_train": 200, "n_test": 24, "n_preference": 60}
 
@@ -431,7 +431,7 @@ def test_cli_make_and_tokenizer(tmp_path, capsys):
 def test_lookup_questions_answer_from_the_scene():
     """The opt-in lookups (`ToyWorldConfig.lookup_questions`): shapes present, the shape of a uniquely coloured
     object, and the column and row of an object, in the words the position questions use."""
-    from mllm.data.toy import ToyObject, lookup_questions
+    from mllm.toy.world import ToyObject, lookup_questions
 
     objects = [
         ToyObject("circle", "red", [4, 4, 24, 24], [4, 4, 21]),  # centre (14, 14): top left
@@ -453,7 +453,7 @@ def test_lookup_questions_answer_from_the_scene():
 def test_preset_options_without_system_message_image_id_or_long_rope(toy_tok_dir, tmp_path, world):
     from transformers import AutoTokenizer
 
-    from mllm.data.toy_tokenizer import ToyPresetConfig
+    from mllm.toy.tokenizer import ToyPresetConfig
 
     tok_dir = build_toy_tokenizer(toy_corpus(world), tmp_path / "tok", vocab_size=600, default_system=False)
     tok = AutoTokenizer.from_pretrained(tok_dir)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers.training import cpu_training_args
 
-from mllm.data.box_labels import (
+from mllm.toy.box_labels import (
     IGNORE_INDEX,
     BoxLabelDataset,
     LabelledBox,
@@ -52,7 +52,7 @@ def test_token_box_loss_is_the_l1_distance_inside_boxes_only() -> None:
 
 
 def test_region_presence_marks_the_classes_of_each_cell() -> None:
-    from mllm.train.vision import region_presence
+    from mllm.toy.pretrain import region_presence
 
     # one 4 x 4 grid (classes 0..2, 3 = background) and one 2 x 2 grid padded to 16 tokens
     first = torch.tensor([[0, 3, 3, 3], [3, 3, 3, 1], [3, 3, 3, 3], [2, 2, 3, 1]]).flatten()
@@ -64,7 +64,7 @@ def test_region_presence_marks_the_classes_of_each_cell() -> None:
 
 
 def test_region_boxes_take_the_box_most_of_a_cell_carries() -> None:
-    from mllm.train.vision import region_boxes
+    from mllm.toy.pretrain import region_boxes
 
     a, b = torch.tensor([0.1, 0.1, 0.3, 0.3]), torch.tensor([0.5, 0.5, 0.9, 0.9])
     boxes = torch.zeros(1, 16, 4)
@@ -155,7 +155,7 @@ def test_bad_records_name_the_file_the_record_and_the_field(toy_world_and_model,
 
 
 def vision_arguments(world: Path, model_dir: Path, **overrides):
-    from mllm.train.vision import VisionPretrainArguments
+    from mllm.toy.pretrain import VisionPretrainArguments
 
     return VisionPretrainArguments(
         model=str(model_dir),
@@ -180,7 +180,7 @@ def changed_parts(trained_dir: Path, model_dir: Path) -> set[str]:
 def test_the_tower_learns_the_boxes_alone_and_an_interrupted_run_resumes(
     toy_world_and_model, tmp_path: Path
 ) -> None:
-    from mllm.train.vision import train_vision
+    from mllm.toy.pretrain import train_vision
 
     world, model_dir = toy_world_and_model
     args = vision_arguments(world, model_dir, eval_instances=str(coco_file(world, "val")))
@@ -205,7 +205,7 @@ def test_the_same_seed_trains_the_same_tower(toy_world_and_model, tmp_path: Path
     random state it starts in (a spawned training process starts unseeded)."""
     from safetensors.torch import load_file
 
-    from mllm.train.vision import train_vision
+    from mllm.toy.pretrain import train_vision
 
     world, model_dir = toy_world_and_model
     for run, noise in (("a", 1), ("b", 2)):
@@ -219,7 +219,7 @@ def test_the_same_seed_trains_the_same_tower(toy_world_and_model, tmp_path: Path
 
 
 def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path) -> None:
-    from mllm.train.vision import train_vision
+    from mllm.toy.pretrain import train_vision
 
     world, model_dir = toy_world_and_model
     args = vision_arguments(world, model_dir, align_rows=True)
@@ -230,7 +230,7 @@ def test_align_rows_trains_the_projector_too(toy_world_and_model, tmp_path: Path
 
 
 def test_row_boxes_train_a_box_head_on_the_rows(toy_world_and_model, tmp_path: Path) -> None:
-    from mllm.train.vision import train_vision
+    from mllm.toy.pretrain import train_vision
 
     world, model_dir = toy_world_and_model
     with pytest.raises(ValueError, match="--row-boxes needs --align-rows"):
@@ -254,7 +254,7 @@ def test_weights_load_in_float32_unless_a_half_precision_is_asked(
     """The rule of `train sft`: a bfloat16 checkpoint trains in float32 without --bf16 (transformers 5 alone keeps
     the file's dtype), and --weights-dtype float32 keeps float32 weights under --bf16 autocast."""
     from mllm.model.modeling import MLLMModel
-    from mllm.train import vision
+    from mllm.toy import pretrain as vision
 
     world, model_dir = toy_world_and_model
     half = tmp_path / "bf16_model"
@@ -287,7 +287,7 @@ def test_align_rows_needs_a_grid_projector(toy_world_and_model, tmp_path: Path) 
     from mllm.demo.build import init_model_dir
     from mllm.demo.config import demo_config
     from mllm.demo.pipeline import run_demo
-    from mllm.train.vision import train_vision
+    from mllm.toy.pretrain import train_vision
 
     world, _ = toy_world_and_model
     config = demo_config(

@@ -74,7 +74,7 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
 
 
 def run_make(args: argparse.Namespace) -> int:
-    from mllm.data.toy import make_toy_world
+    from mllm.toy.world import make_toy_world
 
     try:
         counts = make_toy_world(
@@ -97,7 +97,7 @@ def run_make(args: argparse.Namespace) -> int:
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from mllm.data.toy_tokenizer import build_toy_tokenizer, toy_corpus, write_toy_preset
+    from mllm.toy.tokenizer import build_toy_tokenizer, toy_corpus, write_toy_preset
 
     try:
         out = build_toy_tokenizer(toy_corpus(args.world), args.out_dir, vocab_size=args.vocab_size)

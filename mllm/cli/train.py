@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
         return preference_main(argv)
     if args.task == "vision":
-        from mllm.train.vision import run_vision
+        from mllm.toy.pretrain import run_vision
 
         return run_vision(argv)
     from mllm.train.runner import run_sft

@@ -28,7 +28,7 @@ def init_model_dir(config: DemoConfig) -> Path:
 
 def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """The toy world in the real file formats; a half-written world from a killed run is replaced."""
-    from mllm.data.toy import make_toy_world
+    from mllm.toy.world import make_toy_world
 
     leftovers = [p for p in folder.iterdir() if p.name != "done.json"]
     counts = make_toy_world(
@@ -55,7 +55,7 @@ def make_world(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 def preset_vision_config(tokenizer_dir: Path, config: DemoConfig) -> dict[str, Any]:
     """The preset's vision_config with the demo's stem (see DemoConfig.vision_stem)."""
-    from mllm.data.toy_tokenizer import load_tokenizer_facts, model_config
+    from mllm.toy.tokenizer import load_tokenizer_facts, model_config
 
     vision = dict(model_config(*load_tokenizer_facts(tokenizer_dir), preset_config(config))["vision_config"])
     if config.vision_stem != "patch":
@@ -66,7 +66,7 @@ def preset_vision_config(tokenizer_dir: Path, config: DemoConfig) -> dict[str, A
 
 def preset_config(config: DemoConfig):
     """The tiny preset's sizes with the demo's vision choices."""
-    from mllm.data.toy_tokenizer import ToyPresetConfig
+    from mllm.toy.tokenizer import ToyPresetConfig
 
     return ToyPresetConfig(
         patch_size=config.patch_size,
@@ -81,9 +81,9 @@ def make_model(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """Tokenizer trained on the world's texts, the tiny preset, and its random initialisation (seeded)."""
     import torch
 
-    from mllm.data.toy_tokenizer import build_toy_tokenizer, toy_corpus, write_toy_preset
     from mllm.model.config import MLLMConfig
     from mllm.model.modeling import MLLMModel
+    from mllm.toy.tokenizer import build_toy_tokenizer, toy_corpus, write_toy_preset
 
     tokenizer_dir = build_toy_tokenizer(
         toy_corpus(world_dir(config)), folder / "tokenizer", default_system=config.default_system_prompt

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mllm.data.toy import COLORS, QUESTION_TYPES, SHAPES, position_phrase
 from mllm.demo.config import DemoConfig
 from mllm.eval.blind import (
     best_box_per_key,
@@ -35,6 +34,7 @@ from mllm.eval.blind import (
     predict_by_backoff,
 )
 from mllm.eval.stats import binomial_p_value, mcnemar, pair_accuracy, proportion_interval
+from mllm.toy.world import COLORS, QUESTION_TYPES, SHAPES, position_phrase
 
 METRICS_FILE = "metrics.json"
 MIN_KEY_RECORDS = 5

@@ -50,7 +50,7 @@ def sft_start_model_dir(config: DemoConfig) -> Path:
 
 def write_align_data(config: DemoConfig, out: Path) -> int:
     """The descriptions of the SFT file (image paths made absolute), the alignment stage's data; returns the count."""
-    from mllm.data.toy import DESCRIBE_QUESTION
+    from mllm.toy.world import DESCRIBE_QUESTION
 
     world = world_dir(config)
     items = [

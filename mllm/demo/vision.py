@@ -2,7 +2,7 @@
 
 It reads the world's COCO-format instances (shape = category, `color` = attribute) and trains the tower with
 per-token labels and, with `vision_align_rows`, the projector with rows aligned to the shape and colour words
-(mllm/train/vision.py), resumable from its checkpoints; the held-out object-token accuracy of the shape, colour and
+(mllm/toy/pretrain.py), resumable from its checkpoints; the held-out object-token accuracy of the shape, colour and
 box heads is the stage's figure.
 """
 
@@ -41,8 +41,8 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 def fit_vision(config: DemoConfig) -> dict[str, Any]:
     """One training process of the `vision` stage, resumed from the newest checkpoint."""
+    from mllm.toy.pretrain import VisionPretrainArguments, train_vision
     from mllm.train.runner import resolve_resume
-    from mllm.train.vision import VisionPretrainArguments, train_vision
 
     annotations = world_dir(config) / "coco" / "annotations"
     args = VisionPretrainArguments(

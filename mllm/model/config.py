@@ -155,7 +155,7 @@ class MLLMConfig(PretrainedConfig):
     version: float | str | None = None
     projector: str = "resampler"
     """Vision tokens -> LLM rows: "resampler" (MiniCPM-V's perceiver, every real checkpoint), or for tiny models
-    trained from scratch (`mllm.model.merger`) "merge" (a 2x2 patch merge) or "mlp" (each token on its own)."""
+    trained from scratch (`mllm.toy.projectors`) "merge" (a 2x2 patch merge) or "mlp" (each token on its own)."""
     normalize_image_rows: bool = False
     """Normalise each slice's query rows after the projector: subtract their mean over the rows and divide by their
     RMS (real checkpoints: false). For tiny models trained from scratch: without it the rows of the toy demo grew

@@ -35,9 +35,9 @@ from mllm.model.fast_generate import FastGenerator
 from mllm.model.inputs import BATCH_FIELDS, MLLMInputs, positions_from_mask
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.loading import HUB_KWARGS, load_pretrained
-from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
+from mllm.toy.projectors import PatchMerger, TokenProjector
 
 TERMINATOR_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -130,7 +130,7 @@ class MLLMModel(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.llm = LLMForCausalLM(config)
         self.vpm = VisionTransformer(config.vision, config.num_vision_layers)
-        # "merge" (a 2x2 patch merge for tiny models trained from scratch): see mllm.model.merger
+        # "merge" (a 2x2 patch merge for tiny models trained from scratch): see mllm.toy.projectors
         projector = {"merge": PatchMerger, "mlp": TokenProjector}.get(config.projector, Resampler)
         self.resampler = projector(config.query_num, config.hidden_size, config.vision.hidden_size)
         self.post_init()

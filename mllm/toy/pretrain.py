@@ -5,7 +5,7 @@
     trainer.train()   # per vision token: CE(category) + CE(attribute) + L1(box corners, tokens inside a box)
     model.save_pretrained(out)        # the whole MLLM model directory, with the trained tower
 
-Each token of the tower's output is labelled from COCO-format boxes (mllm/data/box_labels.py): the category and
+Each token of the tower's output is labelled from COCO-format boxes (mllm/toy/box_labels.py): the category and
 attribute of the box it lies in and that box's corners; linear heads read every token and only the tower and the
 heads train. With `align_rows` the grid projector trains too: each image row it makes for the LLM is scored against
 the LLM's (fixed) input embeddings of the category and attribute names present in its cell (`RowWordAlignment`), so
@@ -31,9 +31,9 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from mllm.boxes import iou
-from mllm.data.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
-from mllm.model.merger import GridProjector
 from mllm.model.vision import VisionTransformer
+from mllm.toy.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
+from mllm.toy.projectors import GridProjector
 from mllm.train.losses import token_box_loss, token_label_loss
 from mllm.train.sft import WEIGHTS_DTYPE_HELP, check_weights_dtype, resolve_weights_dtype
 

@@ -604,7 +604,7 @@ def sft_items(scenes: list[Scene], seed: int, split: str) -> list[dict]:
 
 def coco_files(scenes: list[Scene], image_size: int) -> tuple[dict, dict]:
     """COCO 2014-format instances and captions: categories are the shapes, colour travels as an attribute."""
-    info = {"description": "toy world (mllm.data.toy)"}
+    info = {"description": "toy world (mllm.toy.world)"}
     images = [
         {"id": s.image_id, "file_name": s.image_path, "height": image_size, "width": image_size}
         for s in scenes
@@ -815,7 +815,7 @@ def readme_text(cfg: ToyWorldConfig, counts: dict[str, int]) -> str:
 
 Synthetic {cfg.image_size}x{cfg.image_size} PNG images with {cfg.min_objects}-{cfg.max_objects} non-overlapping objects.
 Shapes (the object categories): {shapes}. Colours (attributes): {colors}.
-Written by `mllm toy make` (`mllm.data.toy.make_toy_world`); the same seed and options give byte-identical files.
+Written by `mllm toy make` (`mllm.toy.world.make_toy_world`); the same seed and options give byte-identical files.
 
 **Paths.** Every relative image path in every file (`image`, `img_path`, `image_path`, COCO `file_name`) is relative to
 this folder: use this folder as the image folder.

@@ -1,4 +1,4 @@
-"""The `projector="merge"` and `"mlp"` options (mllm.model.merger): one row per 2x2 block of patches or per token, any
+"""The `projector="merge"` and `"mlp"` options (mllm.toy.projectors): one row per 2x2 block of patches or per token, any
 grid pooled to fit, and a model that builds, runs, saves and loads with them while the default stays the resampler."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mllm.model.config import MLLMConfig
-from mllm.model.merger import PatchMerger, TokenProjector
 from mllm.model.modeling import MLLMModel
 from mllm.model.resampler import Resampler
+from mllm.toy.projectors import PatchMerger, TokenProjector
 
 
 def rows_moved(projector, x: torch.Tensor, sizes: torch.Tensor, token: int, delta) -> torch.Tensor:
