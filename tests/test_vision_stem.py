@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mllm.model.config import MLLMConfig, VisionConfig
-from mllm.model.vision import ConvStem, ImageCNNStem, VisionTransformer, image_to_strip, strip_to_image
+from mllm.model.vision import VisionTransformer
+from mllm.toy.stems import ConvStem, ImageCNNStem, image_to_strip, strip_to_image
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
 

@@ -13,10 +13,9 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from mllm.model.presets import preset_fields
+from mllm.model.registry import PATCH_STEM, RESAMPLER, projector_class, stem_class
 
 MODEL_TYPES = ("mllm", "minicpmv")
-PROJECTORS = ("resampler", "merge", "mlp")
-VISION_STEMS = ("patch", "conv", "cnn")
 
 
 @dataclass
@@ -44,14 +43,14 @@ class VisionConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (training only)."""
     stem: str = "patch"
-    """How pixels become patch tokens. "patch" (SigLIP, every real checkpoint): one linear patch_size x patch_size
-    convolution. "conv" (an option for small models trained from scratch): a stride-2 3x3 convolution, then
+    """How pixels become patch tokens (a name in `mllm.model.registry`). "patch" (SigLIP, every real checkpoint): one
+    linear patch_size x patch_size convolution. "conv" (an option for small models trained from scratch): a stride-2 3x3 convolution, then
     `stem_layers - 1` stride-1 3x3 convolutions (each with GroupNorm and GELU), then the patch convolution of
     side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch. "cnn" (another option for
     tiny models trained from scratch): a small CNN over each slice's whole image (`stem_layers` stride-2 3x3
     convolutions, channels doubling from `stem_channels`), then the patch convolution of side
     patch_size / 2**stem_layers, so every token already sees the shape around it across patch borders; needs
-    patch_size divisible by 2**stem_layers (8 with 3 layers)."""
+    patch_size divisible by 2**stem_layers (8 with 3 layers). "conv" and "cnn" live in `mllm.toy.stems`."""
     stem_channels: int = 32
     """Channels of the first 3x3 convolution of the "conv"/"cnn" stems (unused by "patch")."""
     stem_layers: int = 2
@@ -233,29 +232,11 @@ class MLLMConfig(PretrainedConfig):
             raise ValueError(f"MLLMConfig.query_num must be positive, got {self.query_num}")
         if self.vision_batch_size <= 0:
             raise ValueError(f"MLLMConfig.vision_batch_size must be positive, got {self.vision_batch_size}")
-        if self.projector not in PROJECTORS:
-            raise ValueError(f"MLLMConfig.projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.projector != RESAMPLER:
+            projector_class(self.projector)  # a ValueError naming the field and the known names
         vision = self.vision
-        if vision.stem not in VISION_STEMS:
-            raise ValueError(
-                f"MLLMConfig.vision_config.stem must be one of {VISION_STEMS}, got {vision.stem!r}"
-            )
-        if vision.stem == "cnn" and (
-            vision.stem_layers < 1 or vision.stem_channels < 1 or vision.patch_size % 2**vision.stem_layers
-        ):
-            raise ValueError(
-                "MLLMConfig.vision_config: the cnn stem needs patch_size divisible by 2**stem_layers and positive "
-                f"stem_channels, got patch_size={vision.patch_size}, stem_layers={vision.stem_layers}, "
-                f"stem_channels={vision.stem_channels}"
-            )
-        if vision.stem == "conv" and (
-            vision.patch_size % 2 or vision.stem_layers < 1 or vision.stem_channels < 1
-        ):
-            raise ValueError(
-                "MLLMConfig.vision_config: the conv stem needs an even patch_size and positive stem_layers and "
-                f"stem_channels, got patch_size={vision.patch_size}, stem_layers={vision.stem_layers}, "
-                f"stem_channels={vision.stem_channels}"
-            )
+        if vision.stem != PATCH_STEM:
+            stem_class(vision.stem).check_config(vision)
         if vision.hidden_size % vision.num_attention_heads:
             raise ValueError(
                 f"MLLMConfig.vision_config.hidden_size ({vision.hidden_size}) must be a multiple of "

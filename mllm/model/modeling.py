@@ -35,9 +35,9 @@ from mllm.model.fast_generate import FastGenerator
 from mllm.model.inputs import BATCH_FIELDS, MLLMInputs, positions_from_mask
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.loading import HUB_KWARGS, load_pretrained
+from mllm.model.registry import RESAMPLER, projector_class
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
-from mllm.toy.projectors import PatchMerger, TokenProjector
 
 TERMINATOR_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -130,8 +130,8 @@ class MLLMModel(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.llm = LLMForCausalLM(config)
         self.vpm = VisionTransformer(config.vision, config.num_vision_layers)
-        # "merge" (a 2x2 patch merge for tiny models trained from scratch): see mllm.toy.projectors
-        projector = {"merge": PatchMerger, "mlp": TokenProjector}.get(config.projector, Resampler)
+        # "resampler" (MiniCPM-V) or a registered option, e.g. the toy world's "merge" / "mlp" (mllm.model.registry)
+        projector = Resampler if config.projector == RESAMPLER else projector_class(config.projector)
         self.resampler = projector(config.query_num, config.hidden_size, config.vision.hidden_size)
         self.post_init()
 

@@ -8,8 +8,6 @@ grid (h, w), is mapped onto the same 70x70 learned position table by bucketing i
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +15,7 @@ from transformers.activations import ACT2FN
 
 from mllm.model.config import VisionConfig
 from mllm.model.llm import additive_mask, eager_attention
+from mllm.model.registry import PATCH_STEM, stem_class
 
 
 def navit_position_ids(tgt_sizes: torch.Tensor, num_patches: int, side: int) -> torch.Tensor:
@@ -35,35 +34,6 @@ def navit_position_ids(tgt_sizes: torch.Tensor, num_patches: int, side: int) -> 
     return position_ids.to(tgt_sizes.device)
 
 
-class ConvStem(nn.Module):
-    """The optional "conv" stem: 3x3 convolutions (the first with stride 2) with GroupNorm and GELU.
-
-    It runs on the patch strip itself, so the NaViT layout is untouched: a stride-2 convolution maps each p x p patch
-    to a (p/2) x (p/2) cell exactly (p even), and the patch convolution of side p/2 that follows yields one token per
-    patch. Horizontal neighbours in a strip are the patch's neighbours in its image row, so the 3x3 kernels also see
-    a little across patch borders. Why it exists: a linear patch embedding trained from scratch learns colours fast
-    but localises objects inside a patch slowly; a few non-linear filters first make edges explicit.
-    """
-
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        channels, groups = config.stem_channels, math.gcd(config.stem_channels, 8)
-        layers: list[nn.Module] = []
-        in_channels = config.num_channels
-        for i in range(config.stem_layers):
-            layers += [
-                nn.Conv2d(in_channels, channels, kernel_size=3, stride=2 if i == 0 else 1, padding=1),
-                nn.GroupNorm(groups, channels),
-                nn.GELU(),
-            ]
-            in_channels = channels
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, p, L*p] -> [N, C, p/2, L*p/2]."""
-        return self.layers(pixel_values)
-
-
 def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
     """Stack [3, 14, L_i] strips into [N, 3, 14, max L], zero-padded on the right (padded patches are masked)."""
     width = max(s.shape[-1] for s in strips)
@@ -73,83 +43,21 @@ def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def strip_to_image(strip: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """One NaViT strip [C, p, L*p] (h*w real patches, row-major) -> the slice's image [C, h*p, w*p]."""
-    c, p = strip.shape[0], strip.shape[1]
-    patches = strip[:, :, : h * w * p].reshape(c, p, h, w, p)  # [C, row-in-patch, h, w, col-in-patch]
-    return patches.permute(0, 2, 1, 3, 4).reshape(c, h * p, w * p)
-
-
-def image_to_strip(image: torch.Tensor, h: int, w: int, length: int) -> torch.Tensor:
-    """Inverse of `strip_to_image`: [C, h*k, w*k] -> [C, k, length*k], zero-padded after the h*w patches."""
-    c, k = image.shape[0], image.shape[1] // h
-    strip = image.reshape(c, h, k, w, k).permute(0, 2, 1, 3, 4).reshape(c, k, h * w * k)
-    return F.pad(strip, (0, (length - h * w) * k))
-
-
-class ImageCNNStem(nn.Module):
-    """The optional "cnn" stem: a small strided CNN over each slice's whole image, before the patch convolution.
-
-    The strip is folded back into the slice's image (from its tgt_size), `stem_layers` stride-2 3x3 convolutions
-    (GroupNorm, GELU; channels doubling from `stem_channels`) run over it, and the feature map is cut back into the
-    strip layout, so the patch convolution of side patch_size / 2**stem_layers still yields one token per patch.
-    Why it exists: a ViT trained from scratch on the toy world learned colours at once but shapes hardly at all
-    within 500 steps, even with direct supervision, while a 3-layer strided CNN learned them (docs/LOG.md); unlike
-    the "conv" stem, these filters see across patch borders.
-    """
-
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = config.num_channels
-        for i in range(config.stem_layers):
-            channels = config.stem_channels * 2**i
-            layers += [
-                nn.Conv2d(in_channels, channels, kernel_size=3, stride=2, padding=1),
-                nn.GroupNorm(math.gcd(channels, 8), channels),
-                nn.GELU(),
-            ]
-            in_channels = channels
-        self.layers = nn.Sequential(*layers)
-        self.out_channels = in_channels
-        self.patch_size = config.patch_size
-        for layer in self.layers:
-            if isinstance(layer, (nn.Conv2d, nn.GroupNorm)):
-                # read by MLLMModel._init_weights: PyTorch's fan-in scaled init, not N(0, initializer_range)
-                layer.torch_default_init = True
-
-    def forward(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
-        """[N, 3, p, L*p] -> [N, C, k, L*k] with k = p / 2**stem_layers; slices of one size run as one batch."""
-        length = pixel_values.shape[-1] // self.patch_size
-        sizes = [tuple(size) for size in tgt_sizes.tolist()]
-        out: list[torch.Tensor | None] = [None] * len(sizes)
-        for h, w in sorted(set(sizes)):
-            index = [i for i, size in enumerate(sizes) if size == (h, w)]
-            images = torch.stack([strip_to_image(pixel_values[i], h, w) for i in index])  # [n, 3, h*p, w*p]
-            features = self.layers(images)  # [n, C, h*k, w*k]
-            for i, feature in zip(index, features):
-                out[i] = image_to_strip(feature, h, w, length)
-        return torch.stack(out)
-
-
 class VisionEmbeddings(nn.Module):
-    """Patch conv (optionally after a conv stem, see `VisionConfig.stem`) + bucketed position embedding."""
+    """Patch conv (optionally after a registered stem, see `VisionConfig.stem`) + bucketed position embedding."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.patch_size = config.patch_size
         self.side = config.num_patches_per_side
-        if config.stem == "conv":
-            self.stem = ConvStem(config)
-            in_channels, kernel = config.stem_channels, config.patch_size // 2
-        elif config.stem == "cnn":
-            self.stem = ImageCNNStem(config)
-            in_channels, kernel = self.stem.out_channels, config.patch_size // 2**config.stem_layers
-        else:
+        if config.stem == PATCH_STEM:
             self.stem = None
             in_channels, kernel = config.num_channels, config.patch_size
+        else:  # a registered from-scratch option (mllm.model.registry), e.g. the toy world's "conv" / "cnn"
+            self.stem = stem_class(config.stem)(config)
+            in_channels, kernel = self.stem.out_channels, self.stem.patch_size
         self.patch_embedding = nn.Conv2d(in_channels, config.hidden_size, kernel_size=kernel, stride=kernel)
-        self.patch_embedding.torch_default_init = config.stem == "cnn"
+        self.patch_embedding.torch_default_init = getattr(self.stem, "torch_default_patch_init", False)
         self.position_embedding = nn.Embedding(self.side**2, config.hidden_size)
         # read by MLLMModel._init_weights (None: the usual initializer_range)
         self.position_embedding.position_init_std = config.position_init_std
@@ -160,10 +68,8 @@ class VisionEmbeddings(nn.Module):
         """pixel_values [N, 3, 14, L*14] -> (tokens [N, L, D], position ids [N, L])."""
         weight = self.patch_embedding.weight
         pixel_values = pixel_values.to(weight.dtype)
-        if isinstance(self.stem, ImageCNNStem):
+        if self.stem is not None:
             pixel_values = self.stem(pixel_values, tgt_sizes)  # [N, C, k, L*k]
-        elif self.stem is not None:
-            pixel_values = self.stem(pixel_values)  # [N, C, 7, L*7]
         patches = self.patch_embedding(pixel_values)  # [N, D, 1, L]
         tokens = patches.flatten(2).transpose(1, 2)  # [N, L, D]
         position_ids = navit_position_ids(tgt_sizes, tokens.shape[1], self.side).to(tokens.device)

@@ -31,10 +31,14 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from mllm.boxes import iou
+from mllm.model.modeling import MLLMModel, normalize_rows
 from mllm.model.vision import VisionTransformer
+from mllm.processing.processor import MLLMProcessor
 from mllm.toy.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
 from mllm.toy.projectors import GridProjector
+from mllm.train.curves import plot_curves_after_training
 from mllm.train.losses import token_box_loss, token_label_loss
+from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
 from mllm.train.sft import WEIGHTS_DTYPE_HELP, check_weights_dtype, resolve_weights_dtype
 
 logger = logging.getLogger(__name__)
@@ -97,8 +101,6 @@ class RowWordAlignment(nn.Module):
         self, tokens: torch.Tensor, tgt_sizes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(word logits [N, Q, K], row boxes [N, Q, 4] or None)."""
-        from mllm.model.modeling import normalize_rows
-
         rows = self.projector(tokens, tgt_sizes)  # [N, Q, D]
         if self.normalize:
             rows = normalize_rows(rows)
@@ -286,9 +288,6 @@ def word_vectors(model, tokenizer, names: list[str]) -> torch.Tensor:
 def train_vision(args: VisionPretrainArguments, training_args, resume: str | None = None) -> dict[str, Any]:
     """Train the tower of `args.model` on the boxes and save the whole model directory to training_args.output_dir;
     returns the Trainer's history figures and, with --eval-instances, the held-out object-token accuracy."""
-    from mllm.model.modeling import MLLMModel
-    from mllm.processing.processor import MLLMProcessor
-
     set_seed(training_args.seed)  # the heads are made before Trainer seeds itself: same seed, same run
     model = MLLMModel.from_pretrained(
         args.model,
@@ -345,9 +344,6 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
 
 def run_vision(argv: list[str]) -> int:
     """`mllm train vision ...`: parse, train, save, plot the loss curve."""
-    from mllm.train.curves import plot_curves_after_training
-    from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
-
     parser = HfArgumentParser((VisionPretrainArguments, MLLMTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     check_output_dir(training_args)
