@@ -19,22 +19,11 @@ from mllm.model.registry import register_projector, register_stem
 from mllm.model.resampler import Resampler
 from mllm.toy.projectors import TokenProjector
 
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
-
 
 def tiny_config(vision: dict | None = None, **overrides) -> MLLMConfig:
-    fields = dict(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        query_num=4,
-        vision_config={**VISION, "image_size": 56, **(vision or {})},
-        drop_vision_last_layer=False,
-    )
-    return MLLMConfig(**{**fields, **overrides})
+    """The benchmarks' tiny preset with 4 rows per slice and a 56-pixel position table."""
+    vision_config = {"image_size": 56, **(vision or {})}
+    return MLLMConfig.from_preset("bench-tiny", query_num=4, vision_config=vision_config, **overrides)
 
 
 def test_unknown_names_are_refused_with_the_field_and_the_known_names() -> None:
