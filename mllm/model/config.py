@@ -43,12 +43,12 @@ class VisionConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (training only)."""
     stem: str = "patch"
-    """How pixels become patch tokens (a name in `mllm.model.registry`). "patch" (SigLIP, every real checkpoint): one
-    linear patch_size x patch_size convolution. "conv" (an option for small models trained from scratch): a stride-2 3x3 convolution, then
-    `stem_layers - 1` stride-1 3x3 convolutions (each with GroupNorm and GELU), then the patch convolution of
-    side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch. "cnn" (another option for
-    tiny models trained from scratch): a small CNN over each slice's whole image (`stem_layers` stride-2 3x3
-    convolutions, channels doubling from `stem_channels`), then the patch convolution of side
+    """How pixels become patch tokens (a name in `mllm.model.registry`). "patch" (SigLIP, every real checkpoint):
+    one linear patch_size x patch_size convolution. "conv" (an option for small models trained from scratch): a
+    stride-2 3x3 convolution, then `stem_layers - 1` stride-1 3x3 convolutions (each with GroupNorm and GELU), then
+    the patch convolution of side patch_size / 2; it lets a tiny tower see where an edge lies inside a patch. "cnn"
+    (another option for tiny models trained from scratch): a small CNN over each slice's whole image (`stem_layers`
+    stride-2 3x3 convolutions, channels doubling from `stem_channels`), then the patch convolution of side
     patch_size / 2**stem_layers, so every token already sees the shape around it across patch borders; needs
     patch_size divisible by 2**stem_layers (8 with 3 layers). "conv" and "cnn" live in `mllm.toy.stems`."""
     stem_channels: int = 32
