@@ -239,7 +239,7 @@ def test_a_killed_demo_stops_its_training_processes_and_resumes(tmp_path: Path) 
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    time.sleep(3)  # the training processes get SIGINT when their parent dies
+    time.sleep(3)  # the training processes get SIGKILL when their parent dies
     left = checkpoints(run_dir)
     time.sleep(5)
     assert checkpoints(run_dir) == left  # nothing trains on: an orphan would save every 4 steps

@@ -74,3 +74,56 @@ def test_a_result_larger_than_a_pipe_comes_back() -> None:
     from mllm.train.launch import run_in_processes
 
     assert run_in_processes(big_result, (200_000,), processes=2)["values"][-1] == 199_999
+
+
+def deaf_sleep(seconds: float) -> None:
+    """Module-level, for spawned processes: a process that ignores SIGINT (as one whose KeyboardInterrupt was lost)."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(seconds)
+
+
+def test_training_processes_die_with_a_killed_parent() -> None:
+    """SIGKILL of the caller kills its processes even when they would not stop on torch's SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "from mllm.train.launch import run_in_processes; import test_launch; "
+    code += "run_in_processes(test_launch.deaf_sleep, (300,), processes=2)"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 120
+    children: list[str] = []
+    while len(children) < 2:
+        assert parent.poll() is None and time.monotonic() < deadline, "the two processes did not start"
+        time.sleep(0.2)
+        children = children_file.read_text().split()
+    time.sleep(3)  # past the processes' start-up (their SIGINT is ignored from here on)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in children if _running(pid)]
+    for pid in alive:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not alive, f"processes {alive} trained on after their parent was killed"
+
+
+def _running(pid: str) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

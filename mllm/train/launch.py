@@ -10,12 +10,18 @@ averaged before the step. `train_fn` must build its TrainingArguments itself (in
 Why for the CPU: one process with two threads trains the toy demo's small model only a little faster than one
 thread (its matrices are too small to keep two cores busy), while two processes of one thread each, each on half of
 every batch, made an SFT step 1.57x faster (docs/LOG.md, 2026-11-27 (CPU, processes)).
+
+When the calling process dies (even by SIGKILL), its training processes are killed too (Linux: PR_SET_PDEATHSIG), so
+no orphan keeps training and writing checkpoints into a run that is about to be resumed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +37,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, fn: Callable, args: tuple, world_size: int, port: int, threads: int, results) -> None:
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when the thread that started it exits."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies. torch's spawn asks for SIGINT, whose KeyboardInterrupt Python can
+    lose (an interrupt raised inside a finalizer is printed and dropped): in one CI run under load, both processes of a
+    killed demo trained on and saved 6 more checkpoints. SIGKILL needs no cooperation from the process."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def _worker(
+    rank: int, fn: Callable, args: tuple, world_size: int, port: int, threads: int, results, parent_pid: int
+) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -60,7 +84,7 @@ def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, thread
     results = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
         _worker,
-        args=(fn, args, processes, free_port(), threads, results),
+        args=(fn, args, processes, free_port(), threads, results, os.getpid()),
         nprocs=processes,
         join=False,
         start_method="spawn",
