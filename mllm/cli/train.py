@@ -75,20 +75,12 @@ def training_argv(options: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from mllm.train.launch import end_process_group
+
     try:
         return _train(args)
     finally:
-        _end_process_group()
-
-
-def _end_process_group() -> None:
-    """Close the group Trainer opened under torchrun: a gloo group left open when the interpreter exits aborts the
-    process ("terminate called without an active exception", SIGABRT) after the model was saved, so torchrun reports
-    a failed run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -41,6 +41,14 @@ PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when the thread that started it exits."""
 
 
+def end_process_group() -> None:
+    """Close the group Trainer opened (under torchrun or `run_in_processes`), if any: a gloo group left open when the
+    interpreter exits aborts the process ("terminate called without an active exception", SIGABRT) after the model
+    was saved, so torchrun reports a failed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies. torch's spawn asks for SIGINT, whose KeyboardInterrupt Python can
     lose (an interrupt raised inside a finalizer is printed and dropped): in one CI run under load, both processes of a
@@ -68,8 +76,7 @@ def _worker(
     try:
         result = fn(*args)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
     if rank == 0:
         results.put(result)
 
