@@ -42,7 +42,7 @@ def fast_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
     ran = [name for name, _ in stage_functions(demo_config(fast_demo, fast=True))]
-    assert ran == [stage for stage in STAGES if stage != "align"]  # `align` is off by default
+    assert ran == list(STAGES)  # `align` (the position questions first) is on by default
     for stage in ran:
         assert (fast_demo / stage / DONE).is_file(), stage
     report = (fast_demo / "REPORT.md").read_text()
@@ -55,9 +55,9 @@ def test_fast_demo_writes_every_stage_and_the_report(fast_demo: Path) -> None:
     ):
         assert heading in report
     assert "| yes/no accuracy, count questions |" in report  # per category beside the overall figure
-    assert "align/loss.png" not in report  # the `align` stage is off by default
     for link in (
         "vision/loss.png",
+        "align/loss.png",
         "sft/loss.png",
         "preference/loss.png",
         "preference/rewards.png",
@@ -274,15 +274,15 @@ def world_and_sft_data(tmp_path: Path, n_train: int, **overrides) -> tuple:
     return config, make_sft_data(config, config.out / "sft_data")
 
 
-def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
-    """The `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
+def test_align_data_can_be_the_descriptions(tmp_path: Path) -> None:
+    """With `align_data="descriptions"` the `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
     image with no lookup by the question's words."""
     from mllm.demo.build import world_dir
     from mllm.demo.sft import align_data_path
 
-    config, stats = world_and_sft_data(tmp_path / "off", n_train=40)
+    config, stats = world_and_sft_data(tmp_path / "off", n_train=40, align_steps=0)
     assert stats["align_items"] == 0 and not align_data_path(config).exists()  # written only for the stage
-    config, stats = world_and_sft_data(tmp_path, n_train=40, align_steps=10)
+    config, stats = world_and_sft_data(tmp_path, n_train=40, align_steps=10, align_data="descriptions")
     items = json.loads(align_data_path(config).read_text())
     assert stats["align_items"] == len(items) == 40  # one description per training image
     train_images = {
@@ -294,6 +294,44 @@ def test_align_data_is_the_descriptions(tmp_path: Path) -> None:
     assert all(
         item["conversations"][0]["content"].endswith("Describe this image in detail.") for item in items
     )
+
+
+def test_align_data_can_be_the_questions_of_one_category(tmp_path: Path) -> None:
+    """`align_data="position"`: the position yes/no questions alone (the curriculum's first stage), both answers."""
+    with pytest.raises(ValueError, match="align_data must be one of"):
+        demo_config(tmp_path / "bad", align_data="boxes")
+    from mllm.demo.sft import align_data_path
+
+    config, stats = world_and_sft_data(tmp_path, n_train=40, align_steps=10, align_data="position")
+    items = json.loads(align_data_path(config).read_text())
+    assert stats["align_items"] == len(items) > 20
+    for item in items:
+        (question, answer) = (turn["content"] for turn in item["conversations"])
+        assert question.endswith(" of the image? Please answer yes or no.") and answer in ("Yes", "No")
+    assert {item["conversations"][1]["content"] for item in items} == {"Yes", "No"}
+
+
+def test_sft_data_repeats_the_descriptions(tmp_path: Path) -> None:
+    """`description_repeats`: each description k times in the mixed file, every other SFT item once."""
+    from collections import Counter
+
+    from mllm.demo.sft import sft_data_path
+
+    counts = {}
+    for k in (1, 3):
+        config, _ = world_and_sft_data(tmp_path / str(k), n_train=30, description_repeats=k)
+        items = json.loads(sft_data_path(config).read_text())
+        assert len({str(item["id"]) for item in items}) == len(items)  # repeats get their own ids
+        counts[k] = Counter(
+            "description"
+            if item["conversations"][0]["content"].endswith("Describe this image in detail.")
+            else "rec"
+            if str(item["id"]).startswith("rec:")
+            else "other"
+            for item in items
+        )
+    assert counts[1]["description"] == 30 and counts[3]["description"] == 90
+    assert counts[3]["other"] == counts[1]["other"] and counts[3]["rec"] == counts[1]["rec"]
 
 
 def test_sft_data_repeats_one_object_boxes_and_keeps_a_share_of_the_others(tmp_path: Path) -> None:

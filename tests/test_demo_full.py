@@ -1,18 +1,20 @@
 """The full `mllm demo` (what `make demo` runs, seed 0), read as a skeptic would (issue 26), from OUT/metrics.json.
 
-What it asserts is what the default demo reaches today, with margin (seed 0, 2026-12-04, the README's demo section):
+The thresholds were fixed on 2026-12-04 from the seed-0 run of the current recipe (the README's demo section), before
+the runs of seeds 1-4 and before this CI run; where issue 26's criterion is reached the issue's own value is asserted:
 - every part-1 metric is written for both models (`after_sft`, `after_preference`), with intervals, MME pair accuracy
   and image-blind baselines fit on the training data, each compared with the model on the same items (McNemar);
-- yes/no after SFT beats every image-blind rule by McNemar's exact one-sided test (measured 59.3% against at most
-  51.7%, p <= 0.0034), colour and count are above chance (62.7% and 69.3%, binomial p 0.001 and 1e-6);
-- Acc@0.5 after SFT beats the mean training box on the same expressions (5.5% against 2.0%, one-sided p 0.008);
-- greedy CHAIRi <= 10% (2.4%), and preference training cuts the sampled CHAIRi by >= 30% (12.6 -> 2.8) while recall,
-  yes/no and Acc@0.5 fall by at most 5, 3 and 3 points.
+- yes/no after SFT beats every image-blind rule by McNemar's exact one-sided test (measured 77.3% against at most
+  51.7%, p < 1e-20); every category >= 65% (the issue's value; measured colour 85.3, count 79.3, existence 69.3,
+  position 75.3) and above chance; MME pair accuracy >= 60% (the issue's value; measured 61.7%);
+- Acc@0.5 after SFT beats the mean training box on the same expressions (6.25% against 2.0%, one-sided p 0.002);
+- greedy CHAIRi <= 10% (4.0%), and preference training cuts the sampled CHAIRi by >= 30% (12.3 -> 5.8) while recall,
+  yes/no and Acc@0.5 fall by at most 5, 3 and 3 points (the issue's values).
 
-Not asserted, because the demo does not reach them (issue 26, part 2, stays open): existence and position are at
-chance (55.3% and 50.0%), pair accuracy is 24.0% (coin-flipping gives 25%), and the boxes do not beat the best
-image-blind rule (the best box per position phrase: 7.75% against the model's 5.5%). The `--fast` demo
-(tests/test_demo.py) is too short for any of this, so this file runs the whole demo (about 15 minutes on CI's 2 cores).
+Not asserted, because the demo does not reach them (issue 26, part 2, stays open): yes/no >= 80% overall (77.3%), and
+grounding: Acc@0.5 >= 30% and 15 points above the best image-blind rule (the best box per position phrase: 7.75%
+against the model's 6.25%). The `--fast` demo (tests/test_demo.py) is too short for any of this, so this file runs the
+whole demo (about 13 minutes on CI's 2 cores).
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from mllm.cli import main
 from mllm.demo.metrics import METRICS_KEYS, metric
 
 P_VALUE = 0.01
-MIN_YES_NO = 0.55
-"""Measured 0.593 on seed 0."""
+MIN_YES_NO = 0.75
+"""Measured 0.773 on seed 0 (issue 26 asks for 0.80: not reached)."""
+MIN_CATEGORY = 0.65
+"""Issue 26's value; measured at least 0.693 on seed 0."""
+MIN_PAIR_ACCURACY = 0.60
+"""Issue 26's value; measured 0.617 on seed 0."""
 MIN_GROUNDING_P = 0.05
-"""One-sided McNemar p of the boxes against the mean training box; measured 0.008."""
+"""One-sided McNemar p of the boxes against the mean training box; measured 0.002."""
 MAX_GREEDY_CHAIRI = 0.10
 MAX_SAMPLED_CHAIRI_RATIO = 0.70
 MAX_RECALL_DROP = 0.05
@@ -72,8 +78,10 @@ def test_full_demo_answers_yes_no_better_than_every_image_blind_rule(metrics: di
     for name, comparison in yes_no["blind"].items():
         assert comparison["model_correct"] > comparison["baseline_correct"], name
         assert comparison["p_model_better"] < P_VALUE, (name, comparison)
-    for name in ("color", "count"):  # existence and position are at chance (not asserted)
-        assert yes_no["per_category"][name]["p_chance"] < P_VALUE, (name, yes_no["per_category"][name])
+    assert yes_no["pair_accuracy"] >= MIN_PAIR_ACCURACY, yes_no["pair_accuracy"]
+    assert set(yes_no["per_category"]) == {"color", "count", "existence", "position"}
+    for name, category in yes_no["per_category"].items():
+        assert category["accuracy"] >= MIN_CATEGORY and category["p_chance"] < P_VALUE, (name, category)
 
 
 @pytest.mark.slow

@@ -145,6 +145,24 @@ def test_yes_no_answers_are_true_for_the_scene(world, scenes):
     assert min(checked.values()) > 50 and len(checked) == 3
 
 
+def test_yes_no_category_reads_the_category_back_from_the_question():
+    from mllm.toy.world import ToyWorldConfig, sample_objects, yes_no_category, yes_no_pair
+
+    rng = np.random.default_rng(0)
+    cfg = ToyWorldConfig(seed=0)
+    seen = Counter()
+    while min(seen.get(c, 0) for c in QUESTION_TYPES) < 20:
+        objects = sample_objects(rng, cfg)
+        for category in QUESTION_TYPES:
+            pair = yes_no_pair(category, objects, cfg.image_size, rng) if objects else None
+            for question, _ in pair or []:  # None: the scene cannot support the category
+                assert yes_no_category("<image>\n" + question + YES_NO_SUFFIX) == category
+                assert yes_no_category(question + YES_NO_SUFFIX) == category
+                seen[category] += 1
+    assert yes_no_category(DESCRIBE_QUESTION) is None
+    assert yes_no_category("What colour is the star?") is None
+
+
 def test_short_answers_are_true_for_the_scene(world, scenes):
     seen = Counter()
     for item in json.loads((world / "sft" / "train.json").read_text()):

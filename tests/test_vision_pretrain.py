@@ -79,6 +79,40 @@ def test_region_boxes_take_the_box_most_of_a_cell_carries() -> None:
     torch.testing.assert_close(targets[0, 3], b)
 
 
+def test_thirds_labels_cut_the_box_centres_as_the_world_cuts_its_position_words() -> None:
+    from mllm.toy.pretrain import thirds_labels
+    from mllm.toy.world import ToyObject, region
+
+    # boxes in 112-px pixels, then as fractions; the centres straddle the thirds' edges (37.33 and 74.67 px)
+    pixel_boxes = [[0, 0, 20, 20], [30, 60, 44, 90], [70, 30, 80, 44], [100, 100, 111, 111], [5, 5, 9, 9]]
+    boxes = torch.tensor([pixel_boxes], dtype=torch.float64) / 112
+    inside = torch.tensor([[True, True, True, True, False]])
+    vertical, horizontal = thirds_labels(boxes, inside)
+    words = ("top", "middle", "bottom"), ("left", "center", "right")
+    for k, box in enumerate(pixel_boxes[:4]):
+        expected = region(ToyObject(shape="circle", color="red", bbox=box, footprint=[0, 0, 1]), 112)
+        assert (words[0][vertical[0, k]], words[1][horizontal[0, k]]) == expected
+    assert vertical[0, 4] == horizontal[0, 4] == 3  # outside every object
+
+
+def test_region_words_add_the_thirds_to_the_row_targets(toy_world_and_model, tmp_path: Path) -> None:
+    from mllm.toy.pretrain import train_vision
+
+    world, model_dir = toy_world_and_model
+    with pytest.raises(ValueError, match="--region-words needs --align-rows"):
+        vision_arguments(world, model_dir, region_words="top,middle,bottom,left,center,right")
+    with pytest.raises(ValueError, match="six comma-separated words"):
+        vision_arguments(world, model_dir, align_rows=True, region_words="top,bottom,left,right")
+    plain, thirds = tmp_path / "plain", tmp_path / "thirds"
+    for out, words in ((plain, None), (thirds, "top,middle,bottom,left,center,right")):
+        args = vision_arguments(world, model_dir, align_rows=True, region_words=words)
+        figures = train_vision(args, cpu_training_args(out, max_steps=2, per_device_train_batch_size=4))
+    # six more targets per row (same data, same seed): the first loss differs, the saved model is the MLLM alone
+    first_plain = json.loads((plain / "trainer_state.json").read_text())["log_history"][0]["loss"]
+    assert figures["first_loss"] != pytest.approx(first_plain, rel=1e-3)
+    assert changed_parts(thirds, model_dir) == {"vpm", "resampler"}
+
+
 def test_token_label_loss_ignores_padding() -> None:
     logits = torch.randn(2, 3, 4)
     labels = torch.tensor([[0, 1, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]])

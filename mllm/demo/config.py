@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+ALIGN_DATA: tuple[str, ...] = ("descriptions", "position", "color", "count", "existence")
+"""The choices of `DemoConfig.align_data` (the yes/no categories are the toy world's QUESTION_TYPES)."""
+
 
 @dataclass
 class DemoConfig:
@@ -114,6 +117,11 @@ class DemoConfig:
     """`--row-boxes` of the `vision` stage: a linear head on each aligned row also predicts the box of the object
     covering most of its region, so that the frozen tower's rows carry where the objects are (a linear read-out of
     the aligned rows found the box at IoU >= 0.5 for 22% of the object cells without it; docs/LOG.md)."""
+    vision_align_regions: bool = True
+    """`--region-words` of the `vision` stage: each aligned row also points at the words of the image thirds
+    ("top"/"middle"/"bottom", "left"/"center"/"right") its objects' centres lie in, the words the position
+    questions and descriptions use. The LLM cannot tell the rows' places apart by itself (RoPE sees only distances,
+    which vary with the question); without it the position questions stayed at chance in every probe (docs/LOG.md)."""
     sft_tune_vision: bool | None = None
     """Train the vision tower in the SFT stages too (`--tune-vision`). None (the default): only when the `vision`
     stage is off. SFT at lr 1e-3 undid what the `vision` stage taught (greedy CHAIRi 57.6 with the tower trained,
@@ -126,13 +134,16 @@ class DemoConfig:
     None: `sft_lr`)."""
 
     # --- alignment (SFT on descriptions only, before the mixed SFT) ---
-    align_steps: int = 0
+    align_steps: int = 300
     """Optimizer steps of a first SFT stage on the image descriptions alone (0, the default, skips it; same batch
     size as SFT), LLaVA's caption-first curriculum. It made the descriptions read the image when the mixed data held
     only yes/no, descriptions and REC; with the toy world's short-answer questions and lr 1e-3 the mixed SFT reads
     the image from the random model, and a descriptions stage first slowed the yes/no lookup down (docs/LOG.md)."""
-    align_lr: float = 2e-3
+    align_lr: float = 1e-3
     """Peak learning rate of the `align` stage (cosine schedule after warm-up)."""
+    align_data: str = "position"
+    """What the `align` stage trains on: "descriptions" (the captions first, as LLaVA) or a yes/no category of
+    the toy world ("position", "color", "count", "existence": that category's training questions first)."""
     # --- SFT ---
     sft_steps: int = 1300
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. More steps are the one
@@ -144,7 +155,7 @@ class DemoConfig:
     sft_lr: float = 1e-3
     """Peak learning rate of the mixed SFT (cosine schedule after warm-up). At 2e-3 the question answers dropped the
     image again in probes, and after `align` the mixed SFT forgot it (docs/LOG.md)."""
-    sft_loss_reduction: str = "token"
+    sft_loss_reduction: str = "sample"
     """`--loss-reduction` of the SFT stages: "token" (every target token weighs the same) or "sample" (every
     conversation weighs the same)."""
     bf16: bool = True
@@ -161,6 +172,10 @@ class DemoConfig:
     rec_single_repeats: int = 8
     """Times each REC record of a one-object image appears in the mixed SFT file. A box that follows from the image
     alone is learnt first and leads the way to boxes that need the expression (docs/LOG.md)."""
+    description_repeats: int = 3
+    """Times each training description appears in the mixed SFT file. With `sft_loss_reduction="sample"` a
+    45-token description weighs as much as a one-word answer, and the descriptions stopped reading the image at 1
+    (docs/LOG.md)."""
     sft_save_steps: int = 100
     """Checkpoint interval: an interrupted SFT resumes from the latest checkpoint."""
     sft_interrupt_after: int | None = None
@@ -222,8 +237,12 @@ class DemoConfig:
             raise ValueError(
                 f"demo sft_loss_reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.sft_loss_reduction!r}"
             )
+        if self.align_data not in ALIGN_DATA:
+            raise ValueError(f"demo align_data must be one of {ALIGN_DATA}, got {self.align_data!r}")
         if not 0.0 <= self.rec_fraction <= 1.0:
             raise ValueError(f"demo rec_fraction must be in [0, 1], got {self.rec_fraction}")
+        if self.description_repeats < 1:
+            raise ValueError(f"demo description_repeats must be at least 1, got {self.description_repeats}")
         if self.rec_single_repeats < 0:
             raise ValueError(f"demo rec_single_repeats must be >= 0, got {self.rec_single_repeats}")
         if self.threads < 1:
@@ -286,6 +305,7 @@ FAST_OVERRIDES: dict[str, Any] = {
     "n_train": 800,
     "n_test": 100,
     "n_preference": 320,
+    "align_steps": 100,
     "sft_steps": 250,
     "sft_save_steps": 50,
     "eval_yes_no": 200,

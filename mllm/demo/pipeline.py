@@ -1,7 +1,7 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
 world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted
-and mixed) -> align (SFT on the descriptions alone) -> sft -> eval_sft -> logps (reference log-probs) ->
+and mixed) -> align (a first SFT stage on one kind of item: the position questions) -> sft -> eval_sft -> logps (reference log-probs) ->
 preference (NCA) -> eval_preference -> REPORT.md and metrics.json.
 """
 

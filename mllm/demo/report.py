@@ -234,7 +234,7 @@ def curves_section(config: DemoConfig) -> list[str]:
     lines = []
     pictures = [
         ("Vision stage loss (every token's shape, colour and box from the COCO boxes)", "vision/loss.png"),
-        ("Alignment loss (descriptions only)", "align/loss.png"),
+        (f"First SFT stage (`align`) loss ({config.align_data} only)", "align/loss.png"),
         ("SFT loss", "sft/loss.png"),
         ("Preference loss", "preference/loss.png"),
         ("Preference rewards and margin", "preference/rewards.png"),

@@ -49,14 +49,20 @@ def sft_start_model_dir(config: DemoConfig) -> Path:
 
 
 def write_align_data(config: DemoConfig, out: Path) -> int:
-    """The descriptions of the SFT file (image paths made absolute), the alignment stage's data; returns the count."""
-    from mllm.toy.world import DESCRIBE_QUESTION
+    """The `align` stage's data: the items of the SFT file that `config.align_data` names (the descriptions, or the
+    yes/no questions of one category), image paths made absolute; returns the count."""
+    from mllm.toy.world import DESCRIBE_QUESTION, yes_no_category
+
+    def chosen(question: str) -> bool:
+        if config.align_data == "descriptions":
+            return question.endswith(DESCRIBE_QUESTION)
+        return yes_no_category(question) == config.align_data
 
     world = world_dir(config)
     items = [
         {**item, "image": str(world / item["image"])}
         for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
-        if item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)
+        if chosen(item["conversations"][0]["content"])
     ]
     write_json_atomic(out, items, indent=None)
     return len(items)
@@ -80,6 +86,20 @@ def write_rec_subset(config: DemoConfig, out: Path) -> int:
     return len(chosen)
 
 
+def write_repeated_descriptions(config: DemoConfig, out: Path) -> Path:
+    """The world's SFT file with each description `description_repeats` times (repeats get an `:d<k>` id suffix);
+    image paths stay relative to the world folder. Returns `out`."""
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    items = []
+    for item in json.loads((world_dir(config) / "sft" / "train.json").read_text(encoding="utf-8")):
+        items.append(item)
+        if item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION):
+            items += [{**item, "id": f"{item['id']}:d{k}"} for k in range(1, config.description_repeats)]
+    write_json_atomic(out, items, indent=None)
+    return out
+
+
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """REC -> conversations (the records of `write_rec_subset`), mixed with all SFT items (mix_ratio = SFT items per
     REC record) into one file."""
@@ -89,6 +109,8 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     rec = folder / "rec_train.jsonl"
     sft = world / "sft" / "train.json"
     n_rec = write_rec_subset(config, rec)
+    if config.description_repeats > 1:
+        sft = write_repeated_descriptions(config, folder / "sft_train.json")
     n_sft = len(json.loads(sft.read_text(encoding="utf-8")))
     stats = prepare_grounding(
         GroundingPrepConfig(
@@ -108,7 +130,7 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     n_align = 0
     if config.align_steps > 0:
         n_align = write_align_data(config, align_data_path(config))
-        summary += f"; {n_align} descriptions for the alignment stage"
+        summary += f"; {n_align} items ({config.align_data}) for the alignment stage"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],

@@ -42,6 +42,7 @@ def train_vision_stage(config: DemoConfig, folder: Path) -> dict[str, Any]:
 def fit_vision(config: DemoConfig) -> dict[str, Any]:
     """One training process of the `vision` stage, resumed from the newest checkpoint."""
     from mllm.toy.pretrain import VisionPretrainArguments, train_vision
+    from mllm.toy.world import REGION_WORDS
     from mllm.train.runner import resolve_resume
 
     annotations = world_dir(config) / "coco" / "annotations"
@@ -54,6 +55,7 @@ def fit_vision(config: DemoConfig) -> dict[str, Any]:
         eval_limit=config.n_test,
         align_rows=config.vision_align_rows,
         row_boxes=config.vision_row_boxes,
+        region_words=",".join(REGION_WORDS) if config.vision_align_regions else None,
         weights_dtype="float32",  # with `bf16`: autocast over float32 weights
         attn_implementation=config.attn_implementation,
     )

@@ -59,6 +59,18 @@ def region_presence(
     return torch.stack(out)
 
 
+def thirds_labels(boxes: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token boxes [N, L, 4] (fractions of the image) and object masks [N, L] -> the vertical and horizontal
+    third (0, 1, 2; 3 outside every object) of each token's box centre [N, L] twice, cut as the toy world cuts its
+    position words (a centre below a third is the first, at or above two thirds the last)."""
+
+    def third(centre: torch.Tensor) -> torch.Tensor:
+        bucket = (centre >= 1 / 3).long() + (centre >= 2 / 3).long()
+        return torch.where(inside, bucket, torch.full_like(bucket, 3))
+
+    return third((boxes[..., 1] + boxes[..., 3]) / 2), third((boxes[..., 0] + boxes[..., 2]) / 2)
+
+
 def region_boxes(
     boxes: torch.Tensor, inside: torch.Tensor, tgt_sizes: torch.Tensor, side: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +99,18 @@ class RowWordAlignment(nn.Module):
     head on the same rows predicts the box of each row's cell (a sigmoid: fractions of the image)."""
 
     def __init__(
-        self, projector: nn.Module, word_vectors: torch.Tensor, normalize: bool, box_head: bool = False
+        self,
+        projector: nn.Module,
+        word_vectors: torch.Tensor,
+        normalize: bool,
+        box_head: bool = False,
+        thirds: bool = False,
     ):
         super().__init__()
         self.projector = projector
         self.normalize = normalize
+        self.thirds = thirds
+        """The last six words name the vertical then the horizontal thirds of the image (see `thirds_labels`)."""
         self.register_buffer("words", F.normalize(word_vectors.float(), dim=-1), persistent=True)  # [K, D]
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.tensor(-2.0))
@@ -179,11 +198,14 @@ class TokenLabelHeads(nn.Module):
                     side,
                 )
             )
+        inside = (categories != IGNORE_INDEX) & (categories != background)  # [N, L]
+        if self.row_words.thirds:
+            for labels in thirds_labels(box_labels.to(tokens.device), inside):
+                presence.append(region_presence(labels, tgt_sizes, 3, side))  # [N, Q, 3]
         target = torch.cat(presence, dim=-1)  # [N, Q, K]
         logits, boxes = self.row_words(tokens, tgt_sizes)
         loss = F.binary_cross_entropy_with_logits(logits, target)
         if boxes is not None and box_labels is not None:
-            inside = (categories != IGNORE_INDEX) & (categories != background)  # [N, L]
             cell_boxes, present = region_boxes(box_labels.to(tokens.device), inside, tgt_sizes, side)
             loss = loss + token_box_loss(boxes, cell_boxes, present)
         return loss
@@ -253,6 +275,14 @@ class VisionPretrainArguments:
             "covering most of its region, so that the rows the LLM reads carry where the objects are."
         },
     )
+    region_words: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --align-rows, six comma-separated words naming the image's vertical thirds, then its "
+            "horizontal thirds (the toy world's 'top,middle,bottom,left,center,right'): each row also points at "
+            "the words of the thirds that the centres of its region's objects lie in."
+        },
+    )
     weights_dtype: str = field(default="auto", metadata={"help": WEIGHTS_DTYPE_HELP})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention of the tower: eager or sdpa."}
@@ -272,6 +302,14 @@ class VisionPretrainArguments:
             raise ValueError(f"--attn-implementation must be eager or sdpa, got {self.attn_implementation!r}")
         if self.row_boxes and not self.align_rows:
             raise ValueError("--row-boxes needs --align-rows (the head reads the aligned rows)")
+        if self.region_words is not None:
+            if not self.align_rows:
+                raise ValueError("--region-words needs --align-rows (the rows point at the words)")
+            words = self.region_words.split(",")
+            if len(words) != 6 or not all(w.strip() for w in words):
+                raise ValueError(
+                    f"--region-words must be six comma-separated words, got {self.region_words!r}"
+                )
 
 
 def word_vectors(model, tokenizer, names: list[str]) -> torch.Tensor:
@@ -303,11 +341,14 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
                 f"--align-rows needs a grid projector (merge or mlp), not {model.config.projector!r}"
             )
         names = dataset.category_names + dataset.attribute_values
+        if args.region_words is not None:
+            names += [w.strip() for w in args.region_words.split(",")]
         row_words = RowWordAlignment(
             model.resampler,
             word_vectors(model, processor.tokenizer, names),
             model.config.normalize_image_rows,
             box_head=args.row_boxes,
+            thirds=args.region_words is not None,
         )
     heads = TokenLabelHeads(
         model.vpm,

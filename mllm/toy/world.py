@@ -183,6 +183,10 @@ class Scene:
 # --------------------------------------------------------------------------------------------------------------
 
 
+REGION_WORDS: tuple[str, ...] = ("top", "middle", "bottom", "left", "center", "right")
+"""The words of `region`: the vertical thirds of the image, then the horizontal ones."""
+
+
 def region(obj: ToyObject, image_size: int) -> tuple[str, str]:
     """Vertical and horizontal third of the object centre: (top|middle|bottom, left|center|right)."""
     cx, cy = obj.center
@@ -191,7 +195,7 @@ def region(obj: ToyObject, image_size: int) -> tuple[str, str]:
     def bucket(value: float, names: tuple[str, str, str]) -> str:
         return names[0] if value < third else names[2] if value >= 2 * third else names[1]
 
-    return bucket(cy, ("top", "middle", "bottom")), bucket(cx, ("left", "center", "right"))
+    return bucket(cy, REGION_WORDS[:3]), bucket(cx, REGION_WORDS[3:])
 
 
 def position_phrase(vertical: str, horizontal: str) -> str:
@@ -338,6 +342,20 @@ def yes_no_pair(
             (f"Is {name} {words[opposite[side]]} of the image?", "No"),
         ]
     raise ValueError(f"unknown question category {category!r}")
+
+
+def yes_no_category(question: str) -> str | None:
+    """The category of a yes/no question written by `yes_no_pair` (with or without the "<image>" line and the
+    answer-format suffix); None for any other question."""
+    question = question.removeprefix("<image>\n")
+    if not question.endswith(YES_NO_SUFFIX):
+        return None
+    question = question[: -len(YES_NO_SUFFIX)]
+    if " exactly " in question:
+        return "count"
+    if question.endswith(" of the image?"):
+        return "position"
+    return "existence" if question.startswith("Is there ") else "color"
 
 
 def open_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[tuple[str, str]]:
