@@ -80,7 +80,8 @@ def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo
     assert grounding["n"] == 150 and grounding["unparsable"] <= 0.35 * grounding["n"]  # measured 0-34 of 150
     assert 0.0 <= grounding["baseline_acc"] < 0.5  # computed from the training boxes, not assumed
     assert before["chair"]["greedy"]["Recall"] > 0 and before["chair"]["sampled"]["Len"] > 0.1
-    # the descriptions read the objects: measured 0.268 (250 SFT steps; 0.556-0.629 without the vision stage)
+    # the descriptions read the objects: measured 0.134 (the position stage, then 250 SFT steps; 0.268 with the
+    # token loss and no position stage, 0.556-0.629 without the vision stage)
     assert before["chair"]["greedy"]["CHAIRi"] < 0.5
     logps = figures(fast_demo, "logps")
     assert (
@@ -409,14 +410,17 @@ def test_object_sizes_reach_the_world(tmp_path: Path) -> None:
 
 def test_the_vision_stage_feeds_sft_and_can_be_skipped(tmp_path: Path) -> None:
     from mllm.demo.build import init_model_dir
-    from mllm.demo.sft import sft_start_model_dir
-    from mllm.demo.vision import vision_model_dir
+    from mllm.demo.sft import align_model_dir, sft_start_model_dir
+    from mllm.demo.vision import pretrained_model_dir, vision_model_dir
 
     with_vision = demo_config(tmp_path / "a")
     assert "vision" in [name for name, _ in stage_functions(with_vision)]
-    assert sft_start_model_dir(with_vision) == vision_model_dir(with_vision)
+    assert pretrained_model_dir(with_vision) == vision_model_dir(with_vision)  # where `align` starts
+    assert sft_start_model_dir(with_vision) == align_model_dir(with_vision)
+    no_align = demo_config(tmp_path / "e", align_steps=0)
+    assert sft_start_model_dir(no_align) == vision_model_dir(no_align)
     assert not with_vision.tunes_vision_in_sft()  # SFT keeps the tower the vision stage trained
-    without = demo_config(tmp_path / "b", vision_steps=0)
+    without = demo_config(tmp_path / "b", vision_steps=0, align_steps=0)
     assert "vision" not in [name for name, _ in stage_functions(without)]
     assert sft_start_model_dir(without) == init_model_dir(without)
     assert without.tunes_vision_in_sft()  # a random tower must learn in SFT
