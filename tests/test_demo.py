@@ -2,12 +2,13 @@
 its checkpoint while finished stages are skipped, also after a real kill; a folder made with other settings is refused.
 
 What the fast demo learns today (seed 0): in the `vision` stage the tower tells the shapes of object tokens apart
-(88-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 26.8% with 250 SFT steps,
-37.0-38.1% with 150, 55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No",
-the grounding answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi
-(measured figures: the README's demo section and docs/LOG.md). It does not learn to answer questions *about* the
-image: yes/no stays at chance (50.0% on 200 questions in a clean-clone CI run) and Acc@0.5 below the constant box
-(0.7% against 2.0%), so nothing here asserts them; tests/test_demo_full.py asserts what the full demo reaches.
+(87-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 13.4% with the position
+stage and 250 SFT steps of the per-sample loss, 26.8% with the earlier token loss, 55.6-62.9% without the `vision`
+stage), the answer formats (every yes/no answer is "Yes" or "No", the grounding answers parse as boxes), and
+preference training widens the reward margin and lowers sampled CHAIRi (measured figures: the README's demo section
+and docs/LOG.md). It does not learn to answer questions *about* the image: yes/no stays at chance (52.0% on 200
+questions, 2026-12-04) and Acc@0.5 below the constant box (1.3%), so nothing here asserts them;
+tests/test_demo_full.py asserts what the full demo reaches.
 
 Budget: about 7 minutes on 2 cores for this file (one --fast demo, ~350 s of stages alone; the resume tests are
 40-image runs).
