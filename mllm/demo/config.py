@@ -135,7 +135,7 @@ class DemoConfig:
     """Peak learning rate of the vision tower in the SFT stages when it is trained there (`--vision-learning-rate`;
     None: `sft_lr`)."""
 
-    # --- alignment (SFT on descriptions only, before the mixed SFT) ---
+    # --- the first SFT stage (`align`: one kind of item alone, before the mixed SFT) ---
     align_steps: int = 300
     """Optimizer steps of a first SFT stage on the items `align_data` names (0 skips it; same batch size as SFT).
     The default trains the position yes/no questions first: alone they reach 77% in 300 steps of 32, while mixed with

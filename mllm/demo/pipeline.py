@@ -1,8 +1,8 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
 world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted
-and mixed) -> align (a first SFT stage on one kind of item: the position questions) -> sft -> eval_sft -> logps (reference log-probs) ->
-preference (NCA) -> eval_preference -> REPORT.md and metrics.json.
+and mixed) -> align (a first SFT stage on one kind of item: the position questions) -> sft -> eval_sft -> logps
+(reference log-probs) -> preference (NCA) -> eval_preference -> REPORT.md and metrics.json.
 """
 
 from __future__ import annotations

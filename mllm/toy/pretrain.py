@@ -109,8 +109,8 @@ class RowWordAlignment(nn.Module):
         super().__init__()
         self.projector = projector
         self.normalize = normalize
+        # with `thirds`, the last six words name the vertical, then the horizontal thirds (`thirds_labels`)
         self.thirds = thirds
-        """The last six words name the vertical then the horizontal thirds of the image (see `thirds_labels`)."""
         self.register_buffer("words", F.normalize(word_vectors.float(), dim=-1), persistent=True)  # [K, D]
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.tensor(-2.0))

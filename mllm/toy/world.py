@@ -345,8 +345,8 @@ def yes_no_pair(
 
 
 def yes_no_category(question: str) -> str | None:
-    """The category of a yes/no question written by `yes_no_pair` (with or without the "<image>" line and the
-    answer-format suffix); None for any other question."""
+    """The category of a training or test yes/no question (`yes_no_pair`'s question with the answer-format suffix,
+    with or without the "<image>" line before it); None for any other question."""
     question = question.removeprefix("<image>\n")
     if not question.endswith(YES_NO_SUFFIX):
         return None
