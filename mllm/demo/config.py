@@ -10,9 +10,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-ALIGN_DATA: tuple[str, ...] = ("descriptions", "position", "color", "count", "existence")
-"""The choices of `DemoConfig.align_data` (the yes/no categories are the toy world's QUESTION_TYPES)."""
-
 
 @dataclass
 class DemoConfig:
@@ -243,8 +240,11 @@ class DemoConfig:
             raise ValueError(
                 f"demo sft_loss_reduction must be one of {SFT_LOSS_REDUCTIONS}, got {self.sft_loss_reduction!r}"
             )
-        if self.align_data not in ALIGN_DATA:
-            raise ValueError(f"demo align_data must be one of {ALIGN_DATA}, got {self.align_data!r}")
+        from mllm.toy.world import QUESTION_TYPES
+
+        align_data = ("descriptions", *QUESTION_TYPES)
+        if self.align_data not in align_data:
+            raise ValueError(f"demo align_data must be one of {align_data}, got {self.align_data!r}")
         if not 0.0 <= self.rec_fraction <= 1.0:
             raise ValueError(f"demo rec_fraction must be in [0, 1], got {self.rec_fraction}")
         if self.description_repeats < 1:
