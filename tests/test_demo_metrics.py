@@ -55,6 +55,8 @@ def test_yes_no_metrics_pairs_categories_and_blind_rules() -> None:
     train = [item("images/color/t.png", "Is the square red?", "Yes")] * 3
     train += [item("images/color/t.png", "Is the square blue?", "No")] * 3
     train += [item("images/count/t.png", "Are there exactly 2 objects in the image?", "No")] * 2
+    # a training image carries questions of other categories than its folder's: these three are colour questions
+    train += [item("images/count/u.png", "Is the circle green?", "Yes")] * 3
     test = [
         item("images/color/a.png", "Is the square red?", "Yes"),
         item("images/color/a.png", "Is the square blue?", "No"),
@@ -79,8 +81,23 @@ def test_yes_no_metrics_pairs_categories_and_blind_rules() -> None:
     assert exact["baseline_correct"] == 3 and (exact["model_only"], exact["baseline_only"]) == (1, 1)
     assert exact["p_value"] == pytest.approx(1.0)
     assert metrics["blind_accuracy"] == 0.75
-    # per category: colour training answers are tied 3:3 and go to the overall majority ("no")
-    assert metrics["blind"]["majority per category"]["baseline_correct"] == 2
+    # per category, read from the questions: colour 6:3 "yes", count 2:0 "no" (by image folder it would be colour
+    # 3:3 and count 3:2 "yes", right on the colour Yes and the count Yes instead)
+    by_category = metrics["blind"]["majority per category"]
+    assert by_category["baseline_correct"] == 2 and (
+        by_category["model_only"],
+        by_category["baseline_only"],
+    ) == (2, 1)
+    with pytest.raises(ValueError, match="not a toy yes/no question"):
+        description = {
+            "id": "d1",
+            "image": "images/color/t.png",
+            "conversations": [
+                {"role": "user", "content": "<image>\nDescribe the image."},
+                {"role": "assistant", "content": "A square."},
+            ],
+        }
+        yes_no_metrics(predictions, test, train + [description])
     with pytest.raises(ValueError, match="predictions"):
         yes_no_metrics(predictions[:3], test, train)
 

@@ -34,7 +34,7 @@ from mllm.eval.blind import (
     predict_by_backoff,
 )
 from mllm.eval.stats import binomial_p_value, mcnemar, pair_accuracy, proportion_interval
-from mllm.toy.world import COLORS, QUESTION_TYPES, SHAPES, position_phrase
+from mllm.toy.world import COLORS, QUESTION_TYPES, SHAPES, position_phrase, yes_no_category
 
 METRICS_FILE = "metrics.json"
 MIN_KEY_RECORDS = 5
@@ -84,16 +84,22 @@ def question_text(item: dict) -> str:
     return item["conversations"][0]["content"].replace("<image>", "").strip()
 
 
-def category_of(image: str) -> str:
-    """The MME category of a toy image: its folder name (images/<category>/...)."""
-    return Path(image).parent.name
+def question_category(item: dict) -> str:
+    """The category of a toy yes/no SFT item, read from its question (an image's folder names the category of its
+    test questions only: a training image also carries questions of the other categories)."""
+    category = yes_no_category(question_text(item))
+    if category is None:
+        raise ValueError(
+            f"item {item.get('id', '?')} ({item['image']}): not a toy yes/no question: {question_text(item)!r}"
+        )
+    return category
 
 
 def yes_no_blind_rules(train_items: list[dict]) -> dict[str, Callable[[str, str], str]]:
     """Image-blind answer rules fit on the training yes/no items: name -> fn(question, category) -> "yes"/"no"."""
     questions = [question_text(item) for item in train_items]
     answers = [item["conversations"][1]["content"].strip().lower().rstrip(".") for item in train_items]
-    categories = [category_of(item["image"]) for item in train_items]
+    categories = [question_category(item) for item in train_items]
     templates = [template_of(q) for q in questions]
     by_category = majority_answers(categories, answers)
     by_template = majority_answers(templates, answers)
@@ -137,7 +143,7 @@ def yes_no_metrics(
         }
     blind = {}
     for name, rule in yes_no_blind_rules(train_items).items():
-        guesses = [rule(question_text(item), p["category"]) for item, p in zip(test_items, predictions)]
+        guesses = [rule(question_text(item), question_category(item)) for item in test_items]
         blind_correct = [g == p["reference"] for g, p in zip(guesses, predictions)]
         blind[name] = mcnemar(correct, blind_correct).to_json()
     best = max(blind, key=lambda name: blind[name]["baseline_accuracy"])
