@@ -1,7 +1,8 @@
 """`run_demo`: the stages in order, each skipped when its done.json exists, then REPORT.md.
 
 world -> model (tokenizer + random tiny model) -> vision (the tower learns the boxes) -> sft_data (REC converted
-and mixed) -> align (a first SFT stage on one kind of item: the position questions) -> sft -> eval_sft -> logps
+and mixed) -> align (a first SFT stage on one kind of item: the position questions) -> questions (every yes/no and
+short-answer question) -> sft -> eval_sft -> logps
 (reference log-probs) -> preference (NCA) -> eval_preference -> REPORT.md and metrics.json.
 """
 
@@ -27,11 +28,13 @@ from mllm.demo.preference import (
 from mllm.demo.report import build_report
 from mllm.demo.sft import (
     ALIGN_STAGE,
+    QUESTIONS_STAGE,
     SFT_DATA_STAGE,
     SFT_STAGE,
     make_sft_data,
     sft_model_dir,
     train_align,
+    train_questions,
     train_sft,
 )
 from mllm.demo.stages import StageRecord, check_config, run_stage
@@ -54,6 +57,8 @@ def stage_functions(config: DemoConfig) -> list[tuple[str, Callable[[Path], dict
     stages.append((SFT_DATA_STAGE, partial(make_sft_data, config)))
     if config.align_steps > 0:
         stages.append((ALIGN_STAGE, partial(train_align, config)))
+    if config.questions_steps > 0:
+        stages.append((QUESTIONS_STAGE, partial(train_questions, config)))
     stages += [
         (SFT_STAGE, partial(train_sft, config)),
         (EVAL_SFT_STAGE, lambda folder: evaluate_model(config, folder, sft_model_dir(config))),
@@ -76,6 +81,7 @@ STAGES = (
     VISION_STAGE,
     SFT_DATA_STAGE,
     ALIGN_STAGE,
+    QUESTIONS_STAGE,
     SFT_STAGE,
     EVAL_SFT_STAGE,
     LOGPS_STAGE,

@@ -235,6 +235,7 @@ def curves_section(config: DemoConfig) -> list[str]:
     pictures = [
         ("Vision stage loss (every token's shape, colour and box from the COCO boxes)", "vision/loss.png"),
         (f"First SFT stage (`align`) loss ({config.align_data} only)", "align/loss.png"),
+        ("Second SFT stage (`questions`) loss (the yes/no and short-answer questions)", "questions/loss.png"),
         ("SFT loss", "sft/loss.png"),
         ("Preference loss", "preference/loss.png"),
         ("Preference rewards and margin", "preference/rewards.png"),

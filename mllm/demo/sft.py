@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SFT_DATA_STAGE = "sft_data"
 ALIGN_STAGE = "align"
+QUESTIONS_STAGE = "questions"
 SFT_STAGE = "sft"
 
 
@@ -35,6 +36,10 @@ def align_data_path(config: DemoConfig) -> Path:
     return config.out / SFT_DATA_STAGE / "align.json"
 
 
+def questions_data_path(config: DemoConfig) -> Path:
+    return config.out / SFT_DATA_STAGE / "questions.json"
+
+
 def sft_model_dir(config: DemoConfig) -> Path:
     return config.out / SFT_STAGE / "model"
 
@@ -43,9 +48,18 @@ def align_model_dir(config: DemoConfig) -> Path:
     return config.out / ALIGN_STAGE / "model"
 
 
-def sft_start_model_dir(config: DemoConfig) -> Path:
-    """Where the mixed SFT starts: the aligned model, or (alignment stage off) the model of the `vision` stage."""
+def questions_model_dir(config: DemoConfig) -> Path:
+    return config.out / QUESTIONS_STAGE / "model"
+
+
+def questions_start_model_dir(config: DemoConfig) -> Path:
+    """Where the `questions` stage starts: the aligned model, or (alignment off) the `vision` stage's model."""
     return align_model_dir(config) if config.align_steps > 0 else pretrained_model_dir(config)
+
+
+def sft_start_model_dir(config: DemoConfig) -> Path:
+    """Where the mixed SFT starts: the model of the last earlier stage that runs (`questions`, `align`, `vision`)."""
+    return questions_model_dir(config) if config.questions_steps > 0 else questions_start_model_dir(config)
 
 
 def write_align_data(config: DemoConfig, out: Path) -> int:
@@ -63,6 +77,21 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
         {**item, "image": str(world / item["image"])}
         for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
         if chosen(item["conversations"][0]["content"])
+    ]
+    write_json_atomic(out, items, indent=None)
+    return len(items)
+
+
+def write_questions_data(config: DemoConfig, out: Path) -> int:
+    """The `questions` stage's data: every item of the SFT file but the descriptions (the yes/no and short-answer
+    questions), image paths made absolute; returns the count."""
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    world = world_dir(config)
+    items = [
+        {**item, "image": str(world / item["image"])}
+        for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
+        if not item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)
     ]
     write_json_atomic(out, items, indent=None)
     return len(items)
@@ -131,11 +160,16 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     if config.align_steps > 0:
         n_align = write_align_data(config, align_data_path(config))
         summary += f"; {n_align} items ({config.align_data}) for the alignment stage"
+    n_questions = 0
+    if config.questions_steps > 0:
+        n_questions = write_questions_data(config, questions_data_path(config))
+        summary += f"; {n_questions} questions for the questions stage"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
         "total": total,
         "align_items": n_align,
+        "questions_items": n_questions,
         "summary": summary,
     }
 
@@ -155,14 +189,18 @@ def interrupt_callback(after_step: int):
 
 
 def sft_training_arguments(
-    config: DemoConfig, run_dir: Path, steps: int | None = None, lr: float | None = None
+    config: DemoConfig,
+    run_dir: Path,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
 ):
     steps = config.sft_steps if steps is None else steps
     return training_arguments(
         config,
         run_dir,
         steps,
-        config.sft_batch_size,
+        config.sft_batch_size if batch_size is None else batch_size,
         config.sft_lr if lr is None else lr,
         loss_reduction=config.sft_loss_reduction,
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
@@ -181,6 +219,19 @@ def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
         config.align_steps,
         align_model_dir(config),
         lr=config.align_lr,
+    )
+
+
+def train_questions(config: DemoConfig, folder: Path) -> dict[str, Any]:
+    """The questions stage: SFT on the yes/no and short-answer questions alone, from the `align` stage's model."""
+    return run_training(
+        config,
+        folder,
+        questions_start_model_dir(config),
+        questions_data_path(config),
+        config.questions_steps,
+        questions_model_dir(config),
+        batch_size=config.questions_batch_size,
     )
 
 
@@ -207,15 +258,17 @@ def run_training(
     model_out: Path,
     interrupt_after: int | None = None,
     lr: float | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """`steps` optimizer steps from the model in `start` on `data` in the demo's training processes, resumable from
-    the checkpoints in folder/run; the loss curve goes to folder/loss.png."""
+    """`steps` optimizer steps (of `batch_size` samples, default `sft_batch_size`) from the model in `start` on
+    `data` in the demo's training processes, resumable from the checkpoints in folder/run; the loss curve goes to
+    folder/loss.png."""
     from mllm.train.curves import plot_curves
     from mllm.train.launch import run_in_processes
 
     figures = run_in_processes(
         fit,
-        (config, folder / "run", start, data, steps, model_out, interrupt_after, lr),
+        (config, folder / "run", start, data, steps, model_out, interrupt_after, lr, batch_size),
         config.training_processes(),
         config.threads_per_process(),
     )
@@ -235,12 +288,13 @@ def fit(
     model_out: Path,
     interrupt_after: int | None,
     lr: float | None,
+    batch_size: int | None,
 ) -> dict[str, Any]:
     """One training process of `run_training`: `mllm train sft`'s Trainer, resumed from the newest checkpoint."""
     from mllm.train.runner import resolve_resume
     from mllm.train.sft import DataArguments, ModelArguments, build_sft_trainer
 
-    args = sft_training_arguments(config, run_dir, steps, lr)
+    args = sft_training_arguments(config, run_dir, steps, lr, batch_size)
     trainer = build_sft_trainer(
         ModelArguments(
             model=str(start),
