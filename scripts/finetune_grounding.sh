@@ -46,5 +46,5 @@ for split in $EVAL_SPLITS; do
 done
 if [ ${#data_args[@]} -gt 0 ]; then   # resumable: a rerun answers only what is missing
     mllm eval grounding "$OUT/merged" "${data_args[@]}" --image-root "$IMAGES" \
-        --out-dir "$OUT/eval_grounding" --batch-size 8 --vis 16
+        --out "$OUT/eval_grounding" --batch-size 8 --vis 16
 fi

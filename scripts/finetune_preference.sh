@@ -21,12 +21,13 @@ LR=${LR:-1e-5}
 EPOCHS=${EPOCHS:-1}
 LOGP_BATCH=${LOGP_BATCH:-4}
 
-image_args=()
-if [ -n "$IMAGE_FOLDER" ]; then image_args=(--image-folder "$IMAGE_FOLDER"); fi
+image_args=()       # the trainer's spelling (a TrainingArguments-style field) and the other commands' one
+image_root_args=()
+if [ -n "$IMAGE_FOLDER" ]; then image_args=(--image-folder "$IMAGE_FOLDER"); image_root_args=(--image-root "$IMAGE_FOLDER"); fi
 mkdir -p "$OUT"
 
 torchrun --nproc_per_node "$NPROC" -m mllm logp \
-    --model "$MODEL" --data "$DATA" --out "$LOGPS" "${image_args[@]}" \
+    "$MODEL" --data "$DATA" --out "$LOGPS" "${image_root_args[@]}" \
     --batch-size "$LOGP_BATCH" --max-length 2048
 
 torchrun --nproc_per_node "$NPROC" -m mllm train preference \

@@ -28,4 +28,4 @@ torchrun --nproc_per_node "$NPROC" -m mllm train sft \
     --max-steps "$MAX_STEPS" --deepspeed "$DS_CONFIG" "$@"
 
 mllm merge-lora "$MODEL" "$OUT" "$OUT/merged" --overwrite
-mllm eval-vqa "$OUT/merged" --data "$EVAL_DATA" --image-folder "$IMAGE_FOLDER" --out "$OUT/test_predictions.jsonl"
+mllm eval vqa "$OUT/merged" --data "$EVAL_DATA" --image-root "$IMAGE_FOLDER" --out "$OUT/test_predictions.jsonl"
