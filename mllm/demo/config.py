@@ -149,8 +149,9 @@ class DemoConfig:
     """Optimizer steps of an SFT stage on all the world's yes/no and short-answer questions (no descriptions, no
     boxes), after `align` and before the mixed SFT (0 skips it). The lookups of an object by the question's words
     form here more surely than in the mix: on seed 1, the mixed SFT straight after `align` left yes/no at 55.8%
-    (colour 53%, existence 56%); with this stage first (500 x 64) 73.8% (colour 88%, existence 76%), and on seed 0
-    77.3% -> 78.3% (docs/LOG.md, 2026-12-05). 300 steps were not enough on seed 1 (63.0%)."""
+    (colour 53%, existence 56%); with this stage first (500 x 64) 76.3% (colour 92%, existence 83%); over seeds 0-4
+    72.4% (sd 9.6) -> 77.8% (sd 2.1), at the cost of 200 mixed steps (greedy CHAIRi 4.9 -> 8.7% on average;
+    docs/LOG.md, 2026-12-05). 300 steps were not enough on seed 1 (63.0%)."""
     questions_batch_size: int = 64
     """Samples per step of the `questions` stage (0.43 s per step of 64 against 0.33 s per mixed step of 32 on the
     2 cores)."""
