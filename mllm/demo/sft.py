@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +63,9 @@ def sft_start_model_dir(config: DemoConfig) -> Path:
     return questions_model_dir(config) if config.questions_steps > 0 else questions_start_model_dir(config)
 
 
-def write_align_data(config: DemoConfig, out: Path) -> int:
-    """The `align` stage's data: the items of the SFT file that `config.align_data` names (the descriptions, or the
-    yes/no questions of one category), image paths made absolute; returns the count."""
-    from mllm.toy.world import DESCRIBE_QUESTION, yes_no_category
-
-    def chosen(question: str) -> bool:
-        if config.align_data == "descriptions":
-            return question.endswith(DESCRIBE_QUESTION)
-        return yes_no_category(question) == config.align_data
-
+def write_sft_subset(config: DemoConfig, out: Path, chosen: Callable[[str], bool]) -> int:
+    """The items of the world's SFT file whose first question `chosen` accepts, image paths made absolute, written
+    to `out` (the data of a single-kind SFT stage); returns the count."""
     world = world_dir(config)
     items = [
         {**item, "image": str(world / item["image"])}
@@ -82,19 +76,25 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
     return len(items)
 
 
+def write_align_data(config: DemoConfig, out: Path) -> int:
+    """The `align` stage's data: the items of the SFT file that `config.align_data` names (the descriptions, or the
+    yes/no questions of one category), image paths made absolute; returns the count."""
+    from mllm.toy.world import DESCRIBE_QUESTION, yes_no_category
+
+    def chosen(question: str) -> bool:
+        if config.align_data == "descriptions":
+            return question.endswith(DESCRIBE_QUESTION)
+        return yes_no_category(question) == config.align_data
+
+    return write_sft_subset(config, out, chosen)
+
+
 def write_questions_data(config: DemoConfig, out: Path) -> int:
     """The `questions` stage's data: every item of the SFT file but the descriptions (the yes/no and short-answer
     questions), image paths made absolute; returns the count."""
     from mllm.toy.world import DESCRIBE_QUESTION
 
-    world = world_dir(config)
-    items = [
-        {**item, "image": str(world / item["image"])}
-        for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
-        if not item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)
-    ]
-    write_json_atomic(out, items, indent=None)
-    return len(items)
+    return write_sft_subset(config, out, lambda question: not question.endswith(DESCRIBE_QUESTION))
 
 
 def write_rec_subset(config: DemoConfig, out: Path) -> int:
