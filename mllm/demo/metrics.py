@@ -142,8 +142,9 @@ def yes_no_metrics(
             "p_chance": binomial_p_value(sum(flags), len(flags), 0.5),
         }
     blind = {}
+    questions = [(question_text(item), question_category(item)) for item in test_items]
     for name, rule in yes_no_blind_rules(train_items).items():
-        guesses = [rule(question_text(item), question_category(item)) for item in test_items]
+        guesses = [rule(question, category) for question, category in questions]
         blind_correct = [g == p["reference"] for g, p in zip(guesses, predictions)]
         blind[name] = mcnemar(correct, blind_correct).to_json()
     best = max(blind, key=lambda name: blind[name]["baseline_accuracy"])
