@@ -172,11 +172,15 @@ class DemoConfig:
     conversation weighs the same). With "token" a one-word yes/no answer is ~6% of a mixed batch's loss (the
     descriptions and boxes have most of the tokens); "sample" lifted yes/no from 59.3% to 77.7% and pair accuracy
     from 24% to 60% with the other changes of 2026-12-04 (seed 0; docs/LOG.md)."""
-    bf16: bool = True
-    """Run the `vision`, `align` and `sft` stages under bfloat16 autocast (Trainer's `--bf16`; weights, optimizer
-    and losses stay float32). On this machine's CPU (avx512_bf16) SFT steps ran 1.3x faster alone on 2 threads (1.6x
-    at 1 thread beside another run) with the same figures after SFT (docs/LOG.md, 2026-11-27 (GPU, second)); a CPU without bfloat16 instructions may be slower.
-    Preference training stays float32, like the reference log-probs it compares with."""
+    bf16: bool | None = None
+    """Run the `vision`, `align`, `questions` and `sft` stages under bfloat16 autocast (Trainer's `--bf16`; weights,
+    optimizer and losses stay float32). None (the default): where the device has a bfloat16 path (`native_bf16`: a
+    CUDA GPU that supports it, a CPU for which oneDNN has one: AVX-512, avx512_bf16, AMX, ARM BF16), float32
+    elsewhere. On a CPU with avx512_bf16, SFT steps ran 1.3x faster alone on 2 threads (1.6x at 1 thread beside
+    another run) with the same figures after SFT (docs/LOG.md, 2026-11-27 (GPU, second)); on an AVX2-only CPU (AMD
+    EPYC, 2026-12-05) autocast fell back to a slow path and a `vision` step took 2.5 s against 0.35 s in float32. The
+    resolved value is what the run folder records. Preference training stays float32, like the reference log-probs
+    it compares with."""
     sft_group_by_length: bool = False
     """Batch SFT samples of similar length together (`--train-sampling-strategy group_by_length`; about a third of a
     random batch's tokens are padding). Off: with batches that hold one kind of question each, the model stopped
@@ -313,11 +317,35 @@ class DemoConfig:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def uses_bf16(self) -> bool:
+        """`bf16` resolved (None: `native_bf16` of the device)."""
+        return native_bf16(self.torch_device()) if self.bf16 is None else self.bf16
+
+    def training_precision(self) -> str:
+        """How the training stages compute, in words: "bfloat16 autocast" or "float32"."""
+        return "bfloat16 autocast" if self.uses_bf16() else "float32"
+
     def fingerprint(self) -> dict[str, Any]:
         """The fields that decide results (not where they go, how many threads or processes compute them, or test
-        hooks)."""
+        hooks), with `bf16` resolved: a folder started with autocast is not continued without it."""
         skip = {"out", "threads", "processes", "device", "sft_interrupt_after"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        found = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {**found, "bf16": self.uses_bf16()}
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` ("cpu" or "cuda") has a fast bfloat16 path: a CUDA GPU that supports it (Ampere and later),
+    or a CPU for which oneDNN has bfloat16 kernels (AVX-512 BW/VL/DQ, avx512_bf16 or AMX on x86; BF16 on ARM), the
+    check PyTorch's own mkldnn tests use (a private op: where a PyTorch build lacks it, float32, which is always
+    right). Elsewhere bfloat16 autocast is much slower than float32."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 FAST_OVERRIDES: dict[str, Any] = {

@@ -107,6 +107,10 @@ def run_demo(
     config.validate()
     config.out.mkdir(parents=True, exist_ok=True)
     check_config(config)
+    precision = config.training_precision()
+    if config.bf16 is None and precision == "float32":
+        precision += " (no bfloat16 path on this device)"
+    echo(f"demo: {config.torch_device()}, {config.training_processes()} training process(es), {precision}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)

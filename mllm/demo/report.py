@@ -180,7 +180,8 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
         f"{config.n_test} held-out images, {config.vision_steps} vision stage steps, {config.sft_steps} SFT steps "
         f"(batch {config.sft_batch_size}), "
         f"{config.preference_steps} preference steps ({config.preference_loss}, beta {config.preference_beta}, "
-        f"lr {config.preference_lr}). {config.threads} torch threads on a machine with {os.cpu_count()} CPUs. "
+        f"lr {config.preference_lr}). {config.threads} torch threads on a machine with {os.cpu_count()} CPUs; the "
+        f"vision and SFT stages in {config.training_precision()} (`bf16`). "
         f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
         "",
         "## Time per stage",

@@ -204,13 +204,14 @@ def sft_training_arguments(
         config.sft_lr if lr is None else lr,
         loss_reduction=config.sft_loss_reduction,
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
-        bf16=config.bf16,
+        bf16=config.uses_bf16(),
         vision_learning_rate=config.sft_vision_lr,
     )
 
 
 def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """The alignment stage: SFT on the descriptions alone, from the `vision` stage's model (or the random one)."""
+    """The alignment stage: SFT on the items `align_data` names alone (the position questions by default), from the
+    `vision` stage's model (or the random one)."""
     return run_training(
         config,
         folder,

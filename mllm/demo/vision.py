@@ -66,7 +66,7 @@ def fit_vision(config: DemoConfig) -> dict[str, Any]:
         config.vision_batch_size,
         config.vision_lr,
         save_total_limit=1,
-        bf16=config.bf16,
+        bf16=config.uses_bf16(),
     )
     resume = resolve_resume(training_args)  # the newest checkpoint in the output folder, if any
     figures = train_vision(args, training_args, resume)
