@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv test test-full-demo lint demo clean-venv
 
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
@@ -23,6 +23,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The whole seed-0 demo, asserted as tests/test_demo_full.py says (not in `make test`: ~15 minutes with avx512_bf16,
+# ~100 on an AVX2-only CPU, beyond CI's 90; docs/LOG.md, 2026-12-05 (third session)).
+test-full-demo: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --full-demo tests/test_demo_full.py $(PYTEST_ARGS)
 
 # The toy-world demo: a tiny model trained from scratch, evaluated, preference-aligned; see runs/demo/REPORT.md.
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""Shared test helpers: where the read-only fixtures live (`<root>/../shared`)."""
+"""Shared test helpers: where the read-only fixtures live (`<root>/../shared`), and the `--full-demo` option."""
 
 from __future__ import annotations
 
@@ -8,6 +8,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full-demo",
+        action="store_true",
+        help="also run the tests marked full_demo: the whole `mllm demo` of seed 0 (tests/test_demo_full.py; about "
+        "15 minutes on 2 cores with avx512_bf16, ~100 on a 2-core AVX2-only CPU, so not part of `make test`)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the `full_demo` tests unless `--full-demo` is given: `make test-full-demo` runs them."""
+    if config.getoption("--full-demo"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("full_demo")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("full_demo")]
 
 
 def _require(path: Path) -> Path:

@@ -5,13 +5,17 @@ What the fast demo learns today (seed 0): in the `vision` stage the tower tells 
 (87-91% on held-out images), the descriptions name many of the right objects (greedy CHAIRi 31.6% with the position and
 questions stages before 250 SFT steps, 13.4% with the position stage alone, 26.8% with the earlier token loss,
 55.6-62.9% without the `vision` stage), the answer formats (every yes/no answer is "Yes" or "No", the grounding
-answers parse as boxes), and preference training widens the reward margin and lowers sampled CHAIRi (52.2 -> 49.2%;
-measured figures: the README's demo section and docs/LOG.md). It does not learn to answer questions *about* the
-image: yes/no stays at chance (49.0% on 200 questions, 2026-12-05) and Acc@0.5 at the mean box's 2.0%, so
-nothing here asserts them; tests/test_demo_full.py asserts what the full demo reaches.
+answers parse as boxes), and preference training widens the reward margin (measured figures: the README's demo
+section and docs/LOG.md). It does not learn to answer questions *about* the image: yes/no stays at chance (49.0% on
+200 questions, 2026-12-05) and Acc@0.5 at the mean box's 2.0%, so nothing here asserts them. Nor does it assert that
+preference training lowers the sampled CHAIRi: on 200 sampled descriptions the change is within the noise (about
+3 points either way: 52.2 -> 49.2% on one CPU, 48.5 -> 51.7% on another with the same code and seed, 48.5 -> 46.2%
+with 120 preference steps; docs/LOG.md, 2026-12-05 (second session)). tests/test_demo_full.py asserts what the full
+demo reaches, the sampled CHAIRi drop included (31-49% on seeds 0-4).
 
-Budget: about 7 minutes on 2 cores for this file (one --fast demo, ~380 s of stages alone; the resume tests are
-40-image runs).
+Budget: about 7 minutes on 2 cores with avx512_bf16 for this file (one --fast demo, ~380 s of stages alone; the resume
+tests are 40-image runs); on a 2-core AVX2-only EPYC the --fast demo alone took 1,601 s, the killed-demo test 155 s
+(300-350 s while its `align` and `questions` stages ran the --fast lengths).
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ def test_fast_demo_learns_the_formats_and_preference_widens_the_margin(fast_demo
     )  # the SFT model already prefers correct text
     preference = figures(fast_demo, "preference")
     assert preference["final_margin"] > max(preference["first_margin"], 0.0)
+    # the same evaluation again; its CHAIR change is within the noise (see the module docstring)
     after = figures(fast_demo, "eval_preference")
-    assert after["chair"]["sampled"]["CHAIRi"] < before["chair"]["sampled"]["CHAIRi"]
+    assert after["yes_no"]["n"] == 200 and after["chair"]["sampled"]["Len"] > 0.1
 
 
 def test_fast_demo_writes_metrics_json_with_the_paired_tests(fast_demo: Path) -> None:
@@ -208,6 +213,9 @@ KILL_SETTINGS = dict(
     n_preference=8,
     vision_steps=2,
     vision_batch_size=2,
+    align_steps=2,  # the stages before SFT as short as they go: the kill lands in SFT
+    questions_steps=2,
+    questions_batch_size=4,
     sft_steps=120,
     sft_save_steps=4,
     sft_batch_size=2,
@@ -410,9 +418,32 @@ def test_device_and_loss_options_are_checked_and_device_does_not_split_a_run(tmp
         demo_config(tmp_path / "x", sft_loss_reduction="mean")
     assert demo_config(tmp_path / "x", device="cpu").torch_device() == "cpu"
     # a run started on one device may be resumed on another: the device is not part of the settings' fingerprint
+    # (`bf16` is, resolved on the device when left to None: see the next test)
     assert (
-        demo_config(tmp_path / "x", device="cpu").fingerprint() == demo_config(tmp_path / "x").fingerprint()
+        demo_config(tmp_path / "x", device="cpu", bf16=True).fingerprint()
+        == demo_config(tmp_path / "x", bf16=True).fingerprint()
     )
+
+
+def test_bf16_autocast_only_where_the_device_has_a_bfloat16_path_and_the_folder_records_which(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    out = tmp_path / "demo"
+    config = tiny_config(out, bf16=None, device="cpu")
+    assert not config.uses_bf16() and config.fingerprint()["bf16"] is False  # no bfloat16 path: float32
+    assert tiny_config(out, bf16=True, device="cpu").uses_bf16()  # an explicit choice is kept
+    # the full demo resolves it on the machine; --fast keeps float32 anywhere
+    assert demo_config(out).bf16 is None and demo_config(out, fast=True).bf16 is False
+    lines: list[str] = []
+    run_demo(config, until="world", echo=lines.append)
+    assert lines[0] == "demo: cpu, 2 training process(es), float32 (no bfloat16 path on this device)"
+    assert "stages in float32 (`bf16`)" in (out / "REPORT.md").read_text()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert config.uses_bf16() and config.fingerprint()["bf16"] is True
+    # the same settings on a CPU with a bfloat16 path would train under autocast: that folder is not continued
+    with pytest.raises(ValueError, match="other settings .*bf16"):
+        run_demo(config, until="world", echo=lambda line: None)
 
 
 def test_training_processes_and_attention_are_checked(tmp_path: Path, monkeypatch) -> None:
