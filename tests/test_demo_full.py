@@ -23,8 +23,11 @@ issue's own value is asserted. Measured on seed 0, 2026-12-04 recipe -> with the
 
 Not asserted, because the demo does not reach them (issue 26, part 2, stays open): yes/no >= 80% overall (78.3%), and
 grounding: Acc@0.5 >= 30% and 15 points above the best image-blind rule (the best box per position phrase: 7.75%
-against the model's 5.0%). Nor is the recipe's robustness across seeds; see the README's table of seeds 0-4. The
-`--fast` demo (tests/test_demo.py) is too short for any of this.
+against the model's 5.0%). Nor is the recipe's robustness across seeds and CPUs: the yes/no, pair and box thresholds
+sit inside that spread. Of the seven runs of the recipe so far (seeds 0-4 on the first machine, seeds 0 and 1 on a
+Xeon with AMX, whose bfloat16 kernels round differently), these assertions hold on two (seeds 0 and 3 of the first
+machine), so a fresh run on another machine is more likely to fail than to pass (docs/LOG.md, 2026-12-05 (fourth
+session)); see the README's table and the runs beside it. The `--fast` demo (tests/test_demo.py) is too short for any of this.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_RUNS = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05"
 """One JSON file per seed 0-4 (`seed<N>.json`: the run's `demo_config`, stage times and summaries, `metrics`),
 made with bfloat16 autocast on 2 cores with avx512_bf16."""
+OTHER_CPU_RUNS = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05-amx"
+"""The same recipe on another 2-core Xeon (AMX; `seed<N>.json` in the same layout, plus `machine`): its bfloat16
+kernels round differently, so each run there is another draw of the recipe, quoted in the README beside the table."""
 SEEDS = range(5)
 
 P_VALUE = 0.01
@@ -129,16 +135,35 @@ def test_full_demo_hallucinates_less_after_preference_training(metrics: dict) ->
     assert after["grounding"]["acc"] >= before["grounding"]["acc"] - MAX_PREFERENCE_DROP
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_the_committed_runs_are_the_recipe_the_code_runs(seed: int) -> None:
-    run = committed_run(seed)
+def committed_run_files() -> list[Path]:
+    return [COMMITTED_RUNS / f"seed{seed}.json" for seed in SEEDS] + sorted(OTHER_CPU_RUNS.glob("seed*.json"))
+
+
+@pytest.mark.parametrize("path", committed_run_files(), ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_the_committed_runs_are_the_recipe_the_code_runs(path: Path) -> None:
+    run = json.loads(path.read_text())
+    seed = int(path.stem.removeprefix("seed"))
     assert run["seed"] == run["metrics"]["seed"] == seed and not run["metrics"]["fast"]
-    # every field that decides results; `bf16` is what they resolved to (autocast, on the avx512_bf16 machine)
+    # every field that decides results; `bf16` is what they resolved to (autocast, on both machines)
     assert run["demo_config"] == demo_config(seed=seed, bf16=True).fingerprint()
 
 
 def percent(value: float, digits: int) -> str:
     return f"{100 * value:.{digits}f}"
+
+
+def quoted_figures(sft: dict) -> dict[str, str]:
+    """The after-SFT figures as the README writes them."""
+    categories = ("color", "count", "existence", "position")
+    return {
+        "yes_no": percent(sft["yes_no"]["accuracy"], 1),
+        "categories": " / ".join(
+            percent(sft["yes_no"]["per_category"][c]["accuracy"], 1) for c in categories
+        ),
+        "pairs": percent(sft["yes_no"]["pair_accuracy"], 1),
+        "acc": percent(sft["grounding"]["acc"], 2),
+        "greedy_chairi": percent(sft["chair"]["greedy"]["CHAIRi"], 1),
+    }
 
 
 def test_the_readme_table_of_seeds_is_the_committed_runs() -> None:
@@ -152,13 +177,26 @@ def test_the_readme_table_of_seeds_is_the_committed_runs() -> None:
         cells = rows[seed]
         yes_no.append(100 * sft["yes_no"]["accuracy"])
         pairs.append(100 * sft["yes_no"]["pair_accuracy"])
-        assert cells[0].startswith(percent(sft["yes_no"]["accuracy"], 1) + " "), (seed, cells[0])
-        categories = ("color", "count", "existence", "position")
-        per_category = [percent(sft["yes_no"]["per_category"][c]["accuracy"], 1) for c in categories]
-        assert cells[1] == " / ".join(per_category), (seed, cells[1])
-        assert cells[2] == percent(sft["yes_no"]["pair_accuracy"], 1), seed
-        assert cells[4] == percent(sft["grounding"]["acc"], 2), seed
-        assert cells[6] == percent(sft["chair"]["greedy"]["CHAIRi"], 1), seed
+        quoted = quoted_figures(sft)
+        assert cells[0].startswith(quoted["yes_no"] + " "), (seed, cells[0])
+        assert cells[1] == quoted["categories"], (seed, cells[1])
+        assert cells[2] == quoted["pairs"], seed
+        assert cells[4] == quoted["acc"], seed
+        assert cells[6] == quoted["greedy_chairi"], seed
     summary = f"yes/no **{statistics.mean(yes_no):.1f}%** (sd {statistics.stdev(yes_no):.1f}"
     assert summary in readme
     assert f"pair accuracy **{statistics.mean(pairs):.1f}%** (sd {statistics.stdev(pairs):.1f}" in readme
+
+
+def test_the_readme_quotes_the_runs_on_the_other_cpu() -> None:
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("**The same recipe on another CPU**") :].split("\n\n")[0]
+    paths = sorted(OTHER_CPU_RUNS.glob("seed*.json"))
+    assert paths
+    for path in paths:
+        quoted = quoted_figures(json.loads(path.read_text())["metrics"]["after_sft"])
+        line = (
+            f"{path.stem.replace('seed', 'seed ')}: yes/no {quoted['yes_no']}% ({quoted['categories']}), pairs "
+            f"{quoted['pairs']}%, Acc@0.5 {quoted['acc']}%, greedy CHAIRi {quoted['greedy_chairi']}%"
+        )
+        assert line in " ".join(paragraph.split()), line
