@@ -4,9 +4,9 @@ Every check runs twice: on the committed seed-0 run (`docs/results/demo_seeds/20
 README quotes; part of `make test`), and on a fresh full demo (marked `full_demo`: only `make test-full-demo`, or
 pytest's `--full-demo`, runs it). The fresh run is not part of `make test` because it does not fit CI's 90 minutes on
 every machine CI gets: about 14 minutes on 2 cores with avx512_bf16, ~100 minutes on a 2-core AVX2-only EPYC, where a
-CI run with it timed out (docs/LOG.md, 2026-12-05 (second and third sessions)). Two more checks keep the committed
-files honest in CI: each was made by the recipe the code runs today (every `DemoConfig` field equal), and the README's
-table of seeds 0-4 shows their figures.
+CI run with it timed out (docs/LOG.md, 2026-12-05 (second and third sessions)). More checks keep the committed files
+honest in CI: each run was made by the recipe the code runs today (every `DemoConfig` field equal), and the README
+shows their figures (the table of seeds 0-4, the runs on another CPU, the REC-only probe).
 
 The thresholds were fixed on 2026-12-04 from the seed-0 run of that day's recipe, before the runs of seeds 1-4, and
 left unchanged when the `questions` stage joined the recipe (2026-12-05); where issue 26's criterion is reached the
@@ -200,3 +200,21 @@ def test_the_readme_quotes_the_runs_on_the_other_cpu() -> None:
             f"{quoted['pairs']}%, Acc@0.5 {quoted['acc']}%, greedy CHAIRi {quoted['greedy_chairi']}%"
         )
         assert line in " ".join(paragraph.split()), line
+
+
+def test_the_readme_quotes_the_rec_probe() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    probe = json.loads(
+        (ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx" / "rec_only.json").read_text()
+    )
+    alone = probe["rec_only_2400_from_questions"]
+    blind = alone["grounding"]["blind"]["best box per position phrase"]
+    quoted = (
+        f"reach Acc@0.5 {percent(alone['grounding']['acc'], 2)}%: {blind['model_correct']} of "
+        f"{alone['grounding']['n']} against {blind['baseline_correct']} for the best image-blind box rule"
+    )
+    assert quoted in readme, quoted
+    assert (
+        blind["baseline_accuracy"] == alone["grounding"]["blind_acc"]
+    )  # the per-phrase rule is the best one
+    assert f"(yes/no {percent(alone['other_skills_after']['yes_no_accuracy'], 0)}%)" in readme
