@@ -27,7 +27,8 @@ against the model's 5.0%). Nor is the recipe's robustness across seeds and CPUs:
 sit inside that spread. Of the seven runs of the recipe so far (seeds 0-4 on the first machine, seeds 0 and 1 on a
 Xeon with AMX, whose bfloat16 kernels round differently), these assertions hold on two (seeds 0 and 3 of the first
 machine), so a fresh run on another machine is more likely to fail than to pass (docs/LOG.md, 2026-12-05 (fourth
-session)); see the README's table and the runs beside it. The `--fast` demo (tests/test_demo.py) is too short for any of this.
+session)); see the README's table and the runs beside it. The `--fast` demo (tests/test_demo.py) is too short for
+any of this.
 """
 
 from __future__ import annotations
