@@ -75,9 +75,12 @@ def training_argv(options: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mllm.train.launch import run_and_end_process_group
+    from mllm.train.launch import end_process_group
 
-    return run_and_end_process_group(_train, args)
+    try:
+        return _train(args)
+    finally:
+        end_process_group()
 
 
 def _train(args: argparse.Namespace) -> int:

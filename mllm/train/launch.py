@@ -41,31 +41,12 @@ PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when the thread that started it exits."""
 
 
-def end_process_group(wait_for_peers: bool = False) -> None:
+def end_process_group() -> None:
     """Close the group Trainer opened (under torchrun or `run_in_processes`), if any: a gloo group left open when the
     interpreter exits aborts the process ("terminate called without an active exception", SIGABRT) after the model
-    was saved, so torchrun reports a failed run.
-
-    `wait_for_peers` (after this rank finished without an error): a barrier first, so that no rank tears its group
-    down while another still works. In one CI run (2026-12-05, ZeRO-3 over gloo, docs/LOG.md) rank 1 aborted with the
-    message above after leaving while rank 0 was still writing the gathered model; not reproduced in 19 runs, so
-    this ordering is a precaution, not a proven fix. Never after an error: peers stuck in a collective would hold the
-    barrier until gloo's timeout instead of letting the launcher stop them."""
+    was saved, so torchrun reports a failed run."""
     if dist.is_available() and dist.is_initialized():
-        if wait_for_peers:
-            dist.barrier()
         dist.destroy_process_group()
-
-
-def run_and_end_process_group(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)`, then `end_process_group`: waiting for the other ranks when it returned, at once when it raised."""
-    try:
-        result = fn(*args)
-    except BaseException:
-        end_process_group()
-        raise
-    end_process_group(wait_for_peers=True)
-    return result
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -92,7 +73,10 @@ def _worker(
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(threads)
-    result = run_and_end_process_group(fn, *args)
+    try:
+        result = fn(*args)
+    finally:
+        end_process_group()
     if rank == 0:
         results.put(result)
 
