@@ -21,6 +21,7 @@ tests are 40-image runs); on a 2-core AVX2-only EPYC the --fast demo alone took 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,6 +280,49 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
     run_demo(tiny_config(out), until="world", echo=lambda line: None)
     with pytest.raises(ValueError, match="other settings .*n_train"):
         run_demo(tiny_config(out, n_train=41), until="world", echo=lambda line: None)
+
+
+def test_the_cli_sets_fields_and_stops_after_a_stage(tmp_path: Path, capsys) -> None:
+    """`--set FIELD=VALUE` reads the value as the field's type and `--until` stops after that stage; a bad setting
+    is refused naming the flag and the field."""
+    from mllm.demo.config import parse_setting
+
+    assert parse_setting("vision_row_boxes=true") == ("vision_row_boxes", True)
+    assert parse_setting("sft_tune_vision=none") == ("sft_tune_vision", None)
+    assert parse_setting("sft_lr=5e-4") == ("sft_lr", 5e-4)
+    assert parse_setting(" align_data = color ") == ("align_data", "color")
+    for bad, match in [
+        ("sft_steps=1.5", "sft_steps takes values of type int"),
+        ("bf16=maybe", "bf16 takes values of type bool | None"),
+        ("sft_steps=none", "sft_steps takes values of type int"),
+        ("no_such_field=1", "FIELD one of"),
+        ("sft_steps", "FIELD=VALUE"),
+        ("seed=3", "seed has a flag of its own (--seed)"),
+        ("sft_interrupt_after=5", "FIELD one of"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            parse_setting(bad)
+    out = tmp_path / "demo"
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--fast",
+        "--until",
+        "world",
+        "--set",
+        "n_train=40",
+        "--set",
+        "n_test=10",
+    ]
+    assert main([*argv, "--set", "n_preference=10"]) == 0
+    assert sorted(p.name for p in out.iterdir() if (p / DONE).is_file()) == ["world"]
+    stored = json.loads((out / "demo_config.json").read_text())
+    assert (stored["n_train"], stored["n_test"], stored["n_preference"]) == (40, 10, 10)
+    assert main([*argv, "--set", "n_preference=wrong"]) == 2
+    assert "n_preference takes values of type int, got 'wrong'" in capsys.readouterr().err
+    assert main([*argv, "--until", "nowhere"]) == 2
+    assert "until must be one of" in capsys.readouterr().err
 
 
 def world_and_sft_data(tmp_path: Path, n_train: int, **overrides) -> tuple:

@@ -129,6 +129,29 @@ def test_grounding_metrics_against_blind_boxes() -> None:
     assert metrics["blind_acc"] == 0.75 and metrics["blind_best"] == "best box per position phrase"
     plain = metrics["without_position_phrase"]
     assert plain["n"] == 2 and (plain["model_correct"], plain["baseline_correct"]) == (2, 1)
+    assert "by_objects" not in metrics
+
+
+def test_grounding_accuracy_split_by_the_objects_in_the_image() -> None:
+    box = [0, 0, 30, 30]
+    train = [record("the red circle", box)] * 6
+    test = [
+        {**record(e, box), "img_path": image}
+        for e, image in [("a", "one.png"), ("b", "two.png"), ("c", "two.png")]
+    ]
+    test[1]["bbox"] = [80, 80, 110, 110]  # the blind constant box misses it
+    scored = [{"correct": flag} for flag in (False, True, False)]
+    metrics = grounding_metrics(scored, test, train, {"one.png": 1, "two.png": 2, "unused.png": 3})
+    assert list(metrics["by_objects"]) == ["1", "2"]
+    one, two = metrics["by_objects"]["1"], metrics["by_objects"]["2"]
+    assert (one["n"], one["correct"], one["blind_correct"]) == (1, 0, 1)
+    assert (two["n"], two["correct"], two["acc"], two["blind_correct"], two["blind_acc"]) == (
+        2,
+        1,
+        0.5,
+        1,
+        0.5,
+    )
 
 
 def test_write_metrics_has_one_block_per_evaluation(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`mllm demo [--out runs/demo] [--fast] [--seed N]`: the whole toy-world pipeline, resumable, ending in REPORT.md."""
+"""`mllm demo [--out runs/demo] [--fast] [--seed N] [--set FIELD=VALUE ...] [--until STAGE]`: the whole toy-world
+pipeline, resumable, ending in REPORT.md."""
 
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto (default): CUDA when torch sees a GPU",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one field of the demo's settings (mllm.demo.config.DemoConfig), e.g. --set sft_steps=1500 "
+        "--set vision_row_boxes=true; repeatable. A folder keeps the settings it was started with: another value "
+        "needs another --out",
+    )
+    parser.add_argument(
+        "--until",
+        metavar="STAGE",
+        help="stop after this stage (e.g. questions, to probe the model a stage leaves); a re-run without it goes on",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     # Before torch starts its OpenMP pool: waiting threads must sleep, or on a shared 2-core machine they spin
     # and starve the other process's work.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from mllm.demo.config import demo_config
+    from mllm.demo.config import demo_config, parse_setting
     from mllm.demo.pipeline import run_demo
 
+    settings = dict(parse_setting(text) for text in args.set)
     run_demo(
         demo_config(
             args.out,
@@ -51,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             processes=args.processes,
             device=args.device,
-        )
+            **settings,
+        ),
+        until=args.until,
     )
     return 0

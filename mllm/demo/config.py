@@ -369,6 +369,41 @@ float32: with bfloat16 autocast its 150 SFT steps read the image less (greedy CH
 near the test's 50%) and saved ~40 s."""
 
 
+CLI_FIELDS = {"out", "seed", "fast", "threads", "processes", "device"}
+"""Fields with a flag of their own in `mllm demo`; `--set` refuses them."""
+TEST_HOOKS = {"sft_interrupt_after"}
+"""Fields that only tests set; `--set` refuses them."""
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` of `mllm demo --set` -> (field, value), the value read as the field's type (bool: true/false,
+    int, float, str; "none" where the field may be None). Raises ValueError naming the flag."""
+    name, sep, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    kinds = {f.name: str(f.type) for f in fields(DemoConfig)}
+    if not sep or name not in kinds or name in TEST_HOOKS:
+        known = sorted(set(kinds) - CLI_FIELDS - TEST_HOOKS)
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {known}")
+    if name in CLI_FIELDS:
+        raise ValueError(f"--set {text!r}: {name} has a flag of its own (--{name})")
+    kind = kinds[name]
+    if raw.lower() in ("none", "null") and "None" in kind:
+        return name, None
+    base = kind.replace("| None", "").strip()
+    try:
+        if base == "bool":
+            if raw.lower() not in _TRUE | _FALSE:
+                raise ValueError("not a boolean")
+            return name, raw.lower() in _TRUE
+        if base in ("int", "float"):
+            return name, int(raw) if base == "int" else float(raw)
+    except ValueError:
+        raise ValueError(f"--set {text!r}: {name} takes values of type {kind}, got {raw!r}") from None
+    return name, raw
+
+
 def demo_config(
     out: str | Path = "runs/demo", fast: bool = False, seed: int = 0, **overrides: Any
 ) -> DemoConfig:

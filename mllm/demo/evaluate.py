@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,9 @@ def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_nam
     world = world_dir(config)
     scored = score_predictions(folder / "grounding_predictions.jsonl", image_root=world)
     train_records = read_jsonl(world / "grounding" / "rec_train.jsonl")
-    metrics = grounding_metrics(scored["items"], predictions, train_records)
+    # the world writes one REC record per object, so an image's records in the whole split are its objects
+    objects = Counter(r["img_path"] for r in read_jsonl(world / "grounding" / "rec_val.jsonl"))
+    metrics = grounding_metrics(scored["items"], predictions, train_records, objects)
     return {
         **metrics,
         "unparsable": scored["overall"]["unparsable"],

@@ -12,7 +12,8 @@ prediction files, with the pure functions of `mllm.eval.stats` and `mllm.eval.bl
 - grounding: Acc@0.5 with its interval; image-blind boxes fit on the training records only (the mean box, the best
   constant box, the best box per position phrase in the expression, per expression template, per exact expression;
   each backs off to the constant box), each compared with the model on the same expressions (McNemar), and the
-  expressions without a position phrase against the constant box alone.
+  expressions without a position phrase against the constant box alone, and Acc@0.5 split by the objects in the
+  image (one object: the box follows from the image alone; several: the expression must pick one out).
 
 `blind_accuracy` / `blind_acc` is the best blind rule's accuracy on the test items (a maximum over rules, so it
 favours the baselines). OUT/metrics.json holds one block per evaluated model (`after_sft`, `after_preference`).
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +198,15 @@ def grounding_blind_boxes(train_records: list[dict]) -> dict[str, Callable[[str]
 
 
 def grounding_metrics(
-    scored_items: list[dict], records: list[dict], train_records: list[dict]
+    scored_items: list[dict],
+    records: list[dict],
+    train_records: list[dict],
+    objects_per_image: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Acc@0.5 with its interval and the blind baselines of the model's scored predictions (`score_predictions`
-    items, in the order of `records`, the REC records they answer); `train_records` fit the blind boxes."""
+    items, in the order of `records`, the REC records they answer); `train_records` fit the blind boxes. With
+    `objects_per_image` (a record's `img_path` -> objects in that image) also `by_objects`: the model's and the best
+    blind rule's accuracy on the expressions of images with 1, 2, ... objects."""
     from mllm.boxes import iou
 
     if len(scored_items) != len(records):
@@ -215,6 +221,11 @@ def grounding_metrics(
         blind[name] = mcnemar(correct, flags_of[name]).to_json()
     best = max(blind, key=lambda name: blind[name]["baseline_accuracy"])
     plain = [k for k, r in enumerate(records) if position_phrase_of(r["expression"]) is None]
+    by_objects = {}
+    if objects_per_image is not None:
+        by_objects = split_by_objects(
+            correct, flags_of[best], [objects_per_image[r["img_path"]] for r in records]
+        )
     return {
         "acc": hits / n,
         "n": n,
@@ -226,7 +237,25 @@ def grounding_metrics(
         "without_position_phrase": mcnemar(
             [correct[k] for k in plain], [flags_of["best constant box"][k] for k in plain]
         ).to_json(),
+        **({"by_objects": by_objects} if objects_per_image is not None else {}),
     }
+
+
+def split_by_objects(correct: list[bool], blind: list[bool], objects: list[int]) -> dict[str, dict[str, Any]]:
+    """Accuracy of the model (`correct`) and of a blind rule (`blind`) per object count of the item's image, keyed
+    by the count as a string (JSON keys), in increasing order."""
+    split: dict[str, dict[str, Any]] = {}
+    for count in sorted(set(objects)):
+        items = [k for k, n in enumerate(objects) if n == count]
+        hits, blind_hits = sum(correct[k] for k in items), sum(blind[k] for k in items)
+        split[str(count)] = {
+            "n": len(items),
+            "correct": hits,
+            "acc": hits / len(items),
+            "blind_correct": blind_hits,
+            "blind_acc": blind_hits / len(items),
+        }
+    return split
 
 
 # --------------------------------------------------------------------------------------------------------------

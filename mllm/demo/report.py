@@ -90,6 +90,13 @@ def evidence_section(figures: dict[str, Any] | None, label: str) -> list[str]:
             *comparison_table(grounding["blind"]),
             "",
         ]
+        if grounding.get("by_objects"):
+            split = "; ".join(
+                f"{count} object{'s' if count != '1' else ''}: {c['correct']}/{c['n']} ({pct(c['acc'])}%, best blind "
+                f"rule {pct(c['blind_acc'])}%)"
+                for count, c in grounding["by_objects"].items()
+            )
+            lines += [f"By the objects in the image: {split}.", ""]
     return lines
 
 
