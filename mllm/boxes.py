@@ -70,6 +70,23 @@ def normalize_box(box_xyxy_pixels: Sequence[float], width: float, height: float)
     return tuple(min(GRID, max(0, round(v / s * GRID))) for v, s in zip((x0, y0, x1, y1), sizes))  # type: ignore[return-value]
 
 
+def snap_box(box_xyxy_pixels: Sequence[float], width: float, height: float, bins: int) -> list[float]:
+    """A pixel box with each coordinate moved to the nearest of `bins` equal steps of its image side (coordinate
+    quantisation, as Pix2Seq's and Kosmos-2's location bins): with 20 bins the mllm format's 0..1000 values become
+    multiples of 50. A side that would shrink to nothing keeps one step. Pixels in, pixels out."""
+    _check_size(width, height)
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    sizes = (width, height, width, height)
+    steps = [round(float(v) / s * bins) for v, s in zip(box_xyxy_pixels, sizes)]
+    for low, high in ((0, 2), (1, 3)):
+        if steps[high] <= steps[low]:  # keep one step, inside the image
+            steps[high] = steps[low] + 1
+            if steps[high] > bins:
+                steps[low], steps[high] = bins - 1, bins
+    return [k / bins * s for k, s in zip(steps, sizes)]
+
+
 def format_box(
     box_xyxy_pixels: Sequence[float], width: float, height: float, box_format: str = "mllm"
 ) -> str:

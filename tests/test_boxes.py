@@ -150,3 +150,14 @@ def test_wrap_ref_for_qwen2vl_families():
     assert wrap_ref("the cup", "qwen2vl") == "<|object_ref_start|>the cup<|object_ref_end|>"
     assert wrap_ref("the cup", "qwen25vl") == "<|object_ref_start|>the cup<|object_ref_end|>"
     assert wrap_ref("the cup", "llava") == "<ref>the cup</ref>"
+
+
+def test_snap_box_moves_coordinates_to_bins_and_keeps_a_side():
+    from mllm.boxes import snap_box
+
+    assert snap_box([12, 33, 61, 88], 100, 100, 20) == [10, 35, 60, 90]
+    assert normalize_box(snap_box([12, 33, 61, 88], 112, 100, 20), 112, 100) == (100, 350, 550, 900)
+    assert snap_box([10, 10, 12, 12], 100, 100, 10) == [10, 10, 20, 20]  # collapsed: one step kept
+    assert snap_box([99, 99, 100, 100], 100, 100, 10) == [90, 90, 100, 100]  # ... inside the image
+    with pytest.raises(ValueError, match="bins must be at least 1"):
+        snap_box([0, 0, 1, 1], 10, 10, 0)

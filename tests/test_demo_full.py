@@ -205,6 +205,24 @@ def test_the_readme_quotes_the_runs_on_the_other_cpu() -> None:
         assert line in paragraph, line
 
 
+def test_the_readme_quotes_the_box_bins_probe() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    probe = json.loads(
+        (ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx" / "rec_box_bins.json").read_text()
+    )
+    binned, exact = probe["boxes_in_20_bins"]["grounding"], probe["exact_boxes"]["grounding"]
+    paired = probe["binned_against_exact"]
+    assert (paired["model_correct"], paired["baseline_correct"]) == (binned["correct"], exact["correct"])
+    quoted = (
+        f"20 bins gave Acc@0.5 {percent(binned['acc'], 1)}% against {percent(exact['acc'], 2)}% with exact boxes "
+        f"on the same {binned['n']} expressions (McNemar p {paired['p_value']:.3f};"
+    )
+    assert quoted in readme, quoted
+    snapped = probe["snapped_to_20_bins"]
+    assert all(s["iou_ge_0.5_after_snapping"] == s["records"] for s in snapped.values())
+    assert "every box of that world stays at IoU >= 0.5 when snapped" in readme
+
+
 def test_the_readme_quotes_the_rec_probe() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
     probe = json.loads(

@@ -116,6 +116,18 @@ def test_ref_tags_and_other_box_syntax(data: Path):
     assert items[0]["conversations"][1]["content"] == "[0.100,0.100,0.600,0.600]"
 
 
+def test_box_bins_snap_every_box_written(data: Path):
+    """8 bins: steps of 125 on the 0..1000 grid; REC answers, GC prompts and Flickr captions alike."""
+    items, _ = build_grounding_items(_config(data, box_bins=8))
+    by_id = {item["id"]: item["conversations"] for item in items}
+    # 20/200 = 0.1 -> step 1 of 8, 120/200 = 0.6 -> step 5 (0.8 and 4.8 rounded)
+    assert by_id["rec:rec:1"][1]["content"] == "[125, 125, 625, 625]"
+    assert by_id["gc:gc:1"][0]["content"] == "<image>\nWhat is in region [0, 0, 500, 500] of the image?"
+    assert by_id["flickr:flickr:1"][1]["content"].startswith("A man [0, 0, 500, 500] rides two horses")
+    with pytest.raises(ValueError, match="--box-bins must be >= 0"):
+        build_grounding_items(_config(data, box_bins=-1))
+
+
 @pytest.mark.parametrize(
     "box_format, prompt, answer",
     [
