@@ -127,3 +127,35 @@ def _running(pid: str) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_torchrun_worker_leaves_with_its_code_after_flushing() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set) `leave_torchrun_worker` ends the process at once with the code, the
+    piped (block-buffered) output flushed first; elsewhere it returns."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from mllm.train.launch import leave_torchrun_worker\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "print('saved')\n"
+        "logging.getLogger('x').warning('logged')\n"
+        "leave_torchrun_worker(3)\n"
+        "print('returned')\n"
+    )
+    buffered = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "TORCHELASTIC_RUN_ID")}
+    worker = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**buffered, "TORCHELASTIC_RUN_ID": "test"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (worker.returncode, worker.stdout) == (3, "saved\n") and "logged" in worker.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    alone = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (alone.returncode, alone.stdout) == (0, "saved\nreturned\n")
