@@ -51,6 +51,8 @@ made with bfloat16 autocast on 2 cores with avx512_bf16."""
 OTHER_CPU_RUNS = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05-amx"
 """The same recipe on another 2-core Xeon (AMX; `seed<N>.json` in the same layout, plus `machine`): its bfloat16
 kernels round differently, so each run there is another draw of the recipe, quoted in the README beside the table."""
+PROBES = ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx"
+"""Raw results of probes the README quotes (not the recipe)."""
 SEEDS = range(5)
 
 P_VALUE = 0.01
@@ -207,9 +209,7 @@ def test_the_readme_quotes_the_runs_on_the_other_cpu() -> None:
 
 def test_the_readme_quotes_the_box_bins_probe() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
-    probe = json.loads(
-        (ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx" / "rec_box_bins.json").read_text()
-    )
+    probe = json.loads((PROBES / "rec_box_bins.json").read_text())
     binned, exact = probe["boxes_in_20_bins"]["grounding"], probe["exact_boxes"]["grounding"]
     paired = probe["binned_against_exact"]
     assert (paired["model_correct"], paired["baseline_correct"]) == (binned["correct"], exact["correct"])
@@ -225,9 +225,7 @@ def test_the_readme_quotes_the_box_bins_probe() -> None:
 
 def test_the_readme_quotes_the_rec_probe() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
-    probe = json.loads(
-        (ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx" / "rec_only.json").read_text()
-    )
+    probe = json.loads((PROBES / "rec_only.json").read_text())
     alone = probe["rec_only_2400_from_questions"]
     blind = alone["grounding"]["blind"]["best box per position phrase"]
     quoted = (

@@ -221,12 +221,7 @@ def grounding_metrics(
         blind[name] = mcnemar(correct, flags_of[name]).to_json()
     best = max(blind, key=lambda name: blind[name]["baseline_accuracy"])
     plain = [k for k, r in enumerate(records) if position_phrase_of(r["expression"]) is None]
-    by_objects = {}
-    if objects_per_image is not None:
-        by_objects = split_by_objects(
-            correct, flags_of[best], [objects_per_image[r["img_path"]] for r in records]
-        )
-    return {
+    figures = {
         "acc": hits / n,
         "n": n,
         "correct": hits,
@@ -237,8 +232,11 @@ def grounding_metrics(
         "without_position_phrase": mcnemar(
             [correct[k] for k in plain], [flags_of["best constant box"][k] for k in plain]
         ).to_json(),
-        **({"by_objects": by_objects} if objects_per_image is not None else {}),
     }
+    if objects_per_image is not None:
+        objects = [objects_per_image[r["img_path"]] for r in records]
+        figures["by_objects"] = split_by_objects(correct, flags_of[best], objects)
+    return figures
 
 
 def split_by_objects(correct: list[bool], blind: list[bool], objects: list[int]) -> dict[str, dict[str, Any]]:
