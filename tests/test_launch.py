@@ -159,3 +159,29 @@ def test_a_torchrun_worker_leaves_with_its_code_after_flushing() -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert (alone.returncode, alone.stdout) == (0, "saved\nreturned\n")
+
+
+def test_python_m_mllm_under_torchrun_leaves_through_the_worker_exit() -> None:
+    """`python -m mllm` (what torchrun starts) ends through `run_command`: under torchrun the worker leaves by
+    `os._exit` (no exit handler runs) after the help it printed for a missing command is flushed, with the command's
+    code (2); elsewhere the interpreter exits as usual."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('exit handlers ran'))\n"
+        "sys.argv = ['mllm']\n"
+        "runpy.run_module('mllm', run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "TORCHELASTIC_RUN_ID")}
+    runs = {
+        name: subprocess.run(
+            [sys.executable, "-c", script], env=extra | env, capture_output=True, text=True, timeout=120
+        )
+        for name, extra in (("torchrun", {"TORCHELASTIC_RUN_ID": "test"}), ("alone", {}))
+    }
+    assert [r.returncode for r in runs.values()] == [2, 2]
+    assert all("usage: mllm" in r.stdout for r in runs.values())
+    assert "exit handlers ran" not in runs["torchrun"].stdout and "exit handlers ran" in runs["alone"].stdout

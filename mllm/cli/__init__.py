@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import import_module
 
@@ -78,3 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mllm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def run_command() -> int:
+    """`main()` as a process's entry point (`python -m mllm`, `torchrun -m mllm`, the `mllm` script). A torchrun
+    worker leaves through `leave_torchrun_worker` once the command returned (its streams flushed, then `os._exit`:
+    ZeRO-3 workers could abort in the interpreter's shutdown); elsewhere the code is returned for the caller to exit
+    with, and `mllm --help` never imports torch."""
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torch is loaded already: the command ran under torchrun
+        from mllm.train.launch import leave_torchrun_worker
+
+        leave_torchrun_worker(code)
+    return code
