@@ -139,6 +139,7 @@ def tiny_config(out: Path, **overrides):
         vision_steps=2,
         vision_batch_size=2,
         align_steps=2,
+        align_batch_size=2,
         questions_steps=2,
         questions_batch_size=4,
         sft_steps=6,
@@ -215,6 +216,7 @@ KILL_SETTINGS = dict(
     vision_steps=2,
     vision_batch_size=2,
     align_steps=2,  # the stages before SFT as short as they go: the kill lands in SFT
+    align_batch_size=2,
     questions_steps=2,
     questions_batch_size=4,
     sft_steps=120,
@@ -337,6 +339,45 @@ def world_and_sft_data(tmp_path: Path, n_train: int, **overrides) -> tuple:
     make_world(config, world_dir(config))
     (config.out / "sft_data").mkdir()
     return config, make_sft_data(config, config.out / "sft_data")
+
+
+def test_rec_box_bins_snap_the_answers_of_the_mixed_file(tmp_path: Path) -> None:
+    """`rec_box_bins=20`: every REC answer of the mixed SFT file is a box on the 0..1000 grid in multiples of 50
+    (the exact boxes, without it, are not); the other items are as before. The field is refused below 0."""
+    import re
+
+    from mllm.demo.sft import sft_data_path
+
+    with pytest.raises(ValueError, match="rec_box_bins"):
+        demo_config(tmp_path / "bad", rec_box_bins=-1)
+
+    def answers(config) -> tuple[list[list[int]], list[str]]:
+        boxes, others = [], []
+        for item in json.loads(sft_data_path(config).read_text()):
+            answer = item["conversations"][1]["content"]
+            found = re.fullmatch(r"\[(\d+), (\d+), (\d+), (\d+)\]", answer.strip())
+            (boxes.append([int(v) for v in found.groups()]) if found else others.append(answer))
+        return boxes, others
+
+    exact_boxes, exact_others = answers(world_and_sft_data(tmp_path / "exact", n_train=40)[0])
+    binned_boxes, binned_others = answers(
+        world_and_sft_data(tmp_path / "binned", n_train=40, rec_box_bins=20)[0]
+    )
+    assert len(binned_boxes) == len(exact_boxes) > 10 and binned_others == exact_others
+    assert all(v % 50 == 0 for box in binned_boxes for v in box)
+    assert any(v % 50 for box in exact_boxes for v in box)
+
+
+def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`align_batch_size` is the `align` stage's batch (the mixed SFT keeps `sft_batch_size`)."""
+    from mllm.demo import sft
+
+    calls = []
+    monkeypatch.setattr(sft, "run_training", lambda *args, **kwargs: calls.append(kwargs) or {})
+    config = demo_config(tmp_path, align_batch_size=64, sft_batch_size=32)
+    sft.train_align(config, tmp_path)
+    sft.train_sft(config, tmp_path)
+    assert calls[0]["batch_size"] == 64 and calls[1].get("batch_size") is None  # None: sft_batch_size
 
 
 def test_align_data_can_be_the_descriptions(tmp_path: Path) -> None:

@@ -151,6 +151,7 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
             mix_sft=sft,
             mix_ratio=n_sft / n_rec,
             mix_image_folder=world,
+            box_bins=config.rec_box_bins,
             overwrite=True,
         )
     )
@@ -220,6 +221,7 @@ def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
         config.align_steps,
         align_model_dir(config),
         lr=config.align_lr,
+        batch_size=config.align_batch_size,
     )
 
 
