@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
             results.append("jobs", row)
     result = results.finish()
     for row in result["jobs"]:
+        # None when the summary's seconds round to 0 (a tiny job on an idle machine): no rate to print
+        rate = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}"
         print(
             f"mllm answer {row['flag'] or '(default engine)'}: {row['answered']} images in {row['answer_s']:.1f} s "
-            f"({row['images_per_s']:.1f}/s, {row['new_tokens']} new tokens); process {row['process_s']:.1f} s, of "
+            f"({rate}/s, {row['new_tokens']} new tokens); process {row['process_s']:.1f} s, of "
             f"which start-up and model load {row['startup_and_load_s']:.1f} s"
         )
     return result
