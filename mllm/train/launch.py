@@ -60,6 +60,11 @@ def leave_torchrun_worker(code: int) -> None:
     run writes is written and flushed before. Outside torchrun it returns and the interpreter exits as usual."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
+    _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    """Flush the logs and streams, then end the process at once (no interpreter shutdown, see above)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -95,7 +100,10 @@ def _worker(
     finally:
         end_process_group()
     if rank == 0:
-        results.put(result)
+        results.put(result)  # a synchronous write: it is in the pipe when put returns
+    # A finished worker leaves like a torchrun one: rank 1 of two once aborted in the interpreter's shutdown
+    # ("terminate called without an active exception", SIGABRT) after its steps, in a clean-clone test run.
+    _flush_and_exit(0)
 
 
 def run_in_processes(fn: Callable[..., Any], args: tuple, processes: int, threads: int = 1) -> Any:
