@@ -254,8 +254,6 @@ class DemoConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
-        if self.vision_steps > 0 and self.vision_batch_size < 1:
-            raise ValueError(f"demo vision_batch_size must be at least 1, got {self.vision_batch_size}")
         if self.query_num < 1:
             raise ValueError(f"demo query_num must be at least 1, got {self.query_num}")
         if self.vision_layers < 0 or self.patch_size < 1:
@@ -297,7 +295,11 @@ class DemoConfig:
                 raise ValueError(
                     f"--processes {processes} on CUDA needs a GPU per process; torch sees {torch.cuda.device_count()}"
                 )
-        for name, steps in (("questions_batch_size", "questions_steps"), ("align_batch_size", "align_steps")):
+        for name, steps in (
+            ("vision_batch_size", "vision_steps"),
+            ("align_batch_size", "align_steps"),
+            ("questions_batch_size", "questions_steps"),
+        ):
             if getattr(self, steps) > 0 and getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be at least 1, got {getattr(self, name)}")
         if self.rec_box_bins < 0:
