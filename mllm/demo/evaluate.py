@@ -153,18 +153,17 @@ def eval_chair(model, processor, config: DemoConfig, folder: Path, model_name: s
 # grounding
 
 
-def grounding_questions(config: DemoConfig, folder: Path) -> Path:
-    """The first eval_grounding REC validation records as an objhal-style question file (absolute image paths;
-    the record's fields travel in `metainfos` to the predictions file)."""
+def grounding_questions(config: DemoConfig, folder: Path, records: list[dict[str, Any]]) -> Path:
+    """The first eval_grounding of the REC validation `records` as an objhal-style question file (absolute image
+    paths; the record's fields travel in `metainfos` to the predictions file)."""
     world = world_dir(config)
-    records = read_jsonl(world / "grounding" / "rec_val.jsonl")[: config.eval_grounding]
     questions = [
         {
             "image": str((world / r["img_path"]).resolve()),
             "question": GROUNDING_PROMPT.format(expr=r["expression"]),
             **r,
         }
-        for r in records
+        for r in records[: config.eval_grounding]
     ]
     path = folder / "grounding_questions.jsonl"
     write_jsonl(path, questions)
@@ -177,9 +176,11 @@ def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_nam
     from mllm.eval.grounding_score import score_predictions
     from mllm.model.chat import decoding_kwargs
 
+    world = world_dir(config)
+    split = read_jsonl(world / "grounding" / "rec_val.jsonl")
     answers = folder / "grounding_answers.jsonl"
     generate_answers(
-        grounding_questions(config, folder),
+        grounding_questions(config, folder, split),
         answers,
         model_answer_fn(model, processor, decoding_kwargs("greedy", max_new_tokens=24)),
         model_name,
@@ -189,11 +190,10 @@ def eval_grounding(model, processor, config: DemoConfig, folder: Path, model_nam
         {**a["metainfos"], "answer": a["answer"], "split": GROUNDING_SPLIT} for a in read_jsonl(answers)
     ]
     write_jsonl(folder / "grounding_predictions.jsonl", predictions)
-    world = world_dir(config)
     scored = score_predictions(folder / "grounding_predictions.jsonl", image_root=world)
     train_records = read_jsonl(world / "grounding" / "rec_train.jsonl")
     # the world writes one REC record per object, so an image's records in the whole split are its objects
-    objects = Counter(r["img_path"] for r in read_jsonl(world / "grounding" / "rec_val.jsonl"))
+    objects = Counter(r["img_path"] for r in split)
     metrics = grounding_metrics(scored["items"], predictions, train_records, objects)
     return {
         **metrics,
