@@ -368,6 +368,49 @@ def test_rec_box_bins_snap_the_answers_of_the_mixed_file(tmp_path: Path) -> None
     assert any(v % 50 for box in exact_boxes for v in box)
 
 
+def test_questions_rec_repeats_mix_rec_conversations_into_the_questions_stage(tmp_path: Path) -> None:
+    """`questions_rec_repeats=2`: the `questions` stage's file holds every question of the default file (images
+    resolved to the same files) and each REC record twice, one-object ones four times, as conversations with boxes
+    in `rec_box_bins` steps; no description. The field is refused below 0."""
+    import re
+    from collections import Counter
+
+    from mllm.demo.sft import questions_data_path
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    with pytest.raises(ValueError, match="questions_rec_repeats"):
+        demo_config(tmp_path / "bad", questions_rec_repeats=-1)
+
+    def items(config) -> list[dict]:
+        return json.loads(questions_data_path(config).read_text())
+
+    plain_config, plain_figures = world_and_sft_data(tmp_path / "plain", n_train=40)
+    config, figures = world_and_sft_data(
+        tmp_path / "rec", n_train=40, questions_rec_repeats=2, rec_box_bins=20
+    )
+    plain, mixed = items(plain_config), items(config)
+    boxes = [
+        i for i in mixed if re.fullmatch(r"\[(\d+), (\d+), (\d+), (\d+)\]", i["conversations"][1]["content"])
+    ]
+    questions = [i for i in mixed if i not in boxes]
+
+    def turns(rows: list[dict], world: Path) -> Counter:
+        return Counter(
+            (str(Path(i["image"]).resolve().relative_to(world.resolve())), json.dumps(i["conversations"]))
+            for i in rows
+        )
+
+    assert turns(questions, config.out / "world") == turns(plain, plain_config.out / "world")
+    assert not any(i["conversations"][0]["content"].endswith(DESCRIBE_QUESTION) for i in mixed)
+    records = [
+        json.loads(line) for line in (config.out / "world/grounding/rec_train.jsonl").read_text().splitlines()
+    ]
+    per_image = Counter(r["img_path"] for r in records)
+    assert len(boxes) == sum(4 if per_image[r["img_path"]] == 1 else 2 for r in records) > 10
+    assert all(int(v) % 50 == 0 for i in boxes for v in re.findall(r"\d+", i["conversations"][1]["content"]))
+    assert figures["questions_items"] == len(mixed) and plain_figures["questions_items"] == len(plain)
+
+
 def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`align_batch_size` is the `align` stage's batch (the mixed SFT keeps `sft_batch_size`)."""
     from mllm.demo import sft

@@ -237,3 +237,37 @@ def test_the_readme_quotes_the_rec_probe() -> None:
     # the README calls the per-phrase rule the best image-blind one: it must be
     assert blind["baseline_accuracy"] == alone["grounding"]["blind_acc"]
     assert f"(yes/no {percent(alone['other_skills_after']['yes_no_accuracy'], 0)}%)" in readme
+
+
+def test_the_readme_quotes_the_lone_timing_and_the_questions_rec_candidate() -> None:
+    """The README's lone timing of seed 0 and its REC-in-the-`questions`-stage candidate are those of the committed
+    probe files; the lone run is the committed seed-0 run to the digit, made by the recipe the code runs."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    alone = json.loads((PROBES / "recipe_seed0_alone.json").read_text())
+    assert alone["demo_config"] == demo_config(seed=0, bf16=True).fingerprint()
+    committed = committed_run(0)["metrics"]
+    for block in ("after_sft", "after_preference"):
+        assert {**alone["metrics"][block], "model_dir": None} == {**committed[block], "model_dir": None}
+    seconds = round(sum(alone["stage_seconds"].values()))
+    assert f"the same metrics to the digit in {seconds} s of stages" in readme
+    assert f"The 15 minutes: {seconds} s of stages for seed 0 alone" in readme
+
+    candidate = json.loads((PROBES / "questions_rec_seed0.json").read_text())
+    assert (
+        candidate["demo_config"]["questions_rec_repeats"] == 2
+        and candidate["demo_config"]["rec_box_bins"] == 20
+    )
+    sft = candidate["metrics"]["after_sft"]
+    figures = quoted_figures(sft)
+    blind = sft["grounding"]["blind"]["best box per position phrase"]
+    assert (
+        blind["baseline_accuracy"] == sft["grounding"]["blind_acc"]
+    )  # the per-phrase rule is the best blind one
+    quoted = (
+        f"Acc@0.5 {figures['acc']}%, {blind['model_correct']} of {sft['grounding']['n']} against "
+        f"{blind['baseline_correct']} for the best image-blind box rule (McNemar one-sided p "
+        f"{blind['p_model_better']:.3f}), yes/no {figures['yes_no']}% (pairs {figures['pairs']}%), but greedy CHAIRi "
+        f"{figures['greedy_chairi']}% against the recipe's {quoted_figures(committed['after_sft'])['greedy_chairi']}%"
+    )
+    assert quoted in readme, quoted
+    assert f"{round(sum(candidate['stage_seconds'].values())):,} s of stages" in readme

@@ -162,6 +162,13 @@ class DemoConfig:
     questions_batch_size: int = 64
     """Samples per step of the `questions` stage (0.43 s per step of 64 against 0.33 s per mixed step of 32 on the
     2 cores)."""
+    questions_rec_repeats: int = 0
+    """REC conversations in the `questions` stage's data beside the questions: every training REC record this many
+    times, one-object ones twice as often, boxes in `rec_box_bins` steps (0: the questions alone). The box lookup
+    then forms with the question lookups instead of after them: from seed 0's `align` model, 1,000 x 64 on the
+    questions and 2 x the REC records (44% REC, 20 bins) gave Acc@0.5 15.25% and yes/no 75.2%, against 76.8% and
+    no boxes for the questions alone at 500 x 64; the whole demo so (seed 0): Acc@0.5 12.75%, above every image-blind
+    rule, but greedy CHAIRi 14.2% against 3.7% (docs/LOG.md, 2026-12-05 (seventh session)). Off in the recipe."""
     # --- SFT ---
     sft_steps: int = 1100
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. 1,300 before the
@@ -277,6 +284,8 @@ class DemoConfig:
             raise ValueError(f"demo description_repeats must be at least 1, got {self.description_repeats}")
         if self.rec_single_repeats < 0:
             raise ValueError(f"demo rec_single_repeats must be >= 0, got {self.rec_single_repeats}")
+        if self.questions_rec_repeats < 0:
+            raise ValueError(f"demo questions_rec_repeats must be >= 0, got {self.questions_rec_repeats}")
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):

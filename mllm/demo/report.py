@@ -240,10 +240,11 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
 
 def curves_section(config: DemoConfig) -> list[str]:
     lines = []
+    questions = "the yes/no and short-answer questions" + (" and REC" if config.questions_rec_repeats else "")
     pictures = [
         ("Vision stage loss (every token's shape, colour and box from the COCO boxes)", "vision/loss.png"),
         (f"First SFT stage (`align`) loss ({config.align_data} only)", "align/loss.png"),
-        ("Second SFT stage (`questions`) loss (the yes/no and short-answer questions)", "questions/loss.png"),
+        (f"Second SFT stage (`questions`) loss ({questions})", "questions/loss.png"),
         ("SFT loss", "sft/loss.png"),
         ("Preference loss", "preference/loss.png"),
         ("Preference rewards and margin", "preference/rewards.png"),

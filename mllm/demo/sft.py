@@ -91,10 +91,32 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
 
 def write_questions_data(config: DemoConfig, out: Path) -> int:
     """The `questions` stage's data: every item of the SFT file but the descriptions (the yes/no and short-answer
-    questions), image paths made absolute; returns the count."""
+    questions), image paths made absolute, and with `questions_rec_repeats` the REC conversations of
+    `write_rec_repeats` mixed in (`prepare_grounding`, as the mixed SFT file). Returns the count."""
     from mllm.toy.world import DESCRIBE_QUESTION
 
-    return write_sft_subset(config, out, lambda question: not question.endswith(DESCRIBE_QUESTION))
+    if config.questions_rec_repeats == 0:
+        return write_sft_subset(config, out, lambda question: not question.endswith(DESCRIBE_QUESTION))
+    questions = out.with_name(out.stem + "_questions.json")
+    n_questions = write_sft_subset(
+        config, questions, lambda question: not question.endswith(DESCRIBE_QUESTION)
+    )
+    rec = out.with_name(out.stem + "_rec.jsonl")
+    n_rec = write_rec_repeats(config, rec, config.questions_rec_repeats)
+    stats = write_rec_conversations(config, out, rec, questions, n_questions / n_rec)
+    return stats.items["rec"] + stats.items["sft"]
+
+
+def read_rec_train(config: DemoConfig) -> tuple[list[str], list[int], list[int]]:
+    """The world's training REC records (jsonl lines) and the indices of those of one-object images and of the
+    others (the world writes one record per object, so an image's record count is its object count)."""
+    source = world_dir(config) / "grounding" / "rec_train.jsonl"
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    images = [json.loads(line)["img_path"] for line in lines]
+    per_image = Counter(images)
+    single = [k for k, image in enumerate(images) if per_image[image] == 1]
+    others = [k for k, image in enumerate(images) if per_image[image] > 1]
+    return lines, single, others
 
 
 def write_rec_subset(config: DemoConfig, out: Path) -> int:
@@ -102,17 +124,43 @@ def write_rec_subset(config: DemoConfig, out: Path) -> int:
     random `rec_fraction` of the others (at least one record in all). Returns the count."""
     import numpy as np
 
-    source = world_dir(config) / "grounding" / "rec_train.jsonl"
-    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    images = [json.loads(line)["img_path"] for line in lines]
-    per_image = Counter(images)
-    single = [k for k, image in enumerate(images) if per_image[image] == 1]
-    others = [k for k, image in enumerate(images) if per_image[image] > 1]
+    lines, single, others = read_rec_train(config)
     rng = np.random.default_rng([config.seed, 400])
     keep = sorted(rng.permutation(others)[: round(config.rec_fraction * len(others))].tolist())
     chosen = single * config.rec_single_repeats + keep or [0]
     write_text_atomic(out, "".join(lines[k] + "\n" for k in chosen))
     return len(chosen)
+
+
+def write_rec_repeats(config: DemoConfig, out: Path, times: int) -> int:
+    """Every REC training record `times` times, those of one-object images twice as often (the `questions`
+    stage's REC records). Returns the count."""
+    lines, single, _ = read_rec_train(config)
+    chosen = list(range(len(lines))) * times + single * times
+    write_text_atomic(out, "".join(lines[k] + "\n" for k in chosen))
+    return len(chosen)
+
+
+def write_rec_conversations(config: DemoConfig, out: Path, rec: Path, sft: Path, mix_ratio: float):
+    """`mllm prepare-grounding`: the REC records of `rec` as conversations (answers in `rec_box_bins` steps) mixed
+    with `mix_ratio` items of the SFT file `sft` per record (image paths relative to the world or absolute)."""
+    from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
+
+    world = world_dir(config)
+    return prepare_grounding(
+        GroundingPrepConfig(
+            out=out,
+            rec_files=[rec],
+            rec_templates=world / "grounding" / "templates_rec.json",
+            image_root=world,
+            seed=config.seed,
+            mix_sft=sft,
+            mix_ratio=mix_ratio,
+            mix_image_folder=world,
+            box_bins=config.rec_box_bins,
+            overwrite=True,
+        )
+    )
 
 
 def write_repeated_descriptions(config: DemoConfig, out: Path) -> Path:
@@ -132,29 +180,13 @@ def write_repeated_descriptions(config: DemoConfig, out: Path) -> Path:
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """REC -> conversations (the records of `write_rec_subset`), mixed with all SFT items (mix_ratio = SFT items per
     REC record) into one file."""
-    from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
-
-    world = world_dir(config)
     rec = folder / "rec_train.jsonl"
-    sft = world / "sft" / "train.json"
+    sft = world_dir(config) / "sft" / "train.json"
     n_rec = write_rec_subset(config, rec)
     if config.description_repeats > 1:
         sft = write_repeated_descriptions(config, folder / "sft_train.json")
     n_sft = len(json.loads(sft.read_text(encoding="utf-8")))
-    stats = prepare_grounding(
-        GroundingPrepConfig(
-            out=sft_data_path(config),
-            rec_files=[rec],
-            rec_templates=world / "grounding" / "templates_rec.json",
-            image_root=world,
-            seed=config.seed,
-            mix_sft=sft,
-            mix_ratio=n_sft / n_rec,
-            mix_image_folder=world,
-            box_bins=config.rec_box_bins,
-            overwrite=True,
-        )
-    )
+    stats = write_rec_conversations(config, sft_data_path(config), rec, sft, n_sft / n_rec)
     total = stats.items["rec"] + stats.items["sft"]
     summary = f"{total} conversations: {stats.items['rec']} REC + {stats.items['sft']} SFT conversations"
     n_align = 0
@@ -164,7 +196,8 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     n_questions = 0
     if config.questions_steps > 0:
         n_questions = write_questions_data(config, questions_data_path(config))
-        summary += f"; {n_questions} questions for the questions stage"
+        kind = "questions and REC conversations" if config.questions_rec_repeats else "questions"
+        summary += f"; {n_questions} {kind} for the questions stage"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
