@@ -13,13 +13,16 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
 from mllm.demo.stages import DemoInterrupted, training_arguments
 from mllm.demo.vision import pretrained_model_dir
 from mllm.files import write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from mllm.data.grounding import GroundingPrepStats
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +98,13 @@ def write_questions_data(config: DemoConfig, out: Path) -> int:
     `write_rec_repeats` mixed in (`prepare_grounding`, as the mixed SFT file). Returns the count."""
     from mllm.toy.world import DESCRIBE_QUESTION
 
+    def chosen(question: str) -> bool:
+        return not question.endswith(DESCRIBE_QUESTION)
+
     if config.questions_rec_repeats == 0:
-        return write_sft_subset(config, out, lambda question: not question.endswith(DESCRIBE_QUESTION))
-    questions = out.with_name(out.stem + "_questions.json")
-    n_questions = write_sft_subset(
-        config, questions, lambda question: not question.endswith(DESCRIBE_QUESTION)
-    )
+        return write_sft_subset(config, out, chosen)
+    questions = out.with_name(out.stem + "_without_rec.json")
+    n_questions = write_sft_subset(config, questions, chosen)
     rec = out.with_name(out.stem + "_rec.jsonl")
     n_rec = write_rec_repeats(config, rec, config.questions_rec_repeats)
     stats = write_rec_conversations(config, out, rec, questions, n_questions / n_rec)
@@ -141,7 +145,9 @@ def write_rec_repeats(config: DemoConfig, out: Path, times: int) -> int:
     return len(chosen)
 
 
-def write_rec_conversations(config: DemoConfig, out: Path, rec: Path, sft: Path, mix_ratio: float):
+def write_rec_conversations(
+    config: DemoConfig, out: Path, rec: Path, sft: Path, mix_ratio: float
+) -> GroundingPrepStats:
     """`mllm prepare-grounding`: the REC records of `rec` as conversations (answers in `rec_box_bins` steps) mixed
     with `mix_ratio` items of the SFT file `sft` per record (image paths relative to the world or absolute)."""
     from mllm.data.grounding import GroundingPrepConfig, prepare_grounding
@@ -179,7 +185,7 @@ def write_repeated_descriptions(config: DemoConfig, out: Path) -> Path:
 
 def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """REC -> conversations (the records of `write_rec_subset`), mixed with all SFT items (mix_ratio = SFT items per
-    REC record) into one file."""
+    REC record) into one file; beside it the `align` and `questions` stages' files."""
     rec = folder / "rec_train.jsonl"
     sft = world_dir(config) / "sft" / "train.json"
     n_rec = write_rec_subset(config, rec)
