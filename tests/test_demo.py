@@ -411,6 +411,51 @@ def test_questions_rec_repeats_mix_rec_conversations_into_the_questions_stage(tm
     assert figures["questions_items"] == len(mixed) and plain_figures["questions_items"] == len(plain)
 
 
+def test_questions_description_repeats_put_the_descriptions_into_the_questions_stage(tmp_path: Path) -> None:
+    """`questions_description_repeats=2`: the `questions` stage's file holds every question of the default file and
+    each training description twice (the repeat with an `:d1` id, every id unique), beside the REC conversations
+    when `questions_rec_repeats` adds them; the stage summary names them. Refused below 0."""
+    from collections import Counter
+
+    from mllm.demo.sft import questions_data_path
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    with pytest.raises(ValueError, match="questions_description_repeats"):
+        demo_config(tmp_path / "bad", questions_description_repeats=-1)
+
+    def split(config) -> tuple[list[dict], list[dict]]:
+        rows = json.loads(questions_data_path(config).read_text())
+        described = [i for i in rows if i["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)]
+        return [i for i in rows if i not in described], described
+
+    plain_config, _ = world_and_sft_data(tmp_path / "plain", n_train=30)
+    config, figures = world_and_sft_data(tmp_path / "desc", n_train=30, questions_description_repeats=2)
+    rec_config, rec_figures = world_and_sft_data(
+        tmp_path / "rec", n_train=30, questions_description_repeats=2, questions_rec_repeats=1
+    )
+    plain_questions, plain_described = split(plain_config)
+    questions, described = split(config)
+    world = json.loads((config.out / "world/sft/train.json").read_text())
+    world_described = [i for i in world if i["conversations"][0]["content"].endswith(DESCRIBE_QUESTION)]
+    assert plain_described == [] and len(world_described) == 30
+    assert [i["conversations"] for i in questions] == [i["conversations"] for i in plain_questions]
+    assert Counter(json.dumps(i["conversations"]) for i in described) == Counter(
+        json.dumps(i["conversations"]) for i in world_described * 2
+    )
+    assert sorted(str(i["id"]) for i in described) == sorted(
+        [str(i["id"]) for i in world_described] + [f"{i['id']}:d1" for i in world_described]
+    )
+    assert len({str(i["id"]) for i in questions + described}) == len(questions + described)
+    assert figures["questions_items"] == len(questions) + len(described) == len(plain_questions) + 60
+    rec_questions, rec_described = split(rec_config)
+    assert len(rec_described) == 60 and rec_figures["questions_items"] > len(questions) + 60
+    assert (
+        "(the yes/no and short-answer questions and descriptions) for the questions stage"
+        in figures["summary"]
+    )
+    assert "(the yes/no and short-answer questions, REC and descriptions)" in rec_figures["summary"]
+
+
 def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`align_batch_size` is the `align` stage's batch (the mixed SFT keeps `sft_batch_size`)."""
     from mllm.demo import sft

@@ -169,6 +169,13 @@ class DemoConfig:
     questions and 2 x the REC records (44% REC, 20 bins) gave Acc@0.5 15.25% and yes/no 75.2%, against 76.8% and
     no boxes for the questions alone at 500 x 64; the whole demo so (seed 0): Acc@0.5 12.75%, above every image-blind
     rule, but greedy CHAIRi 14.2% against 3.7% (docs/LOG.md, 2026-12-05 (seventh session)). Off in the recipe."""
+    questions_description_repeats: int = 0
+    """Times each training description appears in the `questions` stage's data (0: none, the questions and REC
+    alone). With REC there, the descriptions of the later mixed SFT read the image less (greedy CHAIRi 14.2% on seed
+    0); from seed 0's `align` model, the questions, 2 x REC and 2 x the descriptions (14% of 87,013 items) at
+    1,000 x 64, then the mixed SFT (20 bins, descriptions x6): yes/no 81.8%, greedy CHAIRi 2.6%, Acc@0.5 14.0%
+    (docs/LOG.md, 2026-12-05 (seventh session)). A description in most batches pads them to its length: the stage's
+    steps took ~1.4x as long."""
     # --- SFT ---
     sft_steps: int = 1100
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. 1,300 before the
@@ -284,8 +291,9 @@ class DemoConfig:
             raise ValueError(f"demo description_repeats must be at least 1, got {self.description_repeats}")
         if self.rec_single_repeats < 0:
             raise ValueError(f"demo rec_single_repeats must be >= 0, got {self.rec_single_repeats}")
-        if self.questions_rec_repeats < 0:
-            raise ValueError(f"demo questions_rec_repeats must be >= 0, got {self.questions_rec_repeats}")
+        for name in ("questions_rec_repeats", "questions_description_repeats"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -14,6 +14,7 @@ from typing import Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
+from mllm.demo.sft import questions_data_kinds
 from mllm.demo.stages import StageRecord
 
 REPORT = "REPORT.md"
@@ -240,7 +241,7 @@ def build_report(config: DemoConfig, records: dict[str, StageRecord]) -> Path:
 
 def curves_section(config: DemoConfig) -> list[str]:
     lines = []
-    questions = "the yes/no and short-answer questions" + (" and REC" if config.questions_rec_repeats else "")
+    questions = questions_data_kinds(config)
     pictures = [
         ("Vision stage loss (every token's shape, colour and box from the COCO boxes)", "vision/loss.png"),
         (f"First SFT stage (`align`) loss ({config.align_data} only)", "align/loss.png"),

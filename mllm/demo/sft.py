@@ -66,17 +66,35 @@ def sft_start_model_dir(config: DemoConfig) -> Path:
     return questions_model_dir(config) if config.questions_steps > 0 else questions_start_model_dir(config)
 
 
-def write_sft_subset(config: DemoConfig, out: Path, chosen: Callable[[str], bool]) -> int:
-    """The items of the world's SFT file whose first question `chosen` accepts, image paths made absolute, written
-    to `out` (the data of a single-kind SFT stage); returns the count."""
+def write_sft_subset(
+    config: DemoConfig, out: Path, chosen: Callable[[str], bool], description_times: int = 1
+) -> int:
+    """The items of the world's SFT file whose first question `chosen` accepts, image paths made absolute, each
+    description `description_times` times (`with_description_repeats`), written to `out` (the data of a
+    single-kind SFT stage); returns the count."""
     world = world_dir(config)
     items = [
         {**item, "image": str(world / item["image"])}
         for item in json.loads((world / "sft" / "train.json").read_text(encoding="utf-8"))
         if chosen(item["conversations"][0]["content"])
     ]
+    items = with_description_repeats(items, description_times)
     write_json_atomic(out, items, indent=None)
     return len(items)
+
+
+def with_description_repeats(items: list[dict[str, Any]], times: int) -> list[dict[str, Any]]:
+    """`items` with each description `times` times in its place (0: dropped; the repeats get an `:d<k>` id
+    suffix, so that every conversation id stays unique)."""
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    repeated = []
+    for item in items:
+        if not item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION):
+            repeated.append(item)
+        else:
+            repeated += [item if k == 0 else {**item, "id": f"{item['id']}:d{k}"} for k in range(times)]
+    return repeated
 
 
 def write_align_data(config: DemoConfig, out: Path) -> int:
@@ -93,22 +111,29 @@ def write_align_data(config: DemoConfig, out: Path) -> int:
 
 
 def write_questions_data(config: DemoConfig, out: Path) -> int:
-    """The `questions` stage's data: every item of the SFT file but the descriptions (the yes/no and short-answer
-    questions), image paths made absolute, and with `questions_rec_repeats` the REC conversations of
-    `write_rec_repeats` mixed in (`prepare_grounding`, as the mixed SFT file). Returns the count."""
-    from mllm.toy.world import DESCRIBE_QUESTION
-
-    def chosen(question: str) -> bool:
-        return not question.endswith(DESCRIBE_QUESTION)
-
+    """The `questions` stage's data: the yes/no and short-answer questions of the SFT file, each description
+    `questions_description_repeats` times (none by default), image paths made absolute, and with
+    `questions_rec_repeats` the REC conversations of `write_rec_repeats` mixed in (`prepare_grounding`, as the
+    mixed SFT file). Returns the count."""
+    times = config.questions_description_repeats
     if config.questions_rec_repeats == 0:
-        return write_sft_subset(config, out, chosen)
+        return write_sft_subset(config, out, lambda question: True, times)
     questions = out.with_name(out.stem + "_without_rec.json")
-    n_questions = write_sft_subset(config, questions, chosen)
+    n_questions = write_sft_subset(config, questions, lambda question: True, times)
     rec = out.with_name(out.stem + "_rec.jsonl")
     n_rec = write_rec_repeats(config, rec, config.questions_rec_repeats)
     stats = write_rec_conversations(config, out, rec, questions, n_questions / n_rec)
     return stats.items["rec"] + stats.items["sft"]
+
+
+def questions_data_kinds(config: DemoConfig) -> str:
+    """What the `questions` stage trains on, in words (the run's summary and the report's curve caption)."""
+    kinds = ["the yes/no and short-answer questions"]
+    if config.questions_rec_repeats:
+        kinds.append("REC")
+    if config.questions_description_repeats:
+        kinds.append("descriptions")
+    return ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else kinds[0]
 
 
 def read_rec_train(config: DemoConfig) -> tuple[list[str], list[int], list[int]]:
@@ -170,16 +195,10 @@ def write_rec_conversations(
 
 
 def write_repeated_descriptions(config: DemoConfig, out: Path) -> Path:
-    """The world's SFT file with each description `description_repeats` times (repeats get an `:d<k>` id suffix);
-    image paths stay relative to the world folder. Returns `out`."""
-    from mllm.toy.world import DESCRIBE_QUESTION
-
-    items = []
-    for item in json.loads((world_dir(config) / "sft" / "train.json").read_text(encoding="utf-8")):
-        items.append(item)
-        if item["conversations"][0]["content"].endswith(DESCRIBE_QUESTION):
-            items += [{**item, "id": f"{item['id']}:d{k}"} for k in range(1, config.description_repeats)]
-    write_json_atomic(out, items, indent=None)
+    """The world's SFT file with each description `description_repeats` times (`with_description_repeats`); image
+    paths stay relative to the world folder. Returns `out`."""
+    items = json.loads((world_dir(config) / "sft" / "train.json").read_text(encoding="utf-8"))
+    write_json_atomic(out, with_description_repeats(items, config.description_repeats), indent=None)
     return out
 
 
@@ -202,8 +221,7 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     n_questions = 0
     if config.questions_steps > 0:
         n_questions = write_questions_data(config, questions_data_path(config))
-        kind = "questions and REC conversations" if config.questions_rec_repeats else "questions"
-        summary += f"; {n_questions} {kind} for the questions stage"
+        summary += f"; {n_questions} items ({questions_data_kinds(config)}) for the questions stage"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
