@@ -414,7 +414,7 @@ def test_questions_rec_repeats_mix_rec_conversations_into_the_questions_stage(tm
 def test_questions_description_repeats_put_the_descriptions_into_the_questions_stage(tmp_path: Path) -> None:
     """`questions_description_repeats=2`: the `questions` stage's file holds every question of the default file and
     each training description twice (the repeat with an `:d1` id, every id unique), beside the REC conversations
-    when `questions_rec_repeats` adds them; the stage summary names them. Refused below 0."""
+    when `questions_rec_repeats` adds them; the stage summary names them. Refused below 0, and without the stage."""
     from collections import Counter
 
     from mllm.demo.sft import questions_data_path
@@ -422,6 +422,10 @@ def test_questions_description_repeats_put_the_descriptions_into_the_questions_s
 
     with pytest.raises(ValueError, match="questions_description_repeats"):
         demo_config(tmp_path / "bad", questions_description_repeats=-1)
+    with pytest.raises(ValueError, match="questions_description_repeats .*questions_steps=0"):
+        demo_config(tmp_path / "bad", questions_description_repeats=2, questions_steps=0)
+    with pytest.raises(ValueError, match="questions_rec_repeats .*questions_steps=0"):
+        demo_config(tmp_path / "bad", questions_rec_repeats=1, questions_steps=0)
 
     def split(config) -> tuple[list[dict], list[dict]]:
         rows = json.loads(questions_data_path(config).read_text())

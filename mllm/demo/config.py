@@ -294,6 +294,10 @@ class DemoConfig:
         for name in ("questions_rec_repeats", "questions_description_repeats"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) and self.questions_steps == 0:
+                raise ValueError(
+                    f"demo {name} adds to the questions stage's data, which questions_steps=0 skips"
+                )
         if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
