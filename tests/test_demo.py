@@ -472,6 +472,39 @@ def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: py
     assert calls[0]["batch_size"] == 64 and calls[1].get("batch_size") is None  # None: sft_batch_size
 
 
+def test_preference_tune_resampler_decides_whether_preference_training_moves_the_resampler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preference stage's Trainer gets `tune_resampler` from `preference_tune_resampler` (on by default, as
+    before the field); the vision tower stays frozen either way."""
+    import mllm.train.preference
+    from mllm.demo.preference import fit_preference, logps_path, preference_data
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def build(model_args, *args):
+        seen.append(model_args)
+        raise Built
+
+    monkeypatch.setattr(mllm.train.preference, "build_preference_trainer", build)
+    for tune in (None, False):
+        config = demo_config(
+            tmp_path, fast=True, **({} if tune is None else {"preference_tune_resampler": tune})
+        )
+        for path in (preference_data(config), logps_path(config)):  # the arguments check that they exist
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        with pytest.raises(Built):
+            fit_preference(config, tmp_path / "run")
+    assert [(a.tune_resampler, a.tune_vision, a.tune_llm) for a in seen] == [
+        (True, False, True),
+        (False, False, True),
+    ]
+
+
 def test_align_data_can_be_the_descriptions(tmp_path: Path) -> None:
     """With `align_data="descriptions"` the `align` stage trains on the descriptions alone (image paths made absolute): answers that follow from the
     image with no lookup by the question's words."""

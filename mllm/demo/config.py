@@ -250,6 +250,9 @@ class DemoConfig:
     """beta of the reward; 0.1 damaged grounding in the feasibility run."""
     preference_loss: str = "nca_pair"
     """Pair loss (the exercise's loss is NCA)."""
+    preference_tune_resampler: bool = True
+    """Train the resampler in preference training, beside the LLM (the vision tower stays frozen). The preference
+    pairs are descriptions; the resampler's queries are what every answer reads the image through, the boxes too."""
 
     def validate(self) -> None:
         """Reject values that would fail deep inside a stage, naming the field."""
