@@ -472,11 +472,12 @@ def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: py
     assert calls[0]["batch_size"] == 64 and calls[1].get("batch_size") is None  # None: sft_batch_size
 
 
-def test_preference_tune_resampler_decides_whether_preference_training_moves_the_resampler(
+def test_preference_tune_flags_decide_what_preference_training_moves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The preference stage's Trainer gets `tune_resampler` from `preference_tune_resampler` (on by default, as
-    before the field); the vision tower stays frozen either way."""
+    """The preference stage's Trainer gets `tune_resampler` and `tune_embeddings` from `preference_tune_resampler`
+    and `preference_tune_embeddings` (both on by default, as before the fields); the vision tower stays frozen and
+    the LLM trained either way."""
     import mllm.train.preference
     from mllm.demo.preference import fit_preference, logps_path, preference_data
 
@@ -490,18 +491,18 @@ def test_preference_tune_resampler_decides_whether_preference_training_moves_the
         raise Built
 
     monkeypatch.setattr(mllm.train.preference, "build_preference_trainer", build)
-    for tune in (None, False):
-        config = demo_config(
-            tmp_path, fast=True, **({} if tune is None else {"preference_tune_resampler": tune})
-        )
+    settings = [{}, {"preference_tune_resampler": False}, {"preference_tune_embeddings": False}]
+    for overrides in settings:
+        config = demo_config(tmp_path, fast=True, **overrides)
         for path in (preference_data(config), logps_path(config)):  # the arguments check that they exist
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
         with pytest.raises(Built):
             fit_preference(config, tmp_path / "run")
-    assert [(a.tune_resampler, a.tune_vision, a.tune_llm) for a in seen] == [
-        (True, False, True),
-        (False, False, True),
+    assert [(a.tune_resampler, a.tune_embeddings, a.tune_vision, a.tune_llm) for a in seen] == [
+        (True, True, False, True),
+        (False, True, False, True),
+        (True, False, False, True),
     ]
 
 

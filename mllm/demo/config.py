@@ -253,6 +253,9 @@ class DemoConfig:
     preference_tune_resampler: bool = True
     """Train the resampler in preference training, beside the LLM (the vision tower stays frozen). The preference
     pairs are descriptions; the resampler's queries are what every answer reads the image through, the boxes too."""
+    preference_tune_embeddings: bool = True
+    """Train the LLM's token embeddings in preference training (with the tied output layer: every token's logit,
+    the box digits' too)."""
 
     def validate(self) -> None:
         """Reject values that would fail deep inside a stage, naming the field."""

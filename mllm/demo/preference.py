@@ -63,7 +63,8 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """NCA (the exercise's pair loss) from the SFT model in the demo's training processes; vision tower frozen, LLM
-    trained, the resampler too unless `preference_tune_resampler` is off. Curves go to folder/loss.png and folder/rewards.png."""
+    trained (its embeddings unless `preference_tune_embeddings` is off), the resampler too unless
+    `preference_tune_resampler` is off. Curves go to folder/loss.png and folder/rewards.png."""
     from mllm.train.curves import plot_curves
     from mllm.train.launch import run_in_processes
     from mllm.train.preference import CURVE_KEYS
@@ -103,6 +104,7 @@ def fit_preference(config: DemoConfig, run_dir: Path) -> dict[str, Any]:
             model=str(sft_model_dir(config)),
             attn_implementation=config.attn_implementation,
             tune_resampler=config.preference_tune_resampler,
+            tune_embeddings=config.preference_tune_embeddings,
         ),
         PreferenceArguments(
             data=str(preference_data(config)),
