@@ -271,3 +271,43 @@ def test_the_readme_quotes_the_lone_timing_and_the_questions_rec_candidate() -> 
     )
     assert quoted in readme, quoted
     assert f"{round(sum(candidate['stage_seconds'].values())):,} s of stages" in readme
+
+
+def candidate_line(run: dict) -> str:
+    """One seed of a candidate recipe as the README quotes it: after SFT, then after preference training."""
+    sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
+    figures = quoted_figures(sft)
+    grounding = sft["grounding"]
+    best = max(grounding["blind"].values(), key=lambda c: c["baseline_accuracy"])
+    assert best["baseline_accuracy"] == grounding["blind_acc"]
+    sampled = (sft["chair"]["sampled"]["CHAIRi"], after["chair"]["sampled"]["CHAIRi"])
+    return (
+        f"seed {run['seed']}: yes/no {figures['yes_no']}% (pairs {figures['pairs']}%), Acc@0.5 {figures['acc']}% "
+        f"({best['model_correct']} of {grounding['n']} against {best['baseline_correct']} for the best image-blind "
+        f"box rule, p {best['p_model_better']:.2g}), greedy CHAIRi {figures['greedy_chairi']}%, sampled "
+        f"{percent(sampled[0], 1)} -> {percent(sampled[1], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}% "
+        f"after preference, {round(sum(run['stage_seconds'].values())):,} s of stages"
+    )
+
+
+def test_the_readme_quotes_the_questions_rec_desc_candidate_seed_by_seed() -> None:
+    """The candidate with REC and the descriptions in the `questions` stage (eighth session): every seed run, as the
+    committed files hold it, made with the candidate's settings (else the recipe's)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    paths = sorted(PROBES.glob("questions_rec_desc_seed*.json"))
+    assert len(paths) >= 3
+    candidate = {
+        "questions_steps": 1000,
+        "questions_rec_repeats": 2,
+        "rec_box_bins": 20,
+        "description_repeats": 6,
+        "questions_description_repeats": 2,
+    }
+    runs = [json.loads(path.read_text()) for path in paths]
+    for path, run in zip(paths, runs):
+        assert run["demo_config"] == demo_config(seed=run["seed"], bf16=True, **candidate).fingerprint(), path
+        assert candidate_line(run) in readme, candidate_line(run)
+    sft = [run["metrics"]["after_sft"] for run in runs]
+    yes_no = statistics.mean(100 * block["yes_no"]["accuracy"] for block in sft)
+    acc = statistics.mean(100 * block["grounding"]["acc"] for block in sft)
+    assert f"Mean yes/no {yes_no:.1f}%, Acc@0.5 {acc:.1f}%" in readme

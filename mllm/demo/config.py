@@ -174,8 +174,11 @@ class DemoConfig:
     alone). With REC there, the descriptions of the later mixed SFT read the image less (greedy CHAIRi 14.2% on seed
     0); from seed 0's `align` model, the questions, 2 x REC and 2 x the descriptions (14% of 87,013 items) at
     1,000 x 64, then the mixed SFT (20 bins, descriptions x6): yes/no 81.8%, greedy CHAIRi 2.6%, Acc@0.5 14.0%
-    (docs/LOG.md, 2026-12-05 (seventh session)). A description in most batches pads them to its length: the stage's
-    steps took ~1.4x as long."""
+    (docs/LOG.md, 2026-12-05 (seventh session)). As whole demos (2 here with `questions_rec_repeats=2`,
+    `rec_box_bins=20`, `description_repeats=6`, `questions_steps=1000`; seeds 0-2): boxes above every image-blind
+    rule on each (Acc@0.5 13.25-18.0%), greedy CHAIRi 1.1-2.0%, but yes/no 79.3-79.8%: not the recipe (docs/LOG.md,
+    2026-12-05 (eighth session)). A description in most batches pads them to its length: the stage's steps took
+    ~1.4x as long."""
     # --- SFT ---
     sft_steps: int = 1100
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. 1,300 before the
@@ -252,10 +255,13 @@ class DemoConfig:
     """Pair loss (the exercise's loss is NCA)."""
     preference_tune_resampler: bool = True
     """Train the resampler in preference training, beside the LLM (the vision tower stays frozen). The preference
-    pairs are descriptions; the resampler's queries are what every answer reads the image through, the boxes too."""
+    pairs are descriptions; the resampler's queries are what every answer reads the image through, the boxes too.
+    Off did not keep the boxes that preference training costs a model that grounds: on the candidate with REC and
+    descriptions in the `questions` stage, Acc@0.5 13.25 -> 10.25% (seed 0) and 18.0 -> 14.75% (seed 1), against
+    10.0 and 14.75% with it on (docs/LOG.md, 2026-12-05 (eighth session))."""
     preference_tune_embeddings: bool = True
     """Train the LLM's token embeddings in preference training (with the tied output layer: every token's logit,
-    the box digits' too)."""
+    the box digits' too). Off: the same loss of boxes as on (seed 0 of the candidate above: 13.25 -> 10.0%)."""
 
     def validate(self) -> None:
         """Reject values that would fail deep inside a stage, naming the field."""
