@@ -311,3 +311,20 @@ def test_the_readme_quotes_the_questions_rec_desc_candidate_seed_by_seed() -> No
     yes_no = statistics.mean(100 * block["yes_no"]["accuracy"] for block in sft)
     acc = statistics.mean(100 * block["grounding"]["acc"] for block in sft)
     assert f"Mean yes/no {yes_no:.1f}%, Acc@0.5 {acc:.1f}%" in readme
+    recipe = [committed_run(run["seed"])["metrics"]["after_sft"] for run in runs]
+    paired = (
+        "Against the recipe's runs of the same seeds (the table above): yes/no "
+        + ", ".join(
+            f"{100 * (b['yes_no']['accuracy'] - r['yes_no']['accuracy']):+.1f}" for b, r in zip(sft, recipe)
+        )
+        + " points, Acc@0.5 "
+        + ", ".join(
+            f"{100 * (b['grounding']['acc'] - r['grounding']['acc']):+.2f}" for b, r in zip(sft, recipe)
+        )
+        + " points, greedy CHAIRi "
+        + ", ".join(
+            f"{100 * r['chair']['greedy']['CHAIRi']:.1f} -> {100 * b['chair']['greedy']['CHAIRi']:.1f}%"
+            for b, r in zip(sft, recipe)
+        )
+    )
+    assert paired in readme, paired
