@@ -175,9 +175,9 @@ class DemoConfig:
     0); from seed 0's `align` model, the questions, 2 x REC and 2 x the descriptions (14% of 87,013 items) at
     1,000 x 64, then the mixed SFT (20 bins, descriptions x6): yes/no 81.8%, greedy CHAIRi 2.6%, Acc@0.5 14.0%
     (docs/LOG.md, 2026-12-05 (seventh session)). As whole demos (2 here with `questions_rec_repeats=2`,
-    `rec_box_bins=20`, `description_repeats=6`, `questions_steps=1000`; seeds 0-2): boxes above every image-blind
-    rule on each (Acc@0.5 13.25-18.0%), greedy CHAIRi 1.1-2.0%, but yes/no 79.3-79.8%: not the recipe (docs/LOG.md,
-    2026-12-05 (eighth session)). A description in most batches pads them to its length: the stage's steps took
+    `rec_box_bins=20`, `description_repeats=6`, `questions_steps=1000`; seeds 0-4): boxes above every image-blind
+    rule on each (Acc@0.5 12.0-18.0%), greedy CHAIRi 0.9-2.0%, but yes/no 79.3-86.5%, below 80% on three: not the
+    recipe (docs/LOG.md, 2026-12-05 (eighth session)). A description in most batches pads them to its length: the stage's steps took
     ~1.4x as long."""
     # --- SFT ---
     sft_steps: int = 1100
