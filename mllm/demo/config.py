@@ -177,8 +177,8 @@ class DemoConfig:
     (docs/LOG.md, 2026-12-05 (seventh session)). As whole demos (2 here with `questions_rec_repeats=2`,
     `rec_box_bins=20`, `description_repeats=6`, `questions_steps=1000`; seeds 0-4): boxes above every image-blind
     rule on each (Acc@0.5 12.0-18.0%), greedy CHAIRi 0.9-2.0%, but yes/no 79.3-86.5%, below 80% on three: not the
-    recipe (docs/LOG.md, 2026-12-05 (eighth session)). A description in most batches pads them to its length: the stage's steps took
-    ~1.4x as long."""
+    recipe (docs/LOG.md, 2026-12-05 (eighth session)). A description in most batches pads them to its length: the
+    stage's steps took ~1.4x as long."""
     # --- SFT ---
     sft_steps: int = 1100
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. 1,300 before the

@@ -115,11 +115,13 @@ def write_questions_data(config: DemoConfig, out: Path) -> int:
     `questions_description_repeats` times (none by default), image paths made absolute, and with
     `questions_rec_repeats` the REC conversations of `write_rec_repeats` mixed in (`prepare_grounding`, as the
     mixed SFT file). Returns the count."""
-    times = config.questions_description_repeats
-    if config.questions_rec_repeats == 0:
-        return write_sft_subset(config, out, lambda question: True, times)
-    questions = out.with_name(out.stem + "_without_rec.json")
-    n_questions = write_sft_subset(config, questions, lambda question: True, times)
+    mixed = config.questions_rec_repeats > 0
+    questions = out.with_name(out.stem + "_without_rec.json") if mixed else out
+    n_questions = write_sft_subset(
+        config, questions, lambda question: True, config.questions_description_repeats
+    )
+    if not mixed:
+        return n_questions
     rec = out.with_name(out.stem + "_rec.jsonl")
     n_rec = write_rec_repeats(config, rec, config.questions_rec_repeats)
     stats = write_rec_conversations(config, out, rec, questions, n_questions / n_rec)
