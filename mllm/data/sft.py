@@ -9,7 +9,8 @@ The prompt is built by the processor, as for inference (`MLLMProcessor.encode_tr
 renders the conversation and the image processor writes each image's placeholder, with the processor's slicing
 settings). Only the assistant's tokens and their closing `<|im_end|>` are targets; everything else is IGNORE_INDEX. Token ids, labels and image bounds are computed once, when the dataset is opened,
 from the image headers alone (sizes, no pixel decoding), so that a broken item fails at once with its file, id and
-reason, and over-long items are truncated or skipped before training starts. Pixels are read in `__getitem__`.
+reason, and over-long items are truncated or skipped before training starts (under DDP each process tokenizes its
+share and the processes swap them). Pixels are read in `__getitem__`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mllm.data.ranks import map_across_ranks
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, RecordError, open_image_header
 from mllm.model.losses import IGNORE_INDEX
 from mllm.processing.processor import IMAGE_MARKER, MLLMProcessor
@@ -55,6 +57,22 @@ class EncodedItem:
     """The item's images, in the order of their placeholders."""
     n_slices: int
     """How many slices of those images the kept tokens use (truncation may drop trailing slices)."""
+
+    def to_lists(self) -> tuple[list[int], list[int], list[list[int]], list[str], int]:
+        """The item as plain lists (what `map_across_ranks` sends between processes); `from_lists` undoes it."""
+        paths = [str(p) for p in self.image_paths]
+        return self.input_ids.tolist(), self.labels.tolist(), self.image_bound.tolist(), paths, self.n_slices
+
+    @classmethod
+    def from_lists(cls, lists: tuple[list[int], list[int], list[list[int]], list[str], int]) -> EncodedItem:
+        input_ids, labels, bound, paths, n_slices = lists
+        return cls(
+            torch.tensor(input_ids, dtype=torch.long),
+            torch.tensor(labels, dtype=torch.long),
+            torch.tensor(bound, dtype=torch.long).view(-1, 2),  # [n, 2], also for n = 0
+            [Path(p) for p in paths],
+            n_slices,
+        )
 
 
 def read_json_list(path: Path) -> list[dict[str, Any]]:
@@ -190,6 +208,14 @@ def truncate(item: EncodedItem, max_length: int) -> EncodedItem | None:
     return EncodedItem(item.input_ids[:cut], labels, item.image_bound[:n_keep], item.image_paths, n_keep)
 
 
+def _lists_or_none(item: EncodedItem | None) -> tuple | None:
+    return None if item is None else item.to_lists()
+
+
+def _item_or_none(lists: tuple | None) -> EncodedItem | None:
+    return None if lists is None else EncodedItem.from_lists(lists)
+
+
 class SupervisedDataset(Dataset):
     """The SFT JSON format as model inputs: `input_ids`, `labels`, `position_ids`, `image_bound`, `pixel_values`,
     `tgt_sizes` (one sample each; `data_collator` batches them).
@@ -215,16 +241,15 @@ class SupervisedDataset(Dataset):
         self.items: list[EncodedItem] = []
         self.ids: list[Any] = []
         self.n_skipped = 0
-        for index, raw in enumerate(self.raw):
-            where = f"{self.data_path}, item {raw.get('id', index) if isinstance(raw, dict) else index}"
-            if not isinstance(raw, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            encoded = truncate(self.encode(raw, where), max_length)
+        self._images: dict[str, tuple[Path, tuple[int, int]]] = {}  # path as written -> (file, (W, H))
+        # under DDP each process tokenizes its share and the processes swap them (`map_across_ranks`)
+        encoded_items = map_across_ranks(len(self.raw), self.encode_index, _lists_or_none, _item_or_none)
+        for index, encoded in enumerate(encoded_items):
             if encoded is None:
                 self.n_skipped += 1
                 continue
             self.items.append(encoded)
-            self.ids.append(raw.get("id", index))
+            self.ids.append(self.raw[index].get("id", index))
         if self.n_skipped:
             logger.warning(
                 "%s: skipped %d of %d items longer than max_length=%d with no answer token left after truncation",
@@ -236,12 +261,24 @@ class SupervisedDataset(Dataset):
         if not self.items:
             raise ValueError(f"{self.data_path}: no usable item (all {len(self.raw)} were empty or skipped)")
 
+    def encode_index(self, index: int) -> EncodedItem | None:
+        """Item `index` of the file tokenized and cut to `max_length` (None: no target token would be left)."""
+        raw = self.raw[index]
+        where = f"{self.data_path}, item {raw.get('id', index) if isinstance(raw, dict) else index}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        return truncate(self.encode(raw, where), self.max_length)
+
     def encode(self, raw: dict[str, Any], where: str) -> EncodedItem:
-        """Tokenize one item; only image headers are read."""
+        """Tokenize one item; only image headers are read, once per image file (most images have several items)."""
         messages = normalise_messages(raw, where)
         messages, rel_paths = attach_image_markers(messages, raw.get("image"), where)
-        paths = [find_image(p, self.image_folder, self.data_path.parent, where) for p in rel_paths]
-        sizes = [image_size(p, where, self.max_image_pixels) for p in paths]
+        for p in rel_paths:
+            if p not in self._images:
+                path = find_image(p, self.image_folder, self.data_path.parent, where)
+                self._images[p] = path, image_size(path, where, self.max_image_pixels)
+        paths = [self._images[p][0] for p in rel_paths]
+        sizes = [self._images[p][1] for p in rel_paths]
         return encode_item(self.processor, messages, sizes, where, paths)
 
     def __len__(self) -> int:
