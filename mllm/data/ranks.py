@@ -1,7 +1,7 @@
 """Dataset preparation shared out over the processes of a distributed run.
 
 Every training process builds the same dataset. Tokenizing a large SFT file is the slow part of that (the demo's
-97,034 mixed conversations: 56 s on one core of the 2-core Xeon, as long as ~250 of its SFT steps), and under DDP each
+97,034 mixed conversations: 56 s on one core of the 2-core Xeon, as long as ~160 of its SFT steps), and under DDP each
 process tokenized all of it, at the same time. Here rank r encodes items r, r + W, r + 2W, ... and the ranks swap
 their shares (`torch.distributed.all_gather_object`), so that each process does 1/W of the work and ends with the
 same list.
