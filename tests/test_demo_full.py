@@ -50,6 +50,7 @@ PREVIOUS_RUNS = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05"
 PREVIOUS_RUNS_HERE = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05-amx"
 """The previous recipe on the Xeon with AMX the committed runs used (seeds 0 and 1): the same seeds, paired."""
 PROBES = ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx"
+PROBES_1206 = ROOT / "docs" / "results" / "demo_probes" / "2026-12-06-amx"
 """Raw results of probes the README quotes (not the recipe)."""
 SEEDS = range(5)
 
@@ -243,14 +244,19 @@ def test_the_readme_quotes_the_lone_timing_and_the_questions_rec_candidate() -> 
     """The README's lone timing of seed 0 and its REC-in-the-`questions`-stage candidate are those of the committed
     probe files; the lone run is the committed seed-0 run to the digit, made by the recipe the code runs."""
     readme = " ".join((ROOT / "README.md").read_text().split())
-    alone = json.loads((PROBES / "recipe_seed0_alone.json").read_text())
-    assert alone["demo_config"] == demo_config(seed=0, bf16=True).fingerprint()
     committed = committed_run(0)["metrics"]
-    for block in ("after_sft", "after_preference"):
-        assert {**alone["metrics"][block], "model_dir": None} == {**committed[block], "model_dir": None}
-    seconds = round(sum(alone["stage_seconds"].values()))
-    assert f"the same metrics to the digit in {seconds} s of stages" in readme
-    assert f"The 15 minutes: {seconds} s of stages for seed 0 alone" in readme
+    runs = [json.loads((folder / "recipe_seed0_alone.json").read_text()) for folder in (PROBES, PROBES_1206)]
+    for alone in runs:
+        assert alone["demo_config"] == demo_config(seed=0, bf16=True).fingerprint()
+        for block in ("after_sft", "after_preference"):
+            assert {**alone["metrics"][block], "model_dir": None} == {**committed[block], "model_dir": None}
+    seconds = [round(sum(alone["stage_seconds"].values())) for alone in runs]
+    assert f"the same metrics to the digit in {seconds[0]} s of stages" in readme
+    assert f"tokenizing its share of the file), in {seconds[1]} s (15:00;" in readme
+    assert f"The 15 minutes: {seconds[1]} s of stages for seed 0 alone" in readme
+    assert f"measured alone: {seconds[1]} s of stages" in readme
+    sft = [round(alone["stage_seconds"]["sft"]) for alone in runs]
+    assert f"the `sft` stage {sft[0]} -> {sft[1]} s" in readme
 
     candidate = json.loads((PROBES / "questions_rec_seed0.json").read_text())
     assert (
