@@ -222,6 +222,9 @@ class SupervisedDataset(Dataset):
 
     Items longer than `max_length` are truncated after their last image placeholder when a target token remains,
     otherwise skipped; the number skipped is logged once and kept in `n_skipped`.
+
+    Under an initialised process group the processes tokenize the file together (`map_across_ranks`): every
+    process of the group must open it, as every process of a Trainer run does.
     """
 
     def __init__(
