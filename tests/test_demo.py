@@ -472,15 +472,6 @@ def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: py
     assert calls[0]["batch_size"] == 64 and calls[1].get("batch_size") is None  # None: sft_batch_size
 
 
-def test_sft_torch_compile_compiles_the_sft_stages_with_inductor(tmp_path: Path) -> None:
-    from mllm.demo.sft import sft_training_arguments
-
-    on = sft_training_arguments(demo_config(tmp_path / "on", sft_torch_compile=True), tmp_path / "on" / "run")
-    off = sft_training_arguments(demo_config(tmp_path / "off"), tmp_path / "off" / "run")
-    assert (on.torch_compile, on.torch_compile_backend) == (True, "inductor")
-    assert not off.torch_compile
-
-
 def test_preference_tune_flags_decide_what_preference_training_moves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

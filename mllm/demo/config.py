@@ -205,12 +205,6 @@ class DemoConfig:
     EPYC, 2026-12-05) autocast fell back to a slow path and a `vision` step took 2.5 s against 0.35 s in float32. The
     resolved value is what the run folder records. Preference training stays float32, like the reference log-probs
     it compares with."""
-    sft_torch_compile: bool = False
-    """Compile the model of the `align`, `questions` and `sft` stages (Trainer's `--torch-compile`, the inductor
-    backend: on a CPU it needs a C++ compiler). Figures differ from eager runs in the last bits, so a run with it is
-    another run. One process on one thread of the AMX Xeon: a `questions` step of 32 (REC and descriptions) 0.48 ->
-    0.29 s, a mixed SFT step of 16 0.22 -> 0.16 s, after 115-150 s of compiling (two compilations: the second makes
-    the sequence length dynamic) (docs/LOG.md, 2026-12-06)."""
     sft_group_by_length: bool = False
     """Batch SFT samples of similar length together (`--train-sampling-strategy group_by_length`; about a third of a
     random batch's tokens are padding). Off: with batches that hold one kind of question each, the model stopped

@@ -266,7 +266,6 @@ def sft_training_arguments(
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
         bf16=config.uses_bf16(),
         vision_learning_rate=config.sft_vision_lr,
-        torch_compile=config.sft_torch_compile,
     )
 
 
