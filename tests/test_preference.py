@@ -152,6 +152,9 @@ def test_trainer_step0_reproduces_precomputed_reference(tmp_path: Path, small_mo
         PreferenceArguments(data=str(data_path), logps=str(logps)),
         _train_args(tmp_path / "out", per_device_train_batch_size=3),
     )
+    from mllm.train.guards import StopOnNonFinite
+
+    assert any(isinstance(c, StopOnNonFinite) for c in trainer.callback_handler.callbacks)  # a NaN run stops
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():

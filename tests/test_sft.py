@@ -151,6 +151,17 @@ def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(p_a, p_b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_run_gone_non_finite_stops_with_an_error(tmp_path: Path, small_model_dir: Path) -> None:
+    """A NaN weight (as a wrong compiled kernel or an overflow leaves) makes every loss NaN: Trainer alone would log
+    0.0 and train on; the run must raise at the first logged step instead."""
+    trainer = _trainer(small_model_dir, make_sft_files(tmp_path / "d", 4), tmp_path / "out", max_steps=3)
+    with torch.no_grad():
+        trainer.model.llm.get_output_embeddings().weight[0, 0] = float("nan")  # token 0's logit, everywhere
+    with pytest.raises(FloatingPointError, match=r"step 1: the logged grad_norm is nan"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_model_dir: Path) -> None:
     data = make_sft_files(tmp_path / "d", 4)
     big = _trainer(

@@ -37,6 +37,7 @@ from mllm.processing.processor import MLLMProcessor
 from mllm.toy.box_labels import IGNORE_INDEX, BoxLabelDataset, box_label_collator
 from mllm.toy.projectors import GridProjector
 from mllm.train.curves import plot_curves_after_training
+from mllm.train.guards import StopOnNonFinite
 from mllm.train.losses import token_box_loss, token_label_loss
 from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
 from mllm.train.sft import WEIGHTS_DTYPE_HELP, check_weights_dtype, resolve_weights_dtype
@@ -359,7 +360,11 @@ def train_vision(args: VisionPretrainArguments, training_args, resume: str | Non
     )
     training_args.remove_unused_columns = False
     trainer = Trainer(
-        model=heads, args=training_args, train_dataset=dataset, data_collator=box_label_collator
+        model=heads,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=box_label_collator,
+        callbacks=[StopOnNonFinite()],
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()

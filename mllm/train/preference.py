@@ -26,6 +26,7 @@ from mllm.data.conversations import preference_data
 from mllm.data.preference import PreferenceDataset
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.curves import plot_curves_after_training
+from mllm.train.guards import StopOnNonFinite
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
 from mllm.train.losses import IGNORE_INDEX, PREFERENCE_LOSS_TYPES, preference_loss
 from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
@@ -146,6 +147,7 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, *args: Any, preference_args: PreferenceArguments, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(StopOnNonFinite())
         self.preference_args = preference_args
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)

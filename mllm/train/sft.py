@@ -35,6 +35,7 @@ from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.model.losses import sft_loss, sft_loss_per_sample
 from mllm.model.modeling import MLLMModel
 from mllm.processing.processor import MLLMProcessor
+from mllm.train.guards import StopOnNonFinite
 from mllm.vlm import VLM, as_vlm
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class SFTTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(StopOnNonFinite())
         self.per_sample_loss = getattr(self.args, "loss_reduction", "token") == "sample"
         if self.per_sample_loss:
             # a mean over one micro-batch's samples: Trainer must divide it by the accumulation steps
