@@ -50,8 +50,9 @@ PREVIOUS_RUNS = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05"
 PREVIOUS_RUNS_HERE = ROOT / "docs" / "results" / "demo_seeds" / "2026-12-05-amx"
 """The previous recipe on the Xeon with AMX the committed runs used (seeds 0 and 1): the same seeds, paired."""
 PROBES = ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx"
-PROBES_1206 = ROOT / "docs" / "results" / "demo_probes" / "2026-12-06-amx"
 """Raw results of probes the README quotes (not the recipe)."""
+PROBES_1206 = ROOT / "docs" / "results" / "demo_probes" / "2026-12-06-amx"
+"""The same machine's probes of 2026-12-06 (the recipe's seed 0 timed alone again)."""
 SEEDS = range(5)
 
 P_VALUE = 0.01
