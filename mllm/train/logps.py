@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mllm.data.preference import PreferenceDataset, ReferenceLogps
+from mllm.data.ranks import rank_and_world
 from mllm.io import (
     ResumableJsonl,
     comparable,
@@ -150,12 +151,6 @@ def pair_records(batch: dict[str, Any], result: PairLogps) -> Iterator[dict[str,
         yield record
 
 
-def _distributed_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _default_barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -200,7 +195,7 @@ def compute_reference_logps(
     out_path = Path(out_path)
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    default_rank, default_world = _distributed_rank_world()
+    default_rank, default_world = rank_and_world()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
     barrier = barrier or _default_barrier
