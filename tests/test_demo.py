@@ -460,6 +460,71 @@ def test_questions_description_repeats_put_the_descriptions_into_the_questions_s
     assert "(the yes/no and short-answer questions, REC and descriptions)" in rec_figures["summary"]
 
 
+def test_questions_first_steps_train_on_the_questions_alone_before_the_stage_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`questions_first_steps`: the `questions` stage first trains that many steps on the yes/no and short-answer
+    questions alone (the file the stage would have without REC and descriptions), then its own data from that
+    model; a re-run after a kill in the second part does not redo the first (its `done.json`)."""
+    from mllm.demo import sft
+    from mllm.toy.world import DESCRIBE_QUESTION
+
+    with pytest.raises(ValueError, match="questions_first_steps adds to the questions stage"):
+        demo_config(tmp_path / "bad", questions_steps=0, questions_first_steps=10)
+    config, figures = world_and_sft_data(
+        tmp_path,
+        n_train=40,
+        questions_rec_repeats=1,
+        questions_description_repeats=1,
+        questions_first_steps=7,
+    )
+    first = json.loads(sft.questions_first_data_path(config).read_text())
+    plain, _ = world_and_sft_data(tmp_path / "plain", n_train=40)
+    plain_items = json.loads(sft.questions_data_path(plain).read_text())
+    assert [i["conversations"] for i in first] == [
+        i["conversations"] for i in plain_items
+    ]  # the questions alone
+    assert not any(i["conversations"][0]["content"].endswith(DESCRIBE_QUESTION) for i in first)
+    assert f"({len(first)} questions alone for its first steps)" in figures["summary"]
+
+    calls = []
+
+    def run_training(config, folder, start, data, steps, model_out, **kwargs):
+        calls.append((folder.name, start, data.name, steps, model_out, kwargs["batch_size"]))
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return {"summary": f"{steps} steps"}
+
+    monkeypatch.setattr(sft, "run_training", run_training)
+    folder = config.out / "questions"
+    folder.mkdir()
+    with pytest.raises(RuntimeError, match="killed"):
+        sft.train_questions(config, folder)
+    figures = sft.train_questions(config, folder)
+    part = folder / "first"
+    batch = config.questions_batch_size
+    assert calls == [
+        ("first", sft.questions_start_model_dir(config), "questions_first.json", 7, part / "model", batch),
+        (
+            "questions",
+            part / "model",
+            "questions.json",
+            config.questions_steps,
+            sft.questions_model_dir(config),
+            batch,
+        ),
+        (
+            "questions",
+            part / "model",
+            "questions.json",
+            config.questions_steps,
+            sft.questions_model_dir(config),
+            batch,
+        ),
+    ]
+    assert figures["summary"] == f"questions alone: 7 steps; then {config.questions_steps} steps"
+
+
 def test_the_align_stage_trains_at_its_own_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`align_batch_size` is the `align` stage's batch (the mixed SFT keeps `sft_batch_size`)."""
     from mllm.demo import sft
@@ -504,6 +569,46 @@ def test_preference_tune_flags_decide_what_preference_training_moves(
         (False, True, False, True),
         (True, False, False, True),
     ]
+
+
+def test_preference_replay_rec_replays_the_rec_conversations_of_the_mixed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`preference_replay_rec`: the preference stage writes the mixed SFT file's REC conversations (and nothing
+    else) and hands them to Trainer as `--replay-data` at that weight; 0 (the default) hands none over; below 0 is
+    refused."""
+    import mllm.train.preference
+    from mllm.demo.preference import fit_preference, logps_path, replay_data_path, write_replay_data
+    from mllm.demo.sft import sft_data_path
+
+    with pytest.raises(ValueError, match="preference_replay_rec must be >= 0"):
+        demo_config(tmp_path / "bad", preference_replay_rec=-1.0)
+    config, _ = world_and_sft_data(tmp_path, n_train=40, preference_replay_rec=0.5)
+    mixed = json.loads(sft_data_path(config).read_text())
+    assert write_replay_data(config) == len(replay := json.loads(replay_data_path(config).read_text()))
+    assert replay == [item for item in mixed if str(item["id"]).startswith("rec:")]
+    assert 0 < len(replay) < len(mixed)
+    assert all(
+        re.fullmatch(r"\[\d+, \d+, \d+, \d+\]", item["conversations"][1]["content"]) for item in replay
+    )
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def build(model_args, preference_args, *args):
+        seen.append(preference_args)
+        raise Built
+
+    monkeypatch.setattr(mllm.train.preference, "build_preference_trainer", build)
+    logps_path(config).parent.mkdir(parents=True, exist_ok=True)
+    logps_path(config).touch()
+    for weight in (0.5, 0.0):
+        with pytest.raises(Built):
+            fit_preference(replace(config, preference_replay_rec=weight), tmp_path / "run")
+    assert (seen[0].replay_data, seen[0].replay_weight) == (str(replay_data_path(config)), 0.5)
+    assert seen[1].replay_data is None
 
 
 def test_align_data_can_be_the_descriptions(tmp_path: Path) -> None:

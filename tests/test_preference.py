@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.data_files import QUESTION, make_preference_file
+from helpers.data_files import QUESTION, make_preference_file, make_sft_files
 from helpers.training import cpu_training_args
 
 from mllm.data.preference import PreferenceDataset, preference_collator
@@ -207,6 +207,83 @@ def test_lora_training_resumes_without_recomputing_the_reference(
     assert reference.stat().st_mtime_ns == stamp
     steps = [row["step"] for row in read_log_history(out) if "rewards/margins" in row]
     assert steps == [1, 2, 3]
+
+
+def test_replay_order_takes_each_item_once_per_pass_and_splits_it_between_processes() -> None:
+    from mllm.train.preference import replay_indices
+
+    n, size, world = 7, 2, 2
+    walk = [
+        i for call in range(7) for rank in range(world) for i in replay_indices(n, size, call, rank, world, 3)
+    ]
+    for start in range(0, 28, 7):  # 28 draws: four passes over the 7 items, each a permutation
+        assert sorted(walk[start : start + 7]) == list(range(7))
+    assert walk[:7] != walk[7:14]  # a new order each pass
+    assert replay_indices(n, size, 5, 1, world, 3) == walk[(5 * world + 1) * size : (5 * world + 2) * size]
+    assert replay_indices(n, 7, 0, 0, 1, 3) != replay_indices(n, 7, 0, 0, 1, 4)  # the seed decides the order
+    with pytest.raises(ValueError, match="no items"):
+        replay_indices(0, 2, 0, 0, 1, 0)
+
+
+def test_replay_adds_the_cross_entropy_of_its_batch_and_a_resumed_run_draws_the_same_batches(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    """--replay-data: the training loss is the preference loss plus weight x the per-sample cross-entropy of the
+    micro-batch's replayed conversations, drawn by `replay_indices`; a run resumed from step 2 logs at step 3 what
+    the unbroken run logs (a replay order counted from the resume would draw other items)."""
+    from mllm.data.sft import data_collator
+    from mllm.train.curves import read_log_history
+    from mllm.train.losses import sft_loss_per_sample
+    from mllm.train.preference import PreferenceArguments, build_preference_trainer, main, replay_indices
+    from mllm.train.sft import ModelArguments
+
+    data_path = make_preference_file(tmp_path, 6)
+    replay_path = make_sft_files(tmp_path / "sft", 5, long_no=True)
+    args = PreferenceArguments(
+        data=str(data_path), replay_data=str(replay_path), replay_weight=0.5, replay_batch_size=3
+    )
+    trainer = build_preference_trainer(
+        ModelArguments(model=str(small_model_dir)),
+        args,
+        _train_args(tmp_path / "one", per_device_train_batch_size=2),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        total = trainer.compute_loss(trainer.model, batch)  # micro-batch 0 of step 0
+        preference, _ = trainer.preference_step(trainer.model, batch)
+        items = [trainer.replay_dataset[i] for i in replay_indices(5, 3, 0, 0, 1, 0)]
+        replayed = data_collator(items, pad_token_id=trainer.processing_class.pad_token_id)
+        logits = trainer.model({k: v for k, v in replayed.items() if k != "labels"}).logits
+        cross_entropy = sft_loss_per_sample(logits, replayed["labels"])
+    assert total.item() == pytest.approx(preference.item() + 0.5 * cross_entropy.item(), abs=1e-5)
+    assert trainer._replay_at == (0, 0)
+    with pytest.raises(ValueError, match="--replay-data: file not found"):
+        PreferenceArguments(data=str(data_path), replay_data=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="--replay-weight must be positive"):
+        PreferenceArguments(data=str(data_path), replay_data=str(replay_path), replay_weight=0.0)
+
+    def run(out: Path, steps: int) -> None:
+        argv = [
+            "--model", str(small_model_dir), "--data", str(data_path), "--replay-data", str(replay_path),
+            "--replay-batch-size", "2", "--output-dir", str(out), "--per-device-train-batch-size", "2",
+            "--learning-rate", "1e-3", "--logging-steps", "1", "--save-strategy", "steps", "--save-steps", "2",
+            "--use-cpu", "true", "--report-to", "none", "--resume-from-checkpoint", "auto",
+            "--lr-scheduler-type", "constant", "--max-steps", str(steps),
+        ]  # fmt: skip
+        assert main(argv) == 0
+
+    run(tmp_path / "unbroken", 3)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 3)
+    unbroken, resumed = (
+        {row["step"]: row for row in read_log_history(tmp_path / name) if "loss/replay" in row}
+        for name in ("unbroken", "resumed")
+    )
+    assert sorted(unbroken) == sorted(resumed) == [1, 2, 3]
+    for key in ("loss/replay", "loss/preference", "loss"):
+        assert resumed[3][key] == pytest.approx(unbroken[3][key], abs=1e-5), key
+    assert len({unbroken[step]["loss/replay"] for step in (1, 2, 3)}) == 3  # each step replays other items
 
 
 def test_eval_data_is_scored_with_the_preference_loss(tmp_path: Path, small_model_dir: Path) -> None:

@@ -160,6 +160,14 @@ def test_a_run_gone_non_finite_stops_with_an_error(tmp_path: Path, small_model_d
     with pytest.raises(FloatingPointError, match=r"step 1: the logged grad_norm is nan"):
         trainer.train()
     assert trainer.state.global_step == 1
+    # Without clipping (--max-grad-norm 0) Trainer still computes and logs the gradient norm: the run stops too
+    trainer = _trainer(
+        small_model_dir, make_sft_files(tmp_path / "d2", 4), tmp_path / "out2", max_steps=3, max_grad_norm=0.0
+    )
+    with torch.no_grad():
+        trainer.model.llm.get_output_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 1: the logged grad_norm is nan"):
+        trainer.train()
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_model_dir: Path) -> None:

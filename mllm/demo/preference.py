@@ -12,7 +12,7 @@ from typing import Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
-from mllm.demo.sft import sft_model_dir
+from mllm.demo.sft import sft_data_path, sft_model_dir
 from mllm.demo.stages import training_arguments
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,21 @@ def logps_path(config: DemoConfig) -> Path:
 
 def preference_model_dir(config: DemoConfig) -> Path:
     return config.out / PREFERENCE_STAGE / "model"
+
+
+def replay_data_path(config: DemoConfig) -> Path:
+    return config.out / PREFERENCE_STAGE / "replay_rec.json"
+
+
+def write_replay_data(config: DemoConfig) -> int:
+    """The REC conversations of the mixed SFT file (ids "rec:..."), for `preference_replay_rec`; their count."""
+    from mllm.io import read_json, write_json_atomic
+
+    rec = [item for item in read_json(sft_data_path(config)) if str(item.get("id", "")).startswith("rec:")]
+    if not rec:
+        raise ValueError(f"{sft_data_path(config)}: no REC conversations (ids 'rec:...') to replay")
+    write_json_atomic(replay_data_path(config), rec, indent=None)
+    return len(rec)
 
 
 def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
@@ -64,11 +79,14 @@ def compute_logps(config: DemoConfig, folder: Path) -> dict[str, Any]:
 def train_preference(config: DemoConfig, folder: Path) -> dict[str, Any]:
     """NCA (the exercise's pair loss) from the SFT model in the demo's training processes; vision tower frozen, LLM
     trained (its embeddings unless `preference_tune_embeddings` is off), the resampler too unless
-    `preference_tune_resampler` is off. Curves go to folder/loss.png and folder/rewards.png."""
+    `preference_tune_resampler` is off; with `preference_replay_rec`, the SFT's REC conversations replayed. Curves go
+    to folder/loss.png and folder/rewards.png."""
     from mllm.train.curves import plot_curves
     from mllm.train.launch import run_in_processes
     from mllm.train.preference import CURVE_KEYS
 
+    if config.preference_replay_rec > 0:
+        logger.info("%d REC conversations to replay", write_replay_data(config))
     figures = run_in_processes(
         fit_preference, (config, folder / "run"), config.training_processes(), config.threads_per_process()
     )
@@ -113,6 +131,8 @@ def fit_preference(config: DemoConfig, run_dir: Path) -> dict[str, Any]:
             max_length=512,
             beta=config.preference_beta,
             loss_type=config.preference_loss,
+            replay_data=str(replay_data_path(config)) if config.preference_replay_rec > 0 else None,
+            replay_weight=config.preference_replay_rec or 1.0,
         ),
         args,
     )

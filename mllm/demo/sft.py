@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mllm.demo.build import world_dir
 from mllm.demo.config import DemoConfig
-from mllm.demo.stages import DemoInterrupted, training_arguments
+from mllm.demo.stages import DONE, DemoInterrupted, training_arguments
 from mllm.demo.vision import pretrained_model_dir
 from mllm.files import write_json_atomic, write_text_atomic
 
@@ -42,6 +42,10 @@ def align_data_path(config: DemoConfig) -> Path:
 
 def questions_data_path(config: DemoConfig) -> Path:
     return config.out / SFT_DATA_STAGE / "questions.json"
+
+
+def questions_first_data_path(config: DemoConfig) -> Path:
+    return config.out / SFT_DATA_STAGE / "questions_first.json"
 
 
 def sft_model_dir(config: DemoConfig) -> Path:
@@ -224,6 +228,9 @@ def make_sft_data(config: DemoConfig, folder: Path) -> dict[str, Any]:
     if config.questions_steps > 0:
         n_questions = write_questions_data(config, questions_data_path(config))
         summary += f"; {n_questions} items ({questions_data_kinds(config)}) for the questions stage"
+    if config.questions_first_steps > 0:
+        n_first = write_sft_subset(config, questions_first_data_path(config), lambda question: True, 0)
+        summary += f" ({n_first} questions alone for its first steps)"
     return {
         "rec_items": stats.items["rec"],
         "sft_items": stats.items["sft"],
@@ -285,16 +292,40 @@ def train_align(config: DemoConfig, folder: Path) -> dict[str, Any]:
 
 
 def train_questions(config: DemoConfig, folder: Path) -> dict[str, Any]:
-    """The questions stage: SFT on the yes/no and short-answer questions alone, from the `align` stage's model."""
-    return run_training(
+    """The questions stage: SFT on the yes/no and short-answer questions (with REC and descriptions where the config
+    adds them), from the `align` stage's model; with `questions_first_steps`, first that many steps on the questions
+    alone, in folder/first (its own `done.json`: a re-run after a kill in the second part does not redo it)."""
+    start = questions_start_model_dir(config)
+    first = None
+    if config.questions_first_steps > 0:
+        part = folder / "first"
+        if (part / DONE).is_file():
+            first = json.loads((part / DONE).read_text(encoding="utf-8"))
+        else:
+            first = run_training(
+                config,
+                part,
+                start,
+                questions_first_data_path(config),
+                config.questions_first_steps,
+                part / "model",
+                batch_size=config.questions_batch_size,
+            )
+            write_json_atomic(part / DONE, first)
+        start = part / "model"
+    figures = run_training(
         config,
         folder,
-        questions_start_model_dir(config),
+        start,
         questions_data_path(config),
         config.questions_steps,
         questions_model_dir(config),
         batch_size=config.questions_batch_size,
     )
+    if first is not None:
+        figures["first"] = first
+        figures["summary"] = f"questions alone: {first['summary']}; then {figures['summary']}"
+    return figures
 
 
 def train_sft(config: DemoConfig, folder: Path) -> dict[str, Any]:

@@ -4,8 +4,8 @@ Trainer does not stop by itself: a NaN loss is left out of the logged mean (`log
 shows 0.0), and the run trains on and saves weights that are all NaN. Seen on 2026-12-06 (docs/LOG.md): Trainer's
 `--torch-compile` with the inductor backend under CPU bfloat16 autocast made every logit NaN from the first step;
 the demo's `questions` stage logged "loss 0.000 -> 0.000" for 1,000 steps and saved the model. The check reads only
-what Trainer logs (no extra synchronisation per step): the gradient norm, which the clipping computes whenever
-`max_grad_norm` > 0 (the default 1.0), and the logged loss.
+what Trainer logs (no extra synchronisation per step): the gradient norm, which Trainer (5.x) computes at every
+optimizer step, with `max_grad_norm` 0 (no clipping) too, and the logged loss.
 """
 
 from __future__ import annotations

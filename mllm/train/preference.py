@@ -8,7 +8,9 @@ averaged reward metrics) are overridden.
 A batch holds B pairs as 2B rows (chosen, then rejected) that go through the model in one forward; the B images
 go through the vision tower once and their resampler rows are used by both rows of their pair. The reference
 model is never loaded during training: its log-probs come from the precomputed file (checked against the data).
-Everything else (optimizer, schedule, accumulation, checkpoints, resume, DDP/DeepSpeed, TensorBoard) is Trainer's.
+With `--replay-data`, each training batch also carries a batch of SFT conversations whose cross-entropy is added to
+the loss (a replay of skills the pairs do not exercise, like InstructGPT's pretraining mix). Everything else
+(optimizer, schedule, accumulation, checkpoints, resume, DDP/DeepSpeed, TensorBoard) is Trainer's.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
 from mllm.train.curves import plot_curves_after_training
 from mllm.train.guards import StopOnNonFinite
 from mllm.train.logps import compute_reference_logps, concatenated_forward, load_reference_logps
-from mllm.train.losses import IGNORE_INDEX, PREFERENCE_LOSS_TYPES, preference_loss
+from mllm.train.losses import IGNORE_INDEX, PREFERENCE_LOSS_TYPES, preference_loss, sft_loss_per_sample
 from mllm.train.runner import MLLMTrainingArguments, check_output_dir, resolve_resume
-from mllm.train.sft import MAX_IMAGE_PIXELS_HELP, ModelArguments, load_for_training
+from mllm.train.sft import (
+    MAX_IMAGE_PIXELS_HELP,
+    DataArguments,
+    ModelArguments,
+    load_for_training,
+    make_collator,
+    sft_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +117,23 @@ class PreferenceArguments:
             "help": "Weight of an SFT term (token-mean cross-entropy on the chosen response); 0 = off."
         },
     )
+    replay_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT conversations (the SFT JSON format) replayed during training: every training micro-batch "
+            "adds --replay-weight x the cross-entropy of --replay-batch-size of them (each conversation's mean "
+            "token loss counting once), so that skills the pairs do not exercise (boxes, short answers) are not "
+            "forgotten; drawn in a seeded order that a resumed run continues. Images are relative to "
+            "--image-folder (default: this file's folder)."
+        },
+    )
+    replay_weight: float = field(default=1.0, metadata={"help": "Weight of the --replay-data term."})
+    replay_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Replayed conversations per micro-batch and process (default: --per-device-train-batch-size)."
+        },
+    )
     logp_batch_size: int = field(
         default=4, metadata={"help": "Pairs per batch when the reference log-probs are computed here."}
     )
@@ -132,29 +158,71 @@ class PreferenceArguments:
             raise ValueError(f"--beta must be positive, got {self.beta}")
         if self.sft_weight < 0:
             raise ValueError(f"--sft-weight must be >= 0, got {self.sft_weight}")
+        if self.replay_data is not None and not Path(self.replay_data).is_file():
+            raise ValueError(f"--replay-data: file not found: {self.replay_data}")
+        if self.replay_weight <= 0:
+            raise ValueError(f"--replay-weight must be positive, got {self.replay_weight}")
+        if self.replay_batch_size is not None and self.replay_batch_size <= 0:
+            raise ValueError(f"--replay-batch-size must be positive, got {self.replay_batch_size}")
         if self.max_length <= 0 or self.logp_batch_size <= 0:
             raise ValueError("--max-length and --logp-batch-size must be positive")
 
 
+def replay_indices(
+    n_items: int, batch_size: int, call: int, rank: int, world_size: int, seed: int
+) -> list[int]:
+    """Items of the replay batch of training micro-batch `call` (counted from 0 over the whole run) on process
+    `rank`: consecutive windows of an endless walk through seeded permutations of the items (one per pass), the
+    processes taking turns, so that no item repeats within a pass and a resumed run draws what the unbroken run
+    would have."""
+    if n_items <= 0:
+        raise ValueError("the replay data hold no items")
+    start = (call * world_size + rank) * batch_size
+    indices, order, epoch = [], None, None
+    for position in range(start, start + batch_size):
+        pass_index, offset = divmod(position, n_items)
+        if pass_index != epoch:
+            order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + pass_index))
+            epoch = pass_index
+        indices.append(int(order[offset]))
+    return indices
+
+
 class PreferenceTrainer(Trainer):
     """Trainer whose loss is a preference loss over (chosen, rejected) pairs against precomputed reference
-    log-probs, plus an optional SFT term on the chosen response.
+    log-probs, plus an optional SFT term on the chosen response and an optional replay of SFT conversations.
 
     The loss is a mean over the pairs of a micro-batch, so Trainer divides it by the accumulation steps
     (`loss_is_scaled_for_ga = False`, and no target-token counting)."""
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, preference_args: PreferenceArguments, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        preference_args: PreferenceArguments,
+        replay_dataset: Any = None,
+        replay_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFinite())
         self.preference_args = preference_args
+        if (replay_dataset is None) != (replay_collator is None):
+            raise ValueError("a replay dataset needs its collator, and a collator its dataset")
+        self.replay_dataset, self.replay_collator = replay_dataset, replay_collator
+        self._replay_at = (-1, -1)  # (global step, micro-batch within it) of the last replay batch
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._eval_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.preference_step(model, inputs)
+        if model.training and self.replay_dataset is not None:
+            replay = self.replay_loss(model)
+            metrics.setdefault("loss/preference", loss.detach())
+            metrics["loss/replay"] = replay.detach()
+            loss = loss + self.preference_args.replay_weight * replay
         if model.training:
             for key, value in metrics.items():
                 self._metrics[key].append(value)
@@ -201,6 +269,29 @@ class PreferenceTrainer(Trainer):
             metrics["loss/sft"] = sft.detach()
             loss = loss + args.sft_weight * sft
         return loss, metrics
+
+    def replay_loss(self, model) -> torch.Tensor:
+        """Cross-entropy (per-sample mean) of this micro-batch's replayed conversations. The micro-batch is counted
+        from the global step, so a run resumed from a checkpoint draws the batches the unbroken run would have."""
+        step = self.state.global_step
+        micro = self._replay_at[1] + 1 if self._replay_at[0] == step else 0
+        self._replay_at = (step, micro)
+        call = step * self.args.gradient_accumulation_steps + micro
+        size = self.preference_args.replay_batch_size or self.args.per_device_train_batch_size
+        indices = replay_indices(
+            len(self.replay_dataset),
+            size,
+            call,
+            self.args.process_index,
+            self.args.world_size,
+            self.args.seed,
+        )
+        batch = self._prepare_inputs(self.replay_collator([self.replay_dataset[i] for i in indices]))
+        if "inputs" in batch:  # another family's batch: its forward keywords
+            outputs = model(**batch["inputs"], use_cache=False)
+        else:
+            outputs = model({k: v for k, v in batch.items() if k != "labels"})
+        return sft_loss_per_sample(outputs.logits, batch["labels"])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the metrics averaged since the last training log (or over the evaluation), and over processes."""
@@ -271,6 +362,16 @@ def build_preference_trainer(
     held_out = (
         pairs(pref_args.eval_data, pref_args.eval_logps, EVAL_REFERENCE_FILE) if pref_args.eval_data else None
     )
+    replay, replay_collator = None, None
+    if pref_args.replay_data:
+        replay_args = DataArguments(
+            data=pref_args.replay_data,
+            image_folder=pref_args.image_folder,
+            max_length=pref_args.max_length,
+            max_image_pixels=pref_args.max_image_pixels,
+        )
+        replay = sft_dataset(pref_args.replay_data, processor, replay_args)
+        replay_collator = make_collator(processor, replay_args, model)
     return PreferenceTrainer(
         model=model,
         args=training_args,
@@ -279,6 +380,8 @@ def build_preference_trainer(
         data_collator=train.collator(),
         processing_class=processor,
         preference_args=pref_args,
+        replay_dataset=replay,
+        replay_collator=replay_collator,
     )
 
 
