@@ -327,6 +327,32 @@ def test_the_cli_sets_fields_and_stops_after_a_stage(tmp_path: Path, capsys) -> 
     assert "until must be one of" in capsys.readouterr().err
 
 
+def test_profiles_are_named_settings_that_set_can_change(tmp_path: Path, capsys) -> None:
+    """`--profile grounded` applies its settings over the recipe's, `--set` over those; the recipe is the default;
+    the CI-sized `--fast` run has no profile; an unknown name is refused."""
+    from mllm.demo.config import PROFILES
+
+    grounded = demo_config(tmp_path, profile="grounded")
+    assert (
+        PROFILES["grounded"]
+        and {k: getattr(grounded, k) for k in PROFILES["grounded"]} == PROFILES["grounded"]
+    )
+    assert demo_config(tmp_path, profile="grounded", questions_steps=800).questions_steps == 800
+    assert demo_config(tmp_path) == demo_config(tmp_path, profile="recipe") != grounded
+    with pytest.raises(ValueError, match="--profile 'best': expected one of"):
+        demo_config(tmp_path, profile="best")
+    assert main(["demo", "--out", str(tmp_path / "x"), "--fast", "--profile", "grounded"]) == 2
+    assert "--fast and --profile grounded" in capsys.readouterr().err
+    argv = ["demo", "--out", str(tmp_path / "g"), "--profile", "grounded", "--until", "world"]
+    assert main([*argv, "--set", "n_train=40", "--set", "n_test=10", "--set", "n_preference=10"]) == 0
+    stored = json.loads((tmp_path / "g" / "demo_config.json").read_text())
+    assert stored == json.loads(
+        json.dumps(
+            demo_config(seed=0, profile="grounded", n_train=40, n_test=10, n_preference=10).fingerprint()
+        )
+    )
+
+
 def world_and_sft_data(tmp_path: Path, n_train: int, **overrides) -> tuple:
     """Run the `world` and `sft_data` stages' functions of a small --fast config; returns it and the sft_data figures."""
     from mllm.demo.build import make_world, world_dir

@@ -1,10 +1,12 @@
-"""`mllm demo [--out runs/demo] [--fast] [--seed N] [--set FIELD=VALUE ...] [--until STAGE]`: the whole toy-world
-pipeline, resumable, ending in REPORT.md."""
+"""`mllm demo [--out runs/demo] [--fast] [--profile NAME] [--seed N] [--set FIELD=VALUE ...] [--until STAGE]`: the
+whole toy-world pipeline, resumable, ending in REPORT.md."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+from mllm.demo.config import PROFILES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--fast", action="store_true", help="the small CI-sized version (a few minutes)")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="recipe",
+        help="named settings (mllm.demo.config.PROFILES): recipe (default, ~15 minutes on 2 cores), or grounded "
+        "(boxes above every image-blind rule; about twice the time); --set changes them further",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")
     parser.add_argument(
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             fast=args.fast,
             seed=args.seed,
+            profile=args.profile,
             threads=args.threads,
             processes=args.processes,
             device=args.device,

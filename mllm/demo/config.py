@@ -436,6 +436,24 @@ float32: with bfloat16 autocast its 150 SFT steps read the image less (greedy CH
 near the test's 50%) and saved ~40 s."""
 
 
+PROFILES: dict[str, dict[str, Any]] = {
+    "recipe": {},
+    "grounded": {
+        "questions_first_steps": 500,
+        "questions_steps": 1000,
+        "questions_rec_repeats": 2,
+        "questions_description_repeats": 2,
+        "rec_box_bins": 20,
+        "description_repeats": 6,
+        "preference_replay_rec": 1.0,
+    },
+}
+"""Named settings of `mllm demo --profile`. "recipe" (the default) is the 15-minute demo, whose boxes are no better
+than image-blind rules. "grounded" trains the boxes too: the questions alone first, then the questions, REC (boxes
+in 20 bins) and the descriptions in the `questions` stage, the descriptions x6 in the mixed SFT, and the REC
+conversations replayed during preference training; about twice the time (README, "The toy-world demo"; seeds 0-4 in
+docs/results/demo_probes/2026-12-06-amx/)."""
+
 CLI_FIELDS = {"out", "seed", "fast", "threads", "processes", "device"}
 """Fields with a flag of their own in `mllm demo`; `--set` refuses them."""
 TEST_HOOKS = {"sft_interrupt_after"}
@@ -472,16 +490,26 @@ def parse_setting(text: str) -> tuple[str, Any]:
 
 
 def demo_config(
-    out: str | Path = "runs/demo", fast: bool = False, seed: int = 0, **overrides: Any
+    out: str | Path = "runs/demo",
+    fast: bool = False,
+    seed: int = 0,
+    profile: str = "recipe",
+    **overrides: Any,
 ) -> DemoConfig:
-    """The full (or `fast`) configuration with keyword overrides of any `DemoConfig` field."""
+    """The full (or `fast`) configuration of a named `profile` (`PROFILES`) with keyword overrides of any
+    `DemoConfig` field."""
     known = {f.name for f in fields(DemoConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown demo option(s) {unknown}; known: {sorted(known)}")
+    if profile not in PROFILES:
+        raise ValueError(f"--profile {profile!r}: expected one of {sorted(PROFILES)}")
+    if fast and PROFILES[profile]:
+        raise ValueError(f"--fast and --profile {profile}: the CI-sized run has the recipe's settings only")
     config = DemoConfig(out=Path(out), seed=seed)
     if fast:
         config = replace(config, **FAST_OVERRIDES)
+    config = replace(config, **PROFILES[profile])
     config = replace(config, **overrides)
     config.validate()
     return config
