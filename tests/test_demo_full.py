@@ -335,3 +335,66 @@ def test_the_readme_quotes_the_questions_rec_desc_candidate_seed_by_seed() -> No
         )
     )
     assert paired in readme, paired
+
+
+def grounded_line(run: dict, without_replay: dict) -> str:
+    """One seed of `--profile grounded` as the README quotes it: after SFT -> after preference training, and the
+    boxes after preference training without the replay (the candidate's committed run of the same seed)."""
+    sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
+    before = without_replay["metrics"]["after_preference"]
+    sampled = (sft["chair"]["sampled"], after["chair"]["sampled"])
+    return (
+        f"seed {run['seed']}: Acc@0.5 {percent(sft['grounding']['acc'], 2)} -> "
+        f"{percent(after['grounding']['acc'], 2)}% (without the replay {percent(before['grounding']['acc'], 2)}%), "
+        f"sampled CHAIRi {percent(sampled[0]['CHAIRi'], 1)} -> {percent(sampled[1]['CHAIRi'], 1)}% at recall "
+        f"{percent(sampled[0]['Recall'], 1)} -> {percent(sampled[1]['Recall'], 1)}, yes/no "
+        f"{percent(sft['yes_no']['accuracy'], 1)} -> {percent(after['yes_no']['accuracy'], 1)}%"
+    )
+
+
+def questions_first_line(run: dict, without: dict) -> str:
+    """One seed of the `questions_first_steps` probe as the README quotes it, against the same seed without."""
+    sft, other = run["metrics"]["after_sft"], without["metrics"]["after_sft"]
+    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
+    return (
+        f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (without "
+        f"{percent(other['yes_no']['accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (without "
+        f"{percent(other['grounding']['acc'], 2)}%; one-sided p against the best image-blind box rule {p:.2g})"
+    )
+
+
+def test_the_readme_quotes_the_grounded_profile_seed_by_seed() -> None:
+    """`--profile grounded`: seeds 0-4 (the candidate's committed runs with the preference stages run again with the
+    REC replay) made with the profile's settings, after SFT equal to the candidate's runs, quoted seed by seed; the
+    `questions_first_steps` probe (seeds 0-2) likewise."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for seed in SEEDS:
+        run = json.loads((PROBES_1206 / f"candidate_replay_seed{seed}.json").read_text())
+        without = json.loads((PROBES / f"questions_rec_desc_seed{seed}.json").read_text())
+        assert run["seed"] == seed
+        assert run["demo_config"] == demo_config(seed=seed, profile="grounded", bf16=True).fingerprint()
+        assert run["metrics"]["after_sft"] == without["metrics"]["after_sft"]
+        assert grounded_line(run, without) in readme, grounded_line(run, without)
+    for seed in range(3):
+        run = json.loads((PROBES_1206 / f"questions_first_replay_seed{seed}.json").read_text())
+        without = json.loads((PROBES / f"questions_rec_desc_seed{seed}.json").read_text())
+        expected = demo_config(seed=seed, profile="grounded", questions_first_steps=500, bf16=True)
+        assert run["demo_config"] == expected.fingerprint()
+        assert questions_first_line(run, without) in readme, questions_first_line(run, without)
+    # seed 0 from scratch, alone: the linked run's metrics to the digit, and the README's time
+    alone = json.loads((PROBES_1206 / "grounded_seed0_alone.json").read_text())
+    linked = json.loads((PROBES_1206 / "candidate_replay_seed0.json").read_text())
+    assert alone["demo_config"] == linked["demo_config"]
+    for block in ("after_sft", "after_preference"):
+        assert {**alone["metrics"][block], "model_dir": None} == {
+            **linked["metrics"][block],
+            "model_dir": None,
+        }
+    seconds = {stage: round(value) for stage, value in alone["stage_seconds"].items()}
+    minutes, rest = divmod(round(alone["command_seconds"]), 60)
+    quoted = (
+        f"seed 0 from scratch alone took {sum(alone['stage_seconds'].values()):,.0f} s of stages ({minutes}:{rest:02d} "
+        f"for the command; `questions` {seconds['questions']}, `sft` {seconds['sft']}, `preference` "
+        f"{seconds['preference']} s)"
+    )
+    assert quoted in readme, quoted

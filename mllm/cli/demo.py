@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(PROFILES),
         default="recipe",
         help="named settings (mllm.demo.config.PROFILES): recipe (default, ~15 minutes on 2 cores), or grounded "
-        "(boxes above every image-blind rule; about twice the time); --set changes them further",
+        "(boxes above every image-blind rule; ~25 minutes); --set changes them further",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")
