@@ -182,8 +182,9 @@ class DemoConfig:
     questions_first_steps: int = 0
     """Steps (of `questions_batch_size`) on the yes/no and short-answer questions alone at the start of the
     `questions` stage, before its data with REC or descriptions (0: none). The recipe's `questions` stage then the
-    candidate's above (seeds 0 and 1, probes): yes/no 82.0 / 82.2% against 79.8 / 79.3%, Acc@0.5 10.25 / 18.00%
-    against 13.25 / 18.00% (docs/LOG.md, 2026-12-06 (ninth session))."""
+    candidate's above, 500 steps, seeds 0-2: yes/no 82.0 / 82.2 / 79.5% against 79.8 / 79.3 / 79.8%, Acc@0.5 10.25 /
+    18.00 / 10.75% against 13.25 / 18.00 / 16.00%, the boxes no better than image-blind rules on seeds 0 and 2: not
+    in `--profile grounded` (docs/LOG.md, 2026-12-06, ninth and tenth sessions)."""
     # --- SFT ---
     sft_steps: int = 1100
     """Optimizer steps of SFT on the mixed (yes/no + short answers + descriptions + REC) data. 1,300 before the
