@@ -398,3 +398,44 @@ def test_the_readme_quotes_the_grounded_profile_seed_by_seed() -> None:
         f"{seconds['preference']} s)"
     )
     assert quoted in readme, quoted
+
+
+def short_prompts_line(run: dict) -> str:
+    """One seed of `--profile grounded` without the system prompt and the image id, as the README quotes it."""
+    sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
+    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
+    minutes, rest = divmod(round(run["command_seconds"]), 60)
+    return (
+        f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (pairs "
+        f"{percent(sft['yes_no']['pair_accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (one-sided "
+        f"p against the best image-blind box rule {p:.2g}), greedy CHAIRi {percent(sft['chair']['greedy']['CHAIRi'], 1)}"
+        f"%, sampled CHAIRi {percent(sft['chair']['sampled']['CHAIRi'], 1)} -> "
+        f"{percent(after['chair']['sampled']['CHAIRi'], 1)}%, after preference yes/no "
+        f"{percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}%, "
+        f"{sum(run['stage_seconds'].values()):,.0f} s of stages ({minutes}:{rest:02d} for the command)"
+    )
+
+
+def test_the_readme_quotes_the_grounded_profile_with_short_prompts() -> None:
+    """The profile without the system prompt and the image id: each committed seed run made with those settings and
+    quoted as its file holds it."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    paths = sorted(PROBES_1206.glob("grounded_short_prompts_seed*.json"))
+    assert paths
+    for path in paths:
+        run = json.loads(path.read_text())
+        expected = demo_config(
+            seed=run["seed"], profile="grounded", default_system_prompt=False, use_image_id=False, bf16=True
+        )
+        assert run["demo_config"] == expected.fingerprint(), path
+        assert short_prompts_line(run) in readme, short_prompts_line(run)
+
+
+def test_the_readme_quotes_the_step_times_of_shorter_prompts() -> None:
+    """The side-by-side step times the README quotes for the prompts with and without the system message and the
+    image id are the committed measurement's."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    runs = json.loads((PROBES_1206 / "prompt_length_step_times.json").read_text())["runs"]
+    built = sorted(run["s_per_step"] for run in runs[:2])
+    quoted = f"took {runs[2]['s_per_step']:.3f} s without the two against {built[0]:.3f}-{built[1]:.3f} s with them"
+    assert quoted in readme, quoted
