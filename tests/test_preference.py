@@ -262,6 +262,14 @@ def test_replay_adds_the_cross_entropy_of_its_batch_and_a_resumed_run_draws_the_
         PreferenceArguments(data=str(data_path), replay_data=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="--replay-weight must be positive"):
         PreferenceArguments(data=str(data_path), replay_data=str(replay_path), replay_weight=0.0)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty.json"):  # refused by SupervisedDataset, naming the file
+        build_preference_trainer(
+            ModelArguments(model=str(small_model_dir)),
+            PreferenceArguments(data=str(data_path), replay_data=str(empty)),
+            _train_args(tmp_path / "empty"),
+        )
 
     def run(out: Path, steps: int) -> None:
         argv = [

@@ -39,6 +39,7 @@ from mllm.train.sft import (
     load_for_training,
     make_collator,
     sft_dataset,
+    sft_forward,
 )
 
 logger = logging.getLogger(__name__)
@@ -287,11 +288,7 @@ class PreferenceTrainer(Trainer):
             self.args.seed,
         )
         batch = self._prepare_inputs(self.replay_collator([self.replay_dataset[i] for i in indices]))
-        if "inputs" in batch:  # another family's batch: its forward keywords
-            outputs = model(**batch["inputs"], use_cache=False)
-        else:
-            outputs = model({k: v for k, v in batch.items() if k != "labels"})
-        return sft_loss_per_sample(outputs.logits, batch["labels"])
+        return sft_loss_per_sample(sft_forward(model, batch).logits, batch["labels"])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the metrics averaged since the last training log (or over the evaluation), and over processes."""

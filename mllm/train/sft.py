@@ -161,6 +161,14 @@ def default_training_arguments(**overrides: Any) -> dict[str, Any]:
     return base
 
 
+def sft_forward(model, batch: dict[str, Any]):
+    """The model's outputs on an SFT batch: ours (`data_collator`) or another family's (`VLMCollator`, whose forward
+    keywords are under "inputs"); the labels stay out of the forward."""
+    if "inputs" in batch:  # another family's batch (mllm.data.conversations): its forward keywords
+        return model(**batch["inputs"], use_cache=False)
+    return model({k: v for k, v in batch.items() if k != "labels"})
+
+
 class SFTTrainer(Trainer):
     """Trainer whose loss is next-token cross-entropy on answer tokens: by default normalised over the target tokens
     of the accumulated batch; with `--loss-reduction sample` each conversation's mean token loss counts once."""
@@ -174,10 +182,7 @@ class SFTTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "inputs" in inputs:  # another family's batch (mllm.data.conversations): its forward keywords
-            outputs = model(**inputs["inputs"], use_cache=False)
-        else:
-            outputs = model({k: v for k, v in inputs.items() if k != "labels"})
+        outputs = sft_forward(model, inputs)
         if self.per_sample_loss:
             loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
         else:
