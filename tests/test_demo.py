@@ -822,6 +822,7 @@ def test_the_vision_stage_feeds_sft_and_can_be_skipped(tmp_path: Path) -> None:
         align_model_dir,
         questions_model_dir,
         questions_start_model_dir,
+        sft_model_dir,
         sft_start_model_dir,
     )
     from mllm.demo.vision import pretrained_model_dir, vision_model_dir
@@ -840,6 +841,13 @@ def test_the_vision_stage_feeds_sft_and_can_be_skipped(tmp_path: Path) -> None:
     assert sft_start_model_dir(no_align) == questions_model_dir(no_align)
     neither = demo_config(tmp_path / "g", align_steps=0, questions_steps=0)
     assert sft_start_model_dir(neither) == vision_model_dir(neither)
+    # no mixed SFT: "after SFT" (its evaluation, the preference stages' start) is the questions stage's model
+    no_mix = demo_config(tmp_path / "h", sft_steps=0)
+    assert "sft" not in [name for name, _ in stage_functions(no_mix)]
+    assert sft_model_dir(no_mix) == questions_model_dir(no_mix)
+    assert sft_model_dir(with_vision) == with_vision.out / "sft" / "model"
+    with pytest.raises(ValueError, match="sft_steps"):
+        demo_config(tmp_path / "c", sft_steps=-1)
     assert not with_vision.tunes_vision_in_sft()  # SFT keeps the tower the vision stage trained
     without = demo_config(tmp_path / "b", vision_steps=0, align_steps=0, questions_steps=0)
     assert "vision" not in [name for name, _ in stage_functions(without)]

@@ -439,3 +439,77 @@ def test_the_readme_quotes_the_step_times_of_shorter_prompts() -> None:
     built = sorted(run["s_per_step"] for run in runs[:2])
     quoted = f"took {runs[2]['s_per_step']:.3f} s without the two against {built[0]:.3f}-{built[1]:.3f} s with them"
     assert quoted in readme, quoted
+
+
+def no_mix_line(run: dict) -> str:
+    """One seed of `--profile grounded --set sft_steps=0` as the README quotes it."""
+    sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
+    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
+    sampled = (sft["chair"]["sampled"], after["chair"]["sampled"])
+    return (
+        f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (pairs "
+        f"{percent(sft['yes_no']['pair_accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (one-sided "
+        f"p against the best image-blind box rule {p:.2g}), greedy CHAIRi {percent(sft['chair']['greedy']['CHAIRi'], 1)}"
+        f"%, sampled CHAIRi {percent(sampled[0]['CHAIRi'], 1)} -> {percent(sampled[1]['CHAIRi'], 1)}% at recall "
+        f"{percent(sampled[0]['Recall'], 1)} -> {percent(sampled[1]['Recall'], 1)}, after preference yes/no "
+        f"{percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}%"
+    )
+
+
+def test_the_readme_quotes_the_grounded_profile_without_the_mixed_sft() -> None:
+    """`sft_steps=0`: each seed's file made with the profile's settings and no mixed SFT, its stages up to
+    `questions` those of the candidate's committed run of the seed (the same stage seconds), quoted as it holds it;
+    the descriptions-x4 probe of seed 1 likewise."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    linked = ("world", "model", "vision", "sft_data", "align", "questions")
+    for seed in SEEDS:
+        run = json.loads((PROBES_1206 / f"grounded_no_mix_seed{seed}.json").read_text())
+        candidate = json.loads((PROBES / f"questions_rec_desc_seed{seed}.json").read_text())
+        assert run["seed"] == seed
+        assert (
+            run["demo_config"]
+            == demo_config(seed=seed, profile="grounded", sft_steps=0, bf16=True).fingerprint()
+        )
+        assert "sft" not in run["stage_seconds"]
+        assert {s: run["stage_seconds"][s] for s in linked} == {
+            s: candidate["stage_seconds"][s] for s in linked
+        }
+        assert no_mix_line(run) in readme, no_mix_line(run)
+    run = json.loads((PROBES_1206 / "grounded_no_mix_desc4_seed1.json").read_text())
+    expected = demo_config(
+        seed=1, profile="grounded", sft_steps=0, questions_description_repeats=4, bf16=True
+    )
+    assert run["demo_config"] == expected.fingerprint()
+    assert no_mix_line(run) in readme, no_mix_line(run)
+
+
+def test_the_readme_quotes_the_vision_cache_measurements() -> None:
+    """`--vision-cache-mb`: the side-by-side step times and the rounding of slices run alone are the committed
+    benchmark's; the recipe's seed 0 with the cache is the recipe (every field) and drifted from the run without it as
+    the README says."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    bench = json.loads((PROBES_1206 / "vision_cache_step_times.json").read_text())
+    assert bench["losses_equal"] and bench["batch"] == 32 and bench["threads"] == 1 and bench["bf16_autocast"]
+    step = bench["s_per_step"]
+    quoted = (
+        f"took {step['cache']:.3f} s against {step['tower']:.3f} s running the tower "
+        f"({step['tower'] / step['cache']:.2f}x;"
+    )
+    assert quoted in readme, quoted
+    rounding = bench["tower_rows_k_alone_vs_16_together_max_abs_diff"]
+    assert all(rounding[str(k)] == 0.0 for k in range(2, 16)) and rounding["1"] > 0
+    alone = f"{rounding['1']:.1e}".replace("e-0", "e-")
+    assert f"a slice run alone came out {alone} away from the same slice in a batch of 16" in readme, alone
+    cached = json.loads((PROBES_1206 / "recipe_seed0_vision_cache_alone.json").read_text())
+    plain = json.loads((PROBES_1206 / "recipe_seed0_alone.json").read_text())
+    assert (
+        cached["vision_cache_mb"] > 0
+        and cached["demo_config"] == demo_config(seed=0, bf16=True).fingerprint()
+    )
+    assert cached["demo_config"] == plain["demo_config"]
+    yes_no = (
+        cached["metrics"]["after_sft"]["yes_no"]["accuracy"],
+        plain["metrics"]["after_sft"]["yes_no"]["accuracy"],
+    )
+    quoted = f"seed 0 with it: yes/no {percent(yes_no[0], 1)}% against {percent(yes_no[1], 1)}% without"
+    assert quoted in readme, quoted

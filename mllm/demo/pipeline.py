@@ -59,8 +59,9 @@ def stage_functions(config: DemoConfig) -> list[tuple[str, Callable[[Path], dict
         stages.append((ALIGN_STAGE, partial(train_align, config)))
     if config.questions_steps > 0:
         stages.append((QUESTIONS_STAGE, partial(train_questions, config)))
+    if config.sft_steps > 0:
+        stages.append((SFT_STAGE, partial(train_sft, config)))
     stages += [
-        (SFT_STAGE, partial(train_sft, config)),
         (EVAL_SFT_STAGE, lambda folder: evaluate_model(config, folder, sft_model_dir(config))),
     ]
     if config.preference_steps > 0:

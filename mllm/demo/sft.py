@@ -49,7 +49,8 @@ def questions_first_data_path(config: DemoConfig) -> Path:
 
 
 def sft_model_dir(config: DemoConfig) -> Path:
-    return config.out / SFT_STAGE / "model"
+    """The model after the SFT stages: the mixed SFT's, or with `sft_steps=0` the last earlier stage's."""
+    return config.out / SFT_STAGE / "model" if config.sft_steps > 0 else sft_start_model_dir(config)
 
 
 def align_model_dir(config: DemoConfig) -> Path:
@@ -273,6 +274,7 @@ def sft_training_arguments(
         train_sampling_strategy="group_by_length" if config.sft_group_by_length else "random",
         bf16=config.uses_bf16(),
         vision_learning_rate=config.sft_vision_lr,
+        vision_cache_mb=0 if config.tunes_vision_in_sft() else config.vision_cache_mb,
     )
 
 

@@ -13,6 +13,7 @@ import copy
 import threading
 import warnings
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from mllm.model.loading import HUB_KWARGS, load_pretrained
 from mllm.model.registry import RESAMPLER, projector_class
 from mllm.model.resampler import Resampler
 from mllm.model.vision import VisionTransformer
+from mllm.model.vision_cache import VisionFeatureCache
 
 TERMINATOR_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -133,6 +135,7 @@ class MLLMModel(PreTrainedModel, GenerationMixin):
         # "resampler" (MiniCPM-V) or a registered option, e.g. the toy world's "merge" / "mlp" (mllm.model.registry)
         projector = Resampler if config.projector == RESAMPLER else projector_class(config.projector)
         self.resampler = projector(config.query_num, config.hidden_size, config.vision.hidden_size)
+        self.vision_cache: VisionFeatureCache | None = None  # see attach_vision_cache
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -197,11 +200,31 @@ class MLLMModel(PreTrainedModel, GenerationMixin):
     def _encode_slices(self, strips: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         """All slices of the batch -> resampler rows [N, query_num, D], the tower run in chunks of vision_batch_size."""
         tgt_sizes = tgt_sizes.to(self.vpm.embeddings.patch_embedding.weight.device, torch.int32)
-        hidden = self.vpm.encode_strips(
+        encode = (
+            self.vpm.encode_strips
+            if self.vision_cache is None
+            else partial(self.vision_cache.encode, self.vpm)
+        )
+        hidden = encode(
             strips, tgt_sizes, self.config._attn_implementation, self.config.vision_batch_size
         )  # [N, L, vision_dim]
         rows = self.resampler(hidden, tgt_sizes)  # [N, Q, D]
         return normalize_rows(rows) if self.config.normalize_image_rows else rows
+
+    def attach_vision_cache(self, max_bytes: int) -> VisionFeatureCache:
+        """Reuse the frozen tower's output for slices seen before (`mllm.model.vision_cache`), keeping up to
+        `max_bytes` of them: for training with the tower frozen. Refused while a tower parameter is trainable."""
+        trainable = [name for name, p in self.vpm.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"a vision cache needs a frozen vision tower; trainable: {trainable[:3]}{' ...' if len(trainable) > 3 else ''}"
+            )
+        if self.config.vision.attention_dropout > 0:
+            raise ValueError(
+                f"a vision cache would freeze the tower's dropout (attention_dropout {self.config.vision.attention_dropout})"
+            )
+        self.vision_cache = VisionFeatureCache(max_bytes)
+        return self.vision_cache
 
     def get_vision_hidden_states(self, data: dict[str, Any]) -> list[torch.Tensor]:
         """Per sample the resampler rows of its slices [n_i, query_num, D] (an empty [0, Q, D] for no image)."""

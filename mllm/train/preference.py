@@ -36,6 +36,7 @@ from mllm.train.sft import (
     MAX_IMAGE_PIXELS_HELP,
     DataArguments,
     ModelArguments,
+    attach_vision_cache,
     load_for_training,
     make_collator,
     sft_dataset,
@@ -208,6 +209,8 @@ class PreferenceTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFinite())
+        if getattr(self.args, "vision_cache_mb", 0):
+            attach_vision_cache(self.model, self.args.vision_cache_mb, self.is_deepspeed_enabled)
         self.preference_args = preference_args
         if (replay_dataset is None) != (replay_collator is None):
             raise ValueError("a replay dataset needs its collator, and a collator its dataset")

@@ -56,6 +56,14 @@ class MLLMTrainingArguments(TrainingArguments):
         },
     )
 
+    vision_cache_mb: int = field(
+        default=0,
+        metadata={
+            "help": "Keep the frozen vision tower's outputs of up to this many MiB of image slices per process and "
+            "reuse them when a slice comes again (the same numbers as running the tower: mllm.model.vision_cache); "
+            "0: off. Needs a frozen tower (no --tune-vision), this framework's model and no --deepspeed."
+        },
+    )
     vision_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -73,6 +81,8 @@ class MLLMTrainingArguments(TrainingArguments):
             logger.info("no GPU or other accelerator: training on the CPU (--use-cpu true)")
             self.use_cpu = True
         super().__post_init__()
+        if self.vision_cache_mb < 0:
+            raise ValueError(f"--vision-cache-mb must be >= 0 (0: off), got {self.vision_cache_mb}")
         if self.vision_learning_rate is not None and self.vision_learning_rate < 0:
             raise ValueError(f"--vision-learning-rate must be >= 0, got {self.vision_learning_rate}")
         if self.loss_reduction not in SFT_LOSS_REDUCTIONS:

@@ -169,6 +169,26 @@ def sft_forward(model, batch: dict[str, Any]):
     return model({k: v for k, v in batch.items() if k != "labels"})
 
 
+def attach_vision_cache(model: torch.nn.Module, cache_mb: int, deepspeed: bool) -> None:
+    """`--vision-cache-mb`: the frozen tower's outputs reused per slice (`mllm.model.vision_cache`), refused where
+    it cannot be exact or has no tower of ours to serve."""
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # under LoRA: the wrapped model
+    if not isinstance(base, MLLMModel):
+        raise ValueError(
+            f"--vision-cache-mb serves this framework's MiniCPM-V model, not {type(base).__name__}"
+        )
+    if deepspeed:
+        raise ValueError(
+            "--vision-cache-mb with --deepspeed: ZeRO gathers the tower's weights in module order"
+        )
+    try:
+        base.attach_vision_cache(cache_mb * 2**20)
+    except ValueError as err:
+        raise ValueError(f"--vision-cache-mb: {err} (drop --tune-vision, or the cache)") from err
+
+
 class SFTTrainer(Trainer):
     """Trainer whose loss is next-token cross-entropy on answer tokens: by default normalised over the target tokens
     of the accumulated batch; with `--loss-reduction sample` each conversation's mean token loss counts once."""
@@ -176,6 +196,9 @@ class SFTTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFinite())
+        cache_mb = getattr(self.args, "vision_cache_mb", 0)
+        if cache_mb:
+            attach_vision_cache(self.model, cache_mb, self.is_deepspeed_enabled)
         self.per_sample_loss = getattr(self.args, "loss_reduction", "token") == "sample"
         if self.per_sample_loss:
             # a mean over one micro-batch's samples: Trainer must divide it by the accumulation steps
