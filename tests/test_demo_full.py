@@ -342,13 +342,20 @@ def grounded_line(run: dict, without_replay: dict) -> str:
     boxes after preference training without the replay (the candidate's committed run of the same seed)."""
     sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
     before = without_replay["metrics"]["after_preference"]
-    sampled = (sft["chair"]["sampled"], after["chair"]["sampled"])
     return (
         f"seed {run['seed']}: Acc@0.5 {percent(sft['grounding']['acc'], 2)} -> "
         f"{percent(after['grounding']['acc'], 2)}% (without the replay {percent(before['grounding']['acc'], 2)}%), "
-        f"sampled CHAIRi {percent(sampled[0]['CHAIRi'], 1)} -> {percent(sampled[1]['CHAIRi'], 1)}% at recall "
-        f"{percent(sampled[0]['Recall'], 1)} -> {percent(sampled[1]['Recall'], 1)}, yes/no "
+        f"{sampled_change(sft, after)}, yes/no "
         f"{percent(sft['yes_no']['accuracy'], 1)} -> {percent(after['yes_no']['accuracy'], 1)}%"
+    )
+
+
+def sampled_change(sft: dict, after: dict) -> str:
+    """The sampled CHAIRi and recall after SFT -> after preference training, as the README quotes them."""
+    before, now = sft["chair"]["sampled"], after["chair"]["sampled"]
+    return (
+        f"sampled CHAIRi {percent(before['CHAIRi'], 1)} -> {percent(now['CHAIRi'], 1)}% at recall "
+        f"{percent(before['Recall'], 1)} -> {percent(now['Recall'], 1)}"
     )
 
 
@@ -445,13 +452,11 @@ def no_mix_line(run: dict) -> str:
     """One seed of `--profile grounded --set sft_steps=0` as the README quotes it."""
     sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
     p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
-    sampled = (sft["chair"]["sampled"], after["chair"]["sampled"])
     return (
         f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (pairs "
         f"{percent(sft['yes_no']['pair_accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (one-sided "
         f"p against the best image-blind box rule {p:.2g}), greedy CHAIRi {percent(sft['chair']['greedy']['CHAIRi'], 1)}"
-        f"%, sampled CHAIRi {percent(sampled[0]['CHAIRi'], 1)} -> {percent(sampled[1]['CHAIRi'], 1)}% at recall "
-        f"{percent(sampled[0]['Recall'], 1)} -> {percent(sampled[1]['Recall'], 1)}, after preference yes/no "
+        f"%, {sampled_change(sft, after)}, after preference yes/no "
         f"{percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}%"
     )
 
