@@ -37,7 +37,7 @@ class DemoConfig:
     vision_cache_mb: int = 0
     """`--vision-cache-mb` of the SFT stages (`align`, `questions`, `sft`) where they keep the tower frozen: its output
     per image computed once per process and reused (6,000 images take ~200 MB per process); 0: off. A training step
-    whose images are all cached is ~1.16x faster (README, "Supervised fine-tuning"), but a step that runs the tower
+    whose images are all cached is ~1.17x faster (README, "Supervised fine-tuning"), but a step that runs the tower
     on some images alone rounds them differently (mllm.model.vision_cache), so a run with it is another draw of the
     demo, not the committed runs again: off by default. Like `processes`, not part of the run's fingerprint."""
     # --- toy world ---
