@@ -95,6 +95,16 @@ def test_the_cache_is_refused_where_the_tower_trains(tmp_path: Path, small_model
         )
     with pytest.raises(ValueError, match="--vision-cache-mb must be >= 0"):
         cpu_training_args(tmp_path / "b", vision_cache_mb=-1)
+    from mllm.train.sft import attach_vision_cache
+
+    frozen = MLLMModel.from_pretrained(small_model_dir)
+    frozen.vpm.requires_grad_(False)
+    with pytest.raises(ValueError, match="not supported with --deepspeed"):
+        attach_vision_cache(frozen, 64, deepspeed=True)
+    with pytest.raises(ValueError, match="serves this framework's MiniCPM-V model, not Linear"):
+        attach_vision_cache(torch.nn.Linear(2, 2), 64, deepspeed=False)
+    attach_vision_cache(frozen, 64, deepspeed=False)
+    assert frozen.vision_cache is not None and frozen.vision_cache.max_bytes == 64 * 2**20
     model = MLLMModel.from_pretrained(small_model_dir)
     with pytest.raises(ValueError, match="needs a frozen vision tower; trainable: "):
         model.attach_vision_cache(1)

@@ -60,7 +60,7 @@ class MLLMTrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "Keep the frozen vision tower's outputs of up to this many MiB of image slices per process and "
-            "reuse them when a slice comes again (the same numbers as running the tower: mllm.model.vision_cache); "
+            "reuse them when a slice comes again (the tower's rows up to rounding: mllm.model.vision_cache); "
             "0: off. Needs a frozen tower (no --tune-vision), this framework's model and no --deepspeed."
         },
     )

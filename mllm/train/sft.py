@@ -171,7 +171,7 @@ def sft_forward(model, batch: dict[str, Any]):
 
 def attach_vision_cache(model: torch.nn.Module, cache_mb: int, deepspeed: bool) -> None:
     """`--vision-cache-mb`: the frozen tower's outputs reused per slice (`mllm.model.vision_cache`), refused where
-    it cannot be exact or has no tower of ours to serve."""
+    the rows could go stale (a trainable tower, dropout), under DeepSpeed, and for the other families."""
     base = (
         model.get_base_model() if hasattr(model, "get_base_model") else model
     )  # under LoRA: the wrapped model
@@ -181,12 +181,13 @@ def attach_vision_cache(model: torch.nn.Module, cache_mb: int, deepspeed: bool) 
         )
     if deepspeed:
         raise ValueError(
-            "--vision-cache-mb with --deepspeed: ZeRO gathers the tower's weights in module order"
+            "--vision-cache-mb is not supported with --deepspeed: ZeRO gathers the tower's weights as its modules "
+            "run, and the cache skips them"
         )
     try:
         base.attach_vision_cache(cache_mb * 2**20)
     except ValueError as err:
-        raise ValueError(f"--vision-cache-mb: {err} (drop --tune-vision, or the cache)") from err
+        raise ValueError(f"--vision-cache-mb: {err}") from err
 
 
 class SFTTrainer(Trainer):
