@@ -486,6 +486,10 @@ def test_the_readme_quotes_the_grounded_profile_without_the_mixed_sft() -> None:
     )
     assert run["demo_config"] == expected.fingerprint()
     assert no_mix_line(run) in readme, no_mix_line(run)
+    # the LOG's probe with more `questions` steps (not quoted in the README): made as its name says
+    run = json.loads((PROBES_1206 / "grounded_no_mix_q1300_seed1.json").read_text())
+    expected = demo_config(seed=1, profile="grounded", sft_steps=0, questions_steps=1300, bf16=True)
+    assert run["demo_config"] == expected.fingerprint()
 
 
 def test_the_readme_quotes_the_vision_cache_measurements() -> None:
