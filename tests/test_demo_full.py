@@ -362,11 +362,11 @@ def sampled_change(sft: dict, after: dict) -> str:
 def questions_first_line(run: dict, without: dict) -> str:
     """One seed of the `questions_first_steps` probe as the README quotes it, against the same seed without."""
     sft, other = run["metrics"]["after_sft"], without["metrics"]["after_sft"]
-    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
     return (
         f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (without "
         f"{percent(other['yes_no']['accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (without "
-        f"{percent(other['grounding']['acc'], 2)}%; one-sided p against the best image-blind box rule {p:.2g})"
+        f"{percent(other['grounding']['acc'], 2)}%; one-sided p against the best image-blind box rule "
+        f"{best_blind_box_p(sft):.2g})"
     )
 
 
@@ -410,16 +410,35 @@ def test_the_readme_quotes_the_grounded_profile_seed_by_seed() -> None:
 def short_prompts_line(run: dict) -> str:
     """One seed of `--profile grounded` without the system prompt and the image id, as the README quotes it."""
     sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
-    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
     minutes, rest = divmod(round(run["command_seconds"]), 60)
+    return (
+        f"{after_sft_line(run)}, sampled CHAIRi {percent(sft['chair']['sampled']['CHAIRi'], 1)} -> "
+        f"{percent(after['chair']['sampled']['CHAIRi'], 1)}%, {after_preference_line(after)}, "
+        f"{sum(run['stage_seconds'].values()):,.0f} s of stages ({minutes}:{rest:02d} for the command)"
+    )
+
+
+def best_blind_box_p(sft: dict) -> float:
+    """The largest one-sided McNemar p of the boxes against the image-blind box rules: against the best of them."""
+    return max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
+
+
+def after_sft_line(run: dict) -> str:
+    """One seed's answers, boxes and greedy CHAIRi after SFT, as the README's seed-by-seed paragraphs begin."""
+    sft = run["metrics"]["after_sft"]
     return (
         f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (pairs "
         f"{percent(sft['yes_no']['pair_accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (one-sided "
-        f"p against the best image-blind box rule {p:.2g}), greedy CHAIRi {percent(sft['chair']['greedy']['CHAIRi'], 1)}"
-        f"%, sampled CHAIRi {percent(sft['chair']['sampled']['CHAIRi'], 1)} -> "
-        f"{percent(after['chair']['sampled']['CHAIRi'], 1)}%, after preference yes/no "
-        f"{percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}%, "
-        f"{sum(run['stage_seconds'].values()):,.0f} s of stages ({minutes}:{rest:02d} for the command)"
+        f"p against the best image-blind box rule {best_blind_box_p(sft):.2g}), greedy CHAIRi "
+        f"{percent(sft['chair']['greedy']['CHAIRi'], 1)}%"
+    )
+
+
+def after_preference_line(after: dict) -> str:
+    """Yes/no and boxes after preference training, as the README quotes them."""
+    return (
+        f"after preference yes/no {percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 "
+        f"{percent(after['grounding']['acc'], 2)}%"
     )
 
 
@@ -451,14 +470,7 @@ def test_the_readme_quotes_the_step_times_of_shorter_prompts() -> None:
 def no_mix_line(run: dict) -> str:
     """One seed of `--profile grounded --set sft_steps=0` as the README quotes it."""
     sft, after = run["metrics"]["after_sft"], run["metrics"]["after_preference"]
-    p = max(rule["p_model_better"] for rule in sft["grounding"]["blind"].values())
-    return (
-        f"seed {run['seed']}: yes/no {percent(sft['yes_no']['accuracy'], 1)}% (pairs "
-        f"{percent(sft['yes_no']['pair_accuracy'], 1)}%), Acc@0.5 {percent(sft['grounding']['acc'], 2)}% (one-sided "
-        f"p against the best image-blind box rule {p:.2g}), greedy CHAIRi {percent(sft['chair']['greedy']['CHAIRi'], 1)}"
-        f"%, {sampled_change(sft, after)}, after preference yes/no "
-        f"{percent(after['yes_no']['accuracy'], 1)}% and Acc@0.5 {percent(after['grounding']['acc'], 2)}%"
-    )
+    return f"{after_sft_line(run)}, {sampled_change(sft, after)}, {after_preference_line(after)}"
 
 
 def test_the_readme_quotes_the_grounded_profile_without_the_mixed_sft() -> None:
