@@ -53,6 +53,8 @@ PROBES = ROOT / "docs" / "results" / "demo_probes" / "2026-12-05-amx"
 """Raw results of probes the README quotes (not the recipe)."""
 PROBES_1206 = ROOT / "docs" / "results" / "demo_probes" / "2026-12-06-amx"
 """The same machine's probes of 2026-12-06 (the recipe's seed 0 timed alone again)."""
+PROBES_EPYC = ROOT / "docs" / "results" / "demo_probes" / "2026-12-06-epyc"
+"""Probes of 2026-12-06 on a 2-core AMD EPYC with AVX2 only (float32 training), cited by docs/LOG.md."""
 SEEDS = range(5)
 
 P_VALUE = 0.01
@@ -534,3 +536,28 @@ def test_the_readme_quotes_the_vision_cache_measurements() -> None:
     )
     quoted = f"seed 0 with it: yes/no {percent(yes_no[0], 1)}% against {percent(yes_no[1], 1)}% without"
     assert quoted in readme, quoted
+
+
+EPYC_PROBES = {
+    "grounded_no_mix_big_objects_seed0": {"min_object_size": 30, "max_object_size": 46},
+    "grounded_no_mix_mlp64_seed0": {"projector": "mlp", "query_num": 64},
+    "grounded_no_mix_big_objects_max3_seed0": {
+        "min_object_size": 30,
+        "max_object_size": 46,
+        "max_objects": 3,
+    },
+}
+"""The AMD probes' files -> the settings beyond `--profile grounded --set sft_steps=0` they were made with."""
+
+
+@pytest.mark.parametrize("name", sorted(EPYC_PROBES))
+def test_the_amd_probes_were_made_as_their_names_say(name: str) -> None:
+    """Each file of the twelfth session's probes: the profile without the mixed SFT plus the named change, seed 0,
+    float32 (no bfloat16 path on that CPU), every stage from scratch (no `linked`), evaluated after SFT."""
+    run = json.loads((PROBES_EPYC / f"{name}.json").read_text())
+    settings = EPYC_PROBES[name]
+    expected = demo_config(seed=0, profile="grounded", sft_steps=0, bf16=False, **settings)
+    assert run["demo_config"] == json.loads(json.dumps(expected.fingerprint()))
+    assert "linked" not in run and "AVX2" in run["machine"]
+    assert "sft" not in run["stage_seconds"] and "questions" in run["stage_seconds"]
+    assert all(0.0 <= metric(run["metrics"]["after_sft"], key) <= 1.0 for key in METRICS_KEYS)
