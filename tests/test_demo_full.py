@@ -538,26 +538,26 @@ def test_the_readme_quotes_the_vision_cache_measurements() -> None:
     assert quoted in readme, quoted
 
 
+BIG_OBJECTS = {"min_object_size": 30, "max_object_size": 46}
 EPYC_PROBES = {
-    "grounded_no_mix_big_objects_seed0": {"min_object_size": 30, "max_object_size": 46},
-    "grounded_no_mix_mlp64_seed0": {"projector": "mlp", "query_num": 64},
-    "grounded_no_mix_big_objects_max3_seed0": {
-        "min_object_size": 30,
-        "max_object_size": 46,
-        "max_objects": 3,
-    },
+    "grounded_no_mix_big_objects_seed0": {"sft_steps": 0, **BIG_OBJECTS},
+    "grounded_no_mix_mlp64_seed0": {"sft_steps": 0, "projector": "mlp", "query_num": 64},
+    "grounded_no_mix_big_objects_max3_seed0": {"sft_steps": 0, **BIG_OBJECTS, "max_objects": 3},
+    "grounded_big_objects_max3_seed0": {**BIG_OBJECTS, "max_objects": 3},
 }
-"""The AMD probes' files -> the settings beyond `--profile grounded --set sft_steps=0` they were made with."""
+"""The AMD probes' files -> the settings beyond `--profile grounded` they were made with."""
 
 
 @pytest.mark.parametrize("name", sorted(EPYC_PROBES))
 def test_the_amd_probes_were_made_as_their_names_say(name: str) -> None:
-    """Each file of the twelfth session's probes: the profile without the mixed SFT plus the named change, seed 0,
-    float32 (no bfloat16 path on that CPU), every stage from scratch (no `linked`), evaluated after SFT."""
+    """Each file of the twelfth session's probes: the grounded profile plus the named changes, seed 0, float32 (no
+    bfloat16 path on that CPU), evaluated after SFT; stages taken from another probe (`linked`) have its seconds."""
     run = json.loads((PROBES_EPYC / f"{name}.json").read_text())
-    settings = EPYC_PROBES[name]
-    expected = demo_config(seed=0, profile="grounded", sft_steps=0, bf16=False, **settings)
+    expected = demo_config(seed=0, profile="grounded", bf16=False, **EPYC_PROBES[name])
     assert run["demo_config"] == json.loads(json.dumps(expected.fingerprint()))
-    assert "linked" not in run and "AVX2" in run["machine"]
-    assert "sft" not in run["stage_seconds"] and "questions" in run["stage_seconds"]
+    assert "AVX2" in run["machine"]
+    assert ("sft" in run["stage_seconds"]) == (expected.sft_steps > 0)
+    for stage, source in run.get("linked", {}).items():
+        linked = json.loads((ROOT / source).read_text())
+        assert run["stage_seconds"][stage] == linked["stage_seconds"][stage], stage
     assert all(0.0 <= metric(run["metrics"]["after_sft"], key) <= 1.0 for key in METRICS_KEYS)
