@@ -338,6 +338,8 @@ def test_profiles_are_named_settings_that_set_can_change(tmp_path: Path, capsys)
         and {k: getattr(grounded, k) for k in PROFILES["grounded"]} == PROFILES["grounded"]
     )
     assert demo_config(tmp_path, profile="grounded", questions_steps=800).questions_steps == 800
+    large = demo_config(tmp_path, profile="grounded_large")
+    assert replace(large, min_object_size=22, max_object_size=34, max_objects=4) == grounded
     assert demo_config(tmp_path) == demo_config(tmp_path, profile="recipe") != grounded
     with pytest.raises(ValueError, match="--profile 'best': expected one of"):
         demo_config(tmp_path, profile="best")
