@@ -470,7 +470,7 @@ than image-blind rules. "grounded" (`GROUNDED`) trains the boxes too; its boxes 
 0-4, in about 25 minutes on 2 cores (README, "The toy-world demo";
 docs/results/demo_probes/2026-12-06-amx/candidate_replay_seed<N>.json), but at Acc@0.5 15% on average.
 "grounded_large" is that profile in a world of fewer, larger objects (30-46 px instead of 22-34, at most 3 per
-image instead of 4), a change of the world's difficulty: every goal of issue 26 but the time on seeds 0-3 (Acc@0.5
+image instead of 4), a change of the world's difficulty: every goal of issue 26 but the time on seeds 0-4 (Acc@0.5
 31.0-36.0% after SFT, 16-20 points above the best image-blind box rule), in 42-44 minutes of stages on a 2-core AVX2
 EPYC (README; docs/results/demo_probes/2026-12-06-epyc/grounded_big_objects_max3_seed<N>.json)."""
 
