@@ -24,6 +24,32 @@ from pathlib import Path
 import torch
 
 
+def demo_batches(
+    model_dir: Path, data: Path, items: int, steps: int, batch_size: int, spread: bool = False
+) -> list[dict]:
+    """`steps` random batches of `batch_size` from the first `items` items of an SFT file (`spread`: from `items`
+    drawn at random from the whole file, whose kinds of item come in blocks), as `data_collator` makes them for
+    training (seeded: the same batches on every run)."""
+    from mllm.data.sft import SupervisedDataset, data_collator
+    from mllm.processing.processor import MLLMProcessor
+
+    processor = MLLMProcessor.from_pretrained(model_dir)
+    every = json.loads(data.read_text(encoding="utf-8"))
+    chosen = random.Random(0).sample(every, min(items, len(every))) if spread else every[:items]
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = Path(tmp) / "items.json"
+        subset.write_text(json.dumps(chosen), encoding="utf-8")
+        dataset = SupervisedDataset(str(subset), processor, max_length=512)
+        rng = random.Random(0)
+        return [
+            data_collator(
+                [dataset[i] for i in rng.sample(range(len(dataset)), batch_size)],
+                pad_token_id=processor.pad_token_id,
+            )
+            for _ in range(steps)
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -33,26 +59,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000)
     args = parser.parse_args()
 
-    from mllm.data.sft import SupervisedDataset, data_collator
     from mllm.demo.config import native_bf16
     from mllm.model.modeling import MLLMModel
-    from mllm.processing.processor import MLLMProcessor
     from mllm.train.losses import sft_loss_per_sample
 
     torch.set_num_threads(1)
-    processor = MLLMProcessor.from_pretrained(args.model_dir)
-    items = json.loads(args.data.read_text(encoding="utf-8"))[: args.items]
-    with tempfile.TemporaryDirectory() as tmp:
-        subset = Path(tmp) / "items.json"
-        subset.write_text(json.dumps(items), encoding="utf-8")
-        dataset = SupervisedDataset(str(subset), processor, max_length=512)
-        rng = random.Random(0)
-        batches = [
-            data_collator(
-                [dataset[i] for i in rng.sample(range(len(dataset)), 32)], pad_token_id=processor.pad_token_id
-            )
-            for _ in range(args.steps)
-        ]
+    batches = demo_batches(args.model_dir, args.data, args.items, args.steps, 32)
     model = MLLMModel.from_pretrained(args.model_dir, attn_implementation="eager").train()
     model.vpm.requires_grad_(False)
     cache = model.attach_vision_cache(2**30)

@@ -569,11 +569,15 @@ def test_the_readme_quotes_the_vision_cache_measurements() -> None:
 
 
 BIG_OBJECTS = {"min_object_size": 30, "max_object_size": 46}
+LEVERS = {**BIG_OBJECTS, "max_objects": 3, "default_system_prompt": False, "use_image_id": False}
+"""`--profile grounded_large` with the shorter prompts; the probes named "levers" also ran with `length_pieces` 2 and
+the vision cache, which are not in the fingerprint and are recorded beside it."""
 EPYC_PROBES = {
     "grounded_no_mix_big_objects_seed0": {"sft_steps": 0, **BIG_OBJECTS},
     "grounded_no_mix_mlp64_seed0": {"sft_steps": 0, "projector": "mlp", "query_num": 64},
     "grounded_no_mix_big_objects_max3_seed0": {"sft_steps": 0, **BIG_OBJECTS, "max_objects": 3},
     **{f"grounded_big_objects_max3_seed{seed}": {**BIG_OBJECTS, "max_objects": 3} for seed in range(5)},
+    "grounded_large_levers_q600_sft600_seed0": {**LEVERS, "questions_steps": 600, "sft_steps": 600},
 }
 """The AMD probes' files -> the settings beyond `--profile grounded` they were made with (the seed is the name's)."""
 
@@ -590,6 +594,8 @@ def test_the_amd_probes_were_made_as_their_names_say(name: str) -> None:
     assert run["demo_config"] == expected.fingerprint()
     assert "AVX2" in run["machine"]
     assert ("sft" in run["stage_seconds"]) == (expected.sft_steps > 0)
+    if "_levers_" in name:
+        assert run["length_pieces"] == 2 and run["vision_cache_mb"] > 0
     for stage, source in run.get("linked", {}).items():
         linked = json.loads((ROOT / source).read_text())
         assert run["stage_seconds"][stage] == linked["stage_seconds"][stage], stage

@@ -348,6 +348,43 @@ def data_collator(
     }
 
 
+PER_SAMPLE_LISTS = ("image_bound", "pixel_values", "tgt_sizes")
+"""The fields of a `data_collator` batch that hold one entry per sample instead of a [B, T] tensor."""
+
+
+def split_by_length(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """A `data_collator` batch cut into up to `pieces` batches of samples of similar length, each trimmed to its own
+    longest sample.
+
+    The samples are sorted by length and split into groups of (nearly) equal size. With right padding and causal
+    attention a sample's logits do not depend on the padding after it, so the pieces give the batch's logits at
+    every real position; the padded positions that the whole batch would compute are skipped. For the SFT losses
+    add the pieces' sums (`mllm.model.losses.token_loss_sum`, `sample_loss_sum`) before dividing."""
+    if pieces < 1:
+        raise ValueError(f"pieces must be at least 1, got {pieces}")
+    unknown = set(batch) - {"input_ids", "labels", "position_ids", "attention_mask", *PER_SAMPLE_LISTS}
+    if unknown:
+        raise ValueError(f"split_by_length takes data_collator batches; unknown fields {sorted(unknown)}")
+    mask = batch["attention_mask"]  # [B, T]
+    if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        raise ValueError("split_by_length needs right-padded samples (attention_mask 1...1 0...0)")
+    lengths = mask.sum(-1)  # [B]
+    order = torch.argsort(lengths, stable=True)
+    out = []
+    for rows in torch.tensor_split(order, min(pieces, len(order))):
+        longest = int(lengths[rows].max())
+        piece = {
+            name: batch[name][rows, :longest]  # [b, longest]
+            for name in ("input_ids", "labels", "position_ids", "attention_mask")
+            if name in batch
+        }
+        for name in PER_SAMPLE_LISTS:
+            if name in batch:
+                piece[name] = [batch[name][i] for i in rows.tolist()]
+        out.append(piece)
+    return out
+
+
 def _truncate_sample(example: dict[str, Any], max_length: int) -> dict[str, Any]:
     item = EncodedItem(
         example["input_ids"], example["labels"], example["image_bound"], [], len(example["image_bound"])

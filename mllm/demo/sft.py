@@ -275,6 +275,7 @@ def sft_training_arguments(
         bf16=config.uses_bf16(),
         vision_learning_rate=config.sft_vision_lr,
         vision_cache_mb=0 if config.tunes_vision_in_sft() else config.vision_cache_mb,
+        length_pieces=config.length_pieces,
     )
 
 

@@ -46,10 +46,9 @@ def sft_loss(
     tokens of the whole accumulated batch, so the loss of a batch does not depend on how it is split into
     gradient-accumulation micro-batches. Without it the sum is divided by this batch's own target-token count.
     """
-    losses, mask = token_losses(logits, labels)
-    total = losses.sum()
+    total, targets = token_loss_sum(logits, labels)
     if num_items_in_batch is None:
-        denominator = mask.sum().clamp(min=1)
+        denominator = targets.clamp(min=1)
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=total.device)
         if denominator.item() <= 0:
@@ -63,10 +62,24 @@ def sft_loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     With the token mean of `sft_loss`, a 50-token description outweighs a one-word answer fifty times; here every
     conversation weighs the same, so short answers (yes/no, a count, a colour) are not drowned by long ones.
     """
+    total, samples = sample_loss_sum(logits, labels)
+    return total / samples.clamp(min=1)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the target tokens' cross-entropy, number of target tokens): the parts of `sft_loss`, which add up
+    over the pieces of a batch split by length (`mllm.data.sft.split_by_length`)."""
+    losses, mask = token_losses(logits, labels)
+    return losses.sum(), mask.sum()
+
+
+def sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over samples of each sample's mean target-token loss, number of samples with a target): the parts of
+    `sft_loss_per_sample`, which add up over the pieces of a split batch."""
     losses, mask = token_losses(logits, labels)
     counts = mask.sum(-1)  # [B]
     per_sample = losses.sum(-1) / counts.clamp(min=1)  # [B]
-    return per_sample.sum() / (counts > 0).sum().clamp(min=1)
+    return per_sample.sum(), (counts > 0).sum()
 
 
 def get_batch_logps(

@@ -55,7 +55,15 @@ class MLLMTrainingArguments(TrainingArguments):
             "'sample' (mean of each conversation's mean token loss: short answers weigh as much as long ones)."
         },
     )
-
+    length_pieces: int = field(
+        default=1,
+        metadata={
+            "help": "Run each batch of this framework's model as up to this many forwards, on groups of samples of "
+            "similar length, each padded only to its own longest: the same loss and gradients up to rounding, fewer "
+            "padded positions computed (a mixed batch of short answers and long descriptions is a third padding). "
+            "1: one forward per batch."
+        },
+    )
     vision_cache_mb: int = field(
         default=0,
         metadata={
@@ -81,6 +89,8 @@ class MLLMTrainingArguments(TrainingArguments):
             logger.info("no GPU or other accelerator: training on the CPU (--use-cpu true)")
             self.use_cpu = True
         super().__post_init__()
+        if self.length_pieces < 1:
+            raise ValueError(f"--length-pieces must be at least 1, got {self.length_pieces}")
         if self.vision_cache_mb < 0:
             raise ValueError(f"--vision-cache-mb must be >= 0 (0: off), got {self.vision_cache_mb}")
         if self.vision_learning_rate is not None and self.vision_learning_rate < 0:

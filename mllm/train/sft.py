@@ -30,9 +30,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from mllm.api import load
 from mllm.data.conversations import ConversationDataset, VLMCollator
-from mllm.data.sft import SupervisedDataset, data_collator
+from mllm.data.sft import SupervisedDataset, data_collator, split_by_length
 from mllm.io import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
-from mllm.model.losses import sft_loss, sft_loss_per_sample
+from mllm.model.losses import sample_loss_sum, sft_loss, sft_loss_per_sample, token_loss_sum
 from mllm.model.modeling import MLLMModel
 from mllm.processing.processor import MLLMProcessor
 from mllm.train.guards import StopOnNonFinite
@@ -206,16 +206,38 @@ class SFTTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = sft_forward(model, inputs)
-        if self.per_sample_loss:
-            loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
+        pieces = getattr(self.args, "length_pieces", 1)
+        if pieces > 1 and not return_outputs and "inputs" not in inputs:
+            outputs = None
+            loss = self.loss_by_length(model, inputs, pieces, num_items_in_batch)
         else:
-            loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # num_items_in_batch counts the targets of every process and DDP averages the processes' gradients:
-                # scale back up so that the step is the one of the whole global batch (as Trainer's own loss path)
-                loss = loss * self.accelerator.num_processes
+            outputs = sft_forward(model, inputs)
+            if self.per_sample_loss:
+                loss = sft_loss_per_sample(outputs.logits, inputs["labels"])
+            else:
+                loss = sft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        if (
+            not self.per_sample_loss
+            and self.args.average_tokens_across_devices
+            and num_items_in_batch is not None
+        ):
+            # num_items_in_batch counts the targets of every process and DDP averages the processes' gradients:
+            # scale back up so that the step is the one of the whole global batch (as Trainer's own loss path)
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def loss_by_length(self, model, inputs, pieces: int, num_items_in_batch=None) -> torch.Tensor:
+        """`--length-pieces`: the batch's loss from forwards on `pieces` groups of samples of similar length
+        (`split_by_length`), each padded only to its own longest; the same loss and gradients as one forward on
+        the whole batch, up to rounding."""
+        loss_sum = sample_loss_sum if self.per_sample_loss else token_loss_sum
+        total, count = 0.0, 0
+        for piece in split_by_length(inputs, pieces):
+            piece_total, piece_count = loss_sum(sft_forward(model, piece).logits, piece["labels"])
+            total, count = total + piece_total, count + piece_count
+        if not self.per_sample_loss and num_items_in_batch is not None:
+            count = num_items_in_batch  # the targets of the whole accumulated batch, as `sft_loss` divides
+        return total / torch.as_tensor(count, device=total.device).clamp(min=1).to(total.dtype)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with the vision tower's parameters in groups of their own at
