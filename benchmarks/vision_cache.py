@@ -39,7 +39,7 @@ def demo_batches(
     with tempfile.TemporaryDirectory() as tmp:
         subset = Path(tmp) / "items.json"
         subset.write_text(json.dumps(chosen), encoding="utf-8")
-        dataset = SupervisedDataset(str(subset), processor, max_length=512)
+        dataset = SupervisedDataset(str(subset), processor, image_folder=data.parent, max_length=512)
         rng = random.Random(0)
         return [
             data_collator(

@@ -173,3 +173,23 @@ def test_the_readme_quotes_the_side_by_side_benchmark() -> None:
         for pieces in quoted_pieces:
             quoted = f"in {pieces} pieces {step[pieces]:.3f} s ({step['1'] / step[pieces]:.2f}x)"
             assert quoted in readme, quoted
+
+
+def test_the_benchmark_runs_and_checks_the_losses(tmp_path: Path, small_model_dir: Path) -> None:
+    """`benchmarks/length_pieces.py` on the small model (a smoke test of the script, not a measurement): it writes
+    the step times of each piece count and the padded tokens, fewer in pieces than whole."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_sft_files(tmp_path / "d", 8, long_no=True)
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(root / "benchmarks" / "length_pieces.py"), str(small_model_dir), str(data)]
+    command += ["--out", str(out), "--batch", "8", "--pieces", "1", "3", "--steps", "2", "--items", "8"]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["losses_equal_to_1e-6"] and set(result["s_per_step"]) == {"1", "3"}
+    assert result["padded_tokens_per_step"]["3"] < result["padded_tokens_per_step"]["1"]
+    assert result["real_tokens_per_step"] <= result["padded_tokens_per_step"]["3"]
+    assert len(result["times"]["3"]) == 2
