@@ -668,7 +668,9 @@ def test_the_readme_quotes_the_grounded_large_profile_with_the_speed_levers() ->
         assert_hallucination_goals(run["metrics"])
         speedups.append(sum(plain["stage_seconds"].values()) / sum(run["stage_seconds"].values()))
         assert grounded_large_line(run) in readme, grounded_large_line(run)
-    quoted = f"time held, {min(speedups):.2f}-{max(speedups):.2f}x faster than the profile's own run of the seed"
+    quoted = (
+        f"time held, {min(speedups):.2f}-{max(speedups):.2f}x faster than the profile's own run of the seed"
+    )
     assert quoted in readme, quoted
     short = json.loads((PROBES_EPYC / "grounded_large_levers_q600_sft600_seed0.json").read_text())
     after = short["metrics"]["after_sft"]
