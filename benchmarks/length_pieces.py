@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from vision_cache import demo_batches
+from vision_cache import demo_batches, run_fields
 
 
 def main() -> None:
@@ -82,16 +80,7 @@ def main() -> None:
                 raise SystemExit(f"batch {i}: loss {loss!r} in {pieces} pieces, {losses[1]!r} whole")
     mean = {p: sum(v) / len(v) for p, v in times.items()}
     result = {
-        "benchmark": "length_pieces",
-        "date": date.today().isoformat(),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "model_dir": str(args.model_dir),
-        "data": str(args.data),
-        "batch": args.batch,
-        "threads": 1,
-        "bf16_autocast": bf16,
-        "steps": args.steps,
+        **run_fields("length_pieces", args, args.batch, bf16),
         "real_tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
         "padded_tokens_per_step": {p: sum(v) / len(v) for p, v in tokens.items()},
         "s_per_step": mean,

@@ -50,6 +50,22 @@ def demo_batches(
         ]
 
 
+def run_fields(name: str, args: argparse.Namespace, batch: int, bf16: bool) -> dict:
+    """What a result file records of the run: the benchmark, date, machine, torch, model, data and settings."""
+    return {
+        "benchmark": name,
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "model_dir": str(args.model_dir),
+        "data": str(args.data),
+        "batch": batch,
+        "threads": 1,
+        "bf16_autocast": bf16,
+        "steps": args.steps,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -103,16 +119,7 @@ def main() -> None:
             alone = model.vpm.encode_strips(strips[:k], sizes[:k], "eager", 16)
             differences[k] = (alone - together[:k]).abs().max().item()
     result = {
-        "benchmark": "vision_cache",
-        "date": date.today().isoformat(),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "model_dir": str(args.model_dir),
-        "data": str(args.data),
-        "batch": 32,
-        "threads": 1,
-        "bf16_autocast": bf16,
-        "steps": args.steps,
+        **run_fields("vision_cache", args, 32, bf16),
         "s_per_step": mean,
         "speedup": mean["tower"] / mean["cache"],
         "losses_equal": True,
