@@ -193,3 +193,30 @@ def test_the_benchmark_runs_and_checks_the_losses(tmp_path: Path, small_model_di
     assert result["padded_tokens_per_step"]["3"] < result["padded_tokens_per_step"]["1"]
     assert result["real_tokens_per_step"] <= result["padded_tokens_per_step"]["3"]
     assert len(result["times"]["3"]) == 2
+
+
+def test_length_pieces_is_refused_where_it_would_do_nothing(tmp_path: Path, small_model_dir: Path) -> None:
+    """Preference training and another family's batches run whole: asking for pieces there is an error, not a
+    silent no-op."""
+    from helpers.data_files import make_preference_file
+
+    from mllm.train.preference import PreferenceArguments, build_preference_trainer
+    from mllm.train.sft import ModelArguments
+
+    data = make_preference_file(tmp_path / "p", 4)
+    with pytest.raises(ValueError, match="--length-pieces serves `mllm train sft`"):
+        build_preference_trainer(
+            ModelArguments(model=str(small_model_dir)),
+            PreferenceArguments(data=str(data)),
+            cpu_training_args(tmp_path / "out", length_pieces=2),
+        )
+    from mllm.train.sft import DataArguments, build_sft_trainer
+
+    trainer = build_sft_trainer(
+        ModelArguments(model=str(small_model_dir), tune_vision=False),
+        DataArguments(data=str(make_sft_files(tmp_path / "d", 2))),
+        cpu_training_args(tmp_path / "sft", length_pieces=2),
+    )
+    another_family = {"inputs": {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "labels": torch.zeros(1, 3)}
+    with pytest.raises(ValueError, match="another family's batch runs whole"):
+        trainer.compute_loss(trainer.model, another_family)

@@ -44,8 +44,8 @@ class DemoConfig:
     """`--length-pieces` of the SFT stages: each batch run as up to this many forwards on samples of similar length,
     each padded to its own longest (`mllm.data.sft.split_by_length`). The same loss and gradients up to rounding,
     so, like the vision cache, another draw of a committed run rather than the run again: 1 (off) by default, and
-    not part of the fingerprint. 2 pieces made a step of 32 items of the `questions` stage's file 1.25-1.29x faster
-    and one of 16 mixed items 1.17x (one process, one thread, docs/LOG.md, 2026-12-06 (fourteenth session))."""
+    not part of the fingerprint. 2 pieces made a step of 32 items of the `questions` stage's file 1.21x faster and
+    one of 16 mixed items 1.18x (side by side, one thread, float32; README, "Supervised fine-tuning")."""
     # --- toy world ---
     n_train: int = 6000
     """Training images (each gives 4 yes/no questions, 2-3 short-answer questions, 1 description and 1-4 REC

@@ -190,6 +190,12 @@ def replay_indices(
     return indices
 
 
+def refuse_length_pieces(args: TrainingArguments) -> None:
+    """`--length-pieces` (an SFT flag of the shared arguments) would do nothing here: refuse it."""
+    if getattr(args, "length_pieces", 1) > 1:
+        raise ValueError("--length-pieces serves `mllm train sft`; preference training runs each batch whole")
+
+
 class PreferenceTrainer(Trainer):
     """Trainer whose loss is a preference loss over (chosen, rejected) pairs against precomputed reference
     log-probs, plus an optional SFT term on the chosen response and an optional replay of SFT conversations.
@@ -208,6 +214,7 @@ class PreferenceTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        refuse_length_pieces(self.args)
         self.add_callback(StopOnNonFinite())
         if getattr(self.args, "vision_cache_mb", 0):
             attach_vision_cache(self.model, self.args.vision_cache_mb, self.is_deepspeed_enabled)
@@ -349,6 +356,7 @@ def attach_reference(
 def build_preference_trainer(
     model_args: ModelArguments, pref_args: PreferenceArguments, training_args: TrainingArguments
 ) -> PreferenceTrainer:
+    refuse_length_pieces(training_args)  # before the reference log-probs are computed
     model, processor = load_for_training(model_args, training_args, pref_args.max_slice_nums)
 
     def pairs(data: str, logps: str | None, default_file: str) -> PreferenceDataset:

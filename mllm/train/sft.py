@@ -207,7 +207,11 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pieces = getattr(self.args, "length_pieces", 1)
-        if pieces > 1 and not return_outputs and "inputs" not in inputs:
+        if pieces > 1 and "inputs" in inputs:
+            raise ValueError(
+                "--length-pieces splits this framework's MiniCPM-V batches; another family's batch runs whole (use 1)"
+            )
+        if pieces > 1 and not return_outputs:  # evaluation (return_outputs) runs the whole batch
             outputs = None
             loss = self.loss_by_length(model, inputs, pieces, num_items_in_batch)
         else:
