@@ -217,6 +217,9 @@ def test_length_pieces_is_refused_where_it_would_do_nothing(tmp_path: Path, smal
         DataArguments(data=str(make_sft_files(tmp_path / "d", 2))),
         cpu_training_args(tmp_path / "sft", length_pieces=2),
     )
-    another_family = {"inputs": {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "labels": torch.zeros(1, 3)}
+    another_family = {
+        "inputs": {"input_ids": torch.zeros(1, 3, dtype=torch.long)},
+        "labels": torch.zeros(1, 3),
+    }
     with pytest.raises(ValueError, match="another family's batch runs whole"):
         trainer.compute_loss(trainer.model, another_family)
