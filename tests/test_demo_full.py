@@ -578,7 +578,7 @@ EPYC_PROBES = {
     "grounded_no_mix_big_objects_max3_seed0": {"sft_steps": 0, **BIG_OBJECTS, "max_objects": 3},
     **{f"grounded_big_objects_max3_seed{seed}": {**BIG_OBJECTS, "max_objects": 3} for seed in range(5)},
     "grounded_large_levers_q600_sft600_seed0": {**LEVERS, "questions_steps": 600, "sft_steps": 600},
-    **{f"grounded_large_levers_seed{seed}": LEVERS for seed in range(2)},
+    **{f"grounded_large_levers_seed{seed}": LEVERS for seed in range(3)},
 }
 """The AMD probes' files -> the settings beyond `--profile grounded` they were made with (the seed is the name's)."""
 
