@@ -42,7 +42,7 @@ def test_the_loss_sums_add_up_over_pieces() -> None:
 
 @pytest.fixture
 def batch_and_model(tmp_path: Path, small_model_dir: Path):
-    """A collated batch of 8 items of three lengths (the No answers name the colour) and the small model."""
+    """A collated batch of 8 items of several lengths (the No answers name the colour) and the small model."""
     from mllm.data.sft import SupervisedDataset
     from mllm.model.modeling import MLLMModel
     from mllm.processing.processor import MLLMProcessor
