@@ -16,32 +16,25 @@ measurement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-from vision_cache import demo_batches, run_fields
+from vision_cache import benchmark_parser, demo_batches, run_fields
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("data", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--items", type=int, default=3000)
     args = parser.parse_args()
     if 1 not in args.pieces:
         parser.error("--pieces must include 1 (the whole batch, the baseline)")
 
     from mllm.data.sft import split_by_length
     from mllm.demo.config import native_bf16
-    from mllm.model.losses import sample_loss_sum
     from mllm.model.modeling import MLLMModel
+    from mllm.train.sft import loss_sums_by_length
 
     torch.set_num_threads(1)
     batches = demo_batches(args.model_dir, args.data, args.items, args.steps, args.batch, spread=True)
@@ -50,15 +43,12 @@ def main() -> None:
     bf16 = native_bf16("cpu")
 
     def step(batch, pieces: int) -> tuple[float, float, int]:
-        """(seconds, loss, padded tokens computed) of one forward and backward, as SFTTrainer.loss_by_length."""
+        """(seconds, loss, padded tokens computed) of one forward and backward by SFTTrainer's own
+        `loss_sums_by_length` (the per-sample loss)."""
+        padded = sum(piece["input_ids"].numel() for piece in split_by_length(batch, pieces))  # not timed
         start = time.perf_counter()
-        total, count, padded = 0.0, 0, 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for piece in split_by_length(batch, pieces):
-                logits = model({k: v for k, v in piece.items() if k != "labels"}).logits
-                piece_total, piece_count = sample_loss_sum(logits, piece["labels"])
-                total, count = total + piece_total, count + piece_count
-                padded += piece["input_ids"].numel()
+            total, count = loss_sums_by_length(model, batch, pieces, per_sample=True)
         loss = total / count
         loss.backward()
         model.zero_grad(set_to_none=True)

@@ -66,14 +66,19 @@ def run_fields(name: str, args: argparse.Namespace, batch: int, bf16: bool) -> d
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the demo-batch benchmarks: MODEL_DIR, DATA_JSON, --out, --steps, --items."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--items", type=int, default=3000)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = benchmark_parser(__doc__).parse_args()
 
     from mllm.demo.config import native_bf16
     from mllm.model.modeling import MLLMModel

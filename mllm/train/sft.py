@@ -169,6 +169,20 @@ def sft_forward(model, batch: dict[str, Any]):
     return model({k: v for k, v in batch.items() if k != "labels"})
 
 
+def loss_sums_by_length(
+    model, batch: dict[str, Any], pieces: int, per_sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, count) of a `data_collator` batch from one forward per `split_by_length` piece: the per-sample
+    parts (`sample_loss_sum`) or the token parts (`token_loss_sum`), added over the pieces for the caller to
+    divide."""
+    loss_sum = sample_loss_sum if per_sample else token_loss_sum
+    total, count = 0.0, 0
+    for piece in split_by_length(batch, pieces):
+        piece_total, piece_count = loss_sum(sft_forward(model, piece).logits, piece["labels"])
+        total, count = total + piece_total, count + piece_count
+    return total, count
+
+
 def attach_vision_cache(model: torch.nn.Module, cache_mb: int, deepspeed: bool) -> None:
     """`--vision-cache-mb`: the frozen tower's outputs reused per slice (`mllm.model.vision_cache`), refused where
     the rows could go stale (a trainable tower, dropout), under DeepSpeed, and for the other families."""
@@ -234,11 +248,7 @@ class SFTTrainer(Trainer):
         """`--length-pieces`: the batch's loss from forwards on `pieces` groups of samples of similar length
         (`split_by_length`), each padded only to its own longest; the same loss and gradients as one forward on
         the whole batch, up to rounding."""
-        loss_sum = sample_loss_sum if self.per_sample_loss else token_loss_sum
-        total, count = 0.0, 0
-        for piece in split_by_length(inputs, pieces):
-            piece_total, piece_count = loss_sum(sft_forward(model, piece).logits, piece["labels"])
-            total, count = total + piece_total, count + piece_count
+        total, count = loss_sums_by_length(model, inputs, pieces, self.per_sample_loss)
         if not self.per_sample_loss and num_items_in_batch is not None:
             count = num_items_in_batch  # the targets of the whole accumulated batch, as `sft_loss` divides
         return total / torch.as_tensor(count, device=total.device).clamp(min=1).to(total.dtype)
