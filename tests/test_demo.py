@@ -284,6 +284,26 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
         run_demo(tiny_config(out, n_train=41), until="world", echo=lambda line: None)
 
 
+def test_a_folder_made_before_a_field_existed_continues_at_its_default(tmp_path: Path) -> None:
+    """A stored demo_config.json without a field (written before the field was added) is continued where the run
+    keeps that field's default, and refused where it sets another value or the file has a field the code lacks."""
+    out = tmp_path / "demo"
+    run_demo(tiny_config(out), until="world", echo=lambda line: None)
+    path = out / "demo_config.json"
+    stored = json.loads(path.read_text())
+    assert stored["use_image_id"] is True and stored["lookup_questions"] is False  # the fields' defaults
+    path.write_text(
+        json.dumps({k: v for k, v in stored.items() if k not in ("use_image_id", "lookup_questions")})
+    )
+    records = run_demo(tiny_config(out), until="world", echo=lambda line: None)
+    assert records["world"].skipped
+    with pytest.raises(ValueError, match=r"other settings \(use_image_id differ\)"):
+        run_demo(tiny_config(out, use_image_id=False), until="world", echo=lambda line: None)
+    path.write_text(json.dumps({**stored, "retired_field": 1}))
+    with pytest.raises(ValueError, match=r"other settings \(retired_field differ\)"):
+        run_demo(tiny_config(out), until="world", echo=lambda line: None)
+
+
 def test_the_cli_sets_fields_and_stops_after_a_stage(tmp_path: Path, capsys) -> None:
     """`--set FIELD=VALUE` reads the value as the field's type and `--until` stops after that stage; a bad setting
     is refused naming the flag and the field."""

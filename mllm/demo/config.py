@@ -14,7 +14,8 @@ from typing import Any
 @dataclass
 class DemoConfig:
     """Everything that decides what the demo computes. Stored in `demo_config.json`: a re-run with other values
-    refuses to mix its results with the stored ones (pass another --out)."""
+    refuses to mix its results with the stored ones (pass another --out). A field added later defaults to what the
+    demo did before it existed, so a folder made before it continues at that default (`stages.check_config`)."""
 
     out: Path = Path("runs/demo")
     """Output folder: one subfolder per stage, REPORT.md at the top."""

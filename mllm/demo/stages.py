@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,19 +45,36 @@ class StageRecord:
 
 
 def check_config(config: DemoConfig) -> None:
-    """Record the settings in OUT/demo_config.json; refuse to continue a folder made with other settings."""
+    """Record the settings in OUT/demo_config.json; refuse to continue a folder made with other settings.
+
+    A folder made before a field existed lacks it; such a field counts as stored at its default, which by
+    convention keeps what the demo did before the field was added (`DemoConfig`). A missing field set to another
+    value, or a stored field the code no longer knows, is refused like any other difference."""
     path = config.out / CONFIG_FILE
     wanted = json.loads(json.dumps(config.fingerprint()))
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored != wanted:
-            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        added = {k: v for k, v in default_fingerprint().items() if k in wanted and k not in stored}
+        if {**added, **stored} != wanted:
+            changed = sorted(
+                k for k in set(stored) | set(wanted) if {**added, **stored}.get(k) != wanted.get(k)
+            )
             raise ValueError(
                 f"--out {config.out} holds a demo run with other settings ({', '.join(changed)} differ); "
                 "use another --out or delete that folder"
             )
+        if added:
+            logger.info(
+                "%s predates %s: taken at the default, as that run did", path, ", ".join(sorted(added))
+            )
         return
     write_json_atomic(path, wanted)
+
+
+def default_fingerprint() -> dict[str, Any]:
+    """Each fingerprinted field's default as demo_config.json stores it (`bf16` left out: resolved per machine)."""
+    defaults = {f.name: f.default for f in fields(DemoConfig) if f.default is not MISSING}
+    return {k: v for k, v in json.loads(json.dumps(defaults, default=str)).items() if k != "bf16"}
 
 
 def stage_dir(config: DemoConfig, name: str) -> Path:
