@@ -359,7 +359,8 @@ def test_profiles_are_named_settings_that_set_can_change(tmp_path: Path, capsys)
     )
     assert demo_config(tmp_path, profile="grounded", questions_steps=800).questions_steps == 800
     large = demo_config(tmp_path, profile="grounded_large")
-    assert replace(large, min_object_size=22, max_object_size=34, max_objects=4) == grounded
+    levers = {"default_system_prompt": True, "use_image_id": True, "length_pieces": 1, "vision_cache_mb": 0}
+    assert replace(large, min_object_size=22, max_object_size=34, max_objects=4, **levers) == grounded
     assert demo_config(tmp_path) == demo_config(tmp_path, profile="recipe") != grounded
     with pytest.raises(ValueError, match="--profile 'best': expected one of"):
         demo_config(tmp_path, profile="best")

@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(PROFILES),
         default="recipe",
         help="named settings (mllm.demo.config.PROFILES): recipe (default, ~15 minutes on 2 cores), grounded "
-        "(boxes above every image-blind rule; ~25 minutes), or grounded_large (the same on fewer, larger objects: "
-        "Acc@0.5 above 30%%; ~45 minutes); --set changes them further",
+        "(boxes above every image-blind rule; ~25 minutes), or grounded_large (the same on fewer, larger objects "
+        "with the speed levers: Acc@0.5 above 30%%; ~30 minutes); --set changes them further",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")

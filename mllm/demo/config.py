@@ -40,13 +40,15 @@ class DemoConfig:
     per image computed once per process and reused (6,000 images take ~200 MB per process); 0: off. A training step
     whose images are all cached is ~1.17x faster (README, "Supervised fine-tuning"), but a step that runs the tower
     on some images alone rounds them differently (mllm.model.vision_cache), so a run with it is another draw of the
-    demo, not the committed runs again: off by default. Like `processes`, not part of the run's fingerprint."""
+    demo, not the committed runs again: off by default (`--profile grounded_large` sets 400, and its committed runs
+    were made with it). Like `processes`, not part of the run's fingerprint."""
     length_pieces: int = 1
     """`--length-pieces` of the SFT stages: each batch run as up to this many forwards on samples of similar length,
     each padded to its own longest (`mllm.data.sft.split_by_length`). The same loss and gradients up to rounding,
-    so, like the vision cache, another draw of a committed run rather than the run again: 1 (off) by default, and
-    not part of the fingerprint. 2 pieces made a step of 32 items of the `questions` stage's file 1.21x faster and
-    one of 16 mixed items 1.18x (side by side, one thread, float32; README, "Supervised fine-tuning")."""
+    so, like the vision cache, another draw of a committed run rather than the run again: 1 (off) by default
+    (`--profile grounded_large` sets 2), and not part of the fingerprint. 2 pieces made a step of 32 items of the
+    `questions` stage's file 1.21x faster and one of 16 mixed items 1.18x (side by side, one thread, float32;
+    README, "Supervised fine-tuning")."""
     # --- toy world ---
     n_train: int = 6000
     """Training images (each gives 4 yes/no questions, 2-3 short-answer questions, 1 description and 1-4 REC
@@ -480,16 +482,27 @@ stage, the descriptions x6 in the mixed SFT, and the REC conversations replayed 
 PROFILES: dict[str, dict[str, Any]] = {
     "recipe": {},
     "grounded": GROUNDED,
-    "grounded_large": {**GROUNDED, "min_object_size": 30, "max_object_size": 46, "max_objects": 3},
+    "grounded_large": {
+        **GROUNDED,
+        "min_object_size": 30,
+        "max_object_size": 46,
+        "max_objects": 3,
+        "default_system_prompt": False,
+        "use_image_id": False,
+        "length_pieces": 2,
+        "vision_cache_mb": 400,
+    },
 }
 """Named settings of `mllm demo --profile`. "recipe" (the default) is the 15-minute demo, whose boxes are no better
 than image-blind rules. "grounded" (`GROUNDED`) trains the boxes too; its boxes beat every image-blind rule on seeds
 0-4, in about 25 minutes on 2 cores (README, "The toy-world demo";
 docs/results/demo_probes/2026-12-06-amx/candidate_replay_seed<N>.json), but at Acc@0.5 15% on average.
 "grounded_large" is that profile in a world of fewer, larger objects (30-46 px instead of 22-34, at most 3 per
-image instead of 4), a change of the world's difficulty: every goal of issue 26 but the time on seeds 0-4 (Acc@0.5
-31.0-36.0% after SFT, 16-20 points above the best image-blind box rule), in 42-44 minutes of stages on a 2-core AVX2
-EPYC (README; docs/results/demo_probes/2026-12-06-epyc/grounded_big_objects_max3_seed<N>.json)."""
+image instead of 4), a change of the world's difficulty, with the speed levers: prompts without the system message
+and the image id, batches in 2 pieces of similar length and the frozen tower's rows cached. Every goal of issue 26 but
+the time on seeds 0-4 (Acc@0.5 30.0-37.0% after SFT, 15-20 points above the best image-blind box rule), in about
+31 minutes of stages on a 2-core AVX2 EPYC (README; docs/results/demo_probes/2026-12-06-epyc/
+grounded_large_levers_seed<N>.json)."""
 
 CLI_FIELDS = {"out", "seed", "fast", "threads", "processes", "device"}
 """Fields with a flag of their own in `mllm demo`; `--set` refuses them."""
