@@ -54,11 +54,10 @@ def check_config(config: DemoConfig) -> None:
     wanted = json.loads(json.dumps(config.fingerprint()))
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        added = {k: v for k, v in default_fingerprint().items() if k in wanted and k not in stored}
-        if {**added, **stored} != wanted:
-            changed = sorted(
-                k for k in set(stored) | set(wanted) if {**added, **stored}.get(k) != wanted.get(k)
-            )
+        added = {k: v for k, v in field_defaults().items() if k in wanted and k not in stored}
+        merged = {**added, **stored}
+        if merged != wanted:
+            changed = sorted(k for k in set(merged) | set(wanted) if merged.get(k) != wanted.get(k))
             raise ValueError(
                 f"--out {config.out} holds a demo run with other settings ({', '.join(changed)} differ); "
                 "use another --out or delete that folder"
@@ -71,8 +70,9 @@ def check_config(config: DemoConfig) -> None:
     write_json_atomic(path, wanted)
 
 
-def default_fingerprint() -> dict[str, Any]:
-    """Each fingerprinted field's default as demo_config.json stores it (`bf16` left out: resolved per machine)."""
+def field_defaults() -> dict[str, Any]:
+    """Each `DemoConfig` field's default as demo_config.json would store it (`bf16` left out: it is resolved per
+    machine)."""
     defaults = {f.name: f.default for f in fields(DemoConfig) if f.default is not MISSING}
     return {k: v for k, v in json.loads(json.dumps(defaults, default=str)).items() if k != "bf16"}
 
