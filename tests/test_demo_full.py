@@ -685,6 +685,7 @@ def test_the_readme_compares_grounded_large_with_its_settings_before_the_levers(
         assert_grounding_goals(plain["metrics"])
         assert_hallucination_goals(plain["metrics"])
         speedups.append(sum(plain["stage_seconds"].values()) / sum(run["stage_seconds"].values()))
+    assert min(speedups) > 1.0
     quoted = (
         f"{seed_means(before)}, in {seconds_range(before)}: the levers made each seed "
         f"{min(speedups):.2f}-{max(speedups):.2f}x faster in seconds of stages"
