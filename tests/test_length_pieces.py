@@ -195,6 +195,31 @@ def test_the_benchmark_runs_and_checks_the_losses(tmp_path: Path, small_model_di
     assert len(result["times"]["3"]) == 2
 
 
+def test_the_flops_benchmark_counts_the_tower_apart(tmp_path: Path, small_model_dir: Path) -> None:
+    """`benchmarks/sft_flops.py` on the small model (a smoke test, not a measurement): the matrix FLOPs of a step,
+    the frozen tower's a part of them, the GEMM rates, and the floor they give."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_sft_files(tmp_path / "d", 8, long_no=True)
+    out = tmp_path / "flops.json"
+    command = [sys.executable, str(root / "benchmarks" / "sft_flops.py"), str(small_model_dir), str(data)]
+    command += ["--out", str(out), "--batch", "4", "--pieces", "2", "--steps", "2", "--items", "8"]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert 0 < result["gflop_per_step_tower"] < result["gflop_per_step"]
+    assert result["gflop_per_step_without_tower"] == pytest.approx(
+        result["gflop_per_step"] - result["gflop_per_step_tower"]
+    )
+    assert result["real_tokens_per_step"] <= result["padded_tokens_per_step"]
+    best = max(result["gemm_gflops_one_thread"].values())
+    assert result["s_per_step_at_best_rate_without_tower"] == pytest.approx(
+        result["gflop_per_step_without_tower"] / best
+    )
+
+
 def test_length_pieces_is_refused_where_it_would_do_nothing(tmp_path: Path, small_model_dir: Path) -> None:
     """Preference training and another family's batches run whole: asking for pieces there is an error, not a
     silent no-op."""
