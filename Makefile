@@ -24,8 +24,8 @@ venv: $(STAMP)
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The whole seed-0 demo, asserted as tests/test_demo_full.py says (not in `make test`: ~15 minutes with avx512_bf16,
-# ~100 on an AVX2-only CPU, beyond CI's 90; docs/LOG.md, 2026-12-05 (third session)).
+# The whole seed-0 demo, the recipe's and --profile grounded_large's, asserted as tests/test_demo_full.py says (not in
+# `make test`: the recipe ~15 minutes with avx512_bf16, the profile 31-45 on a 2-core AVX2-only EPYC; docs/LOG.md).
 test-full-demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --full-demo tests/test_demo_full.py $(PYTEST_ARGS)
 

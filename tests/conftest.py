@@ -14,8 +14,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--full-demo",
         action="store_true",
-        help="also run the tests marked full_demo: the whole `mllm demo` of seed 0 (tests/test_demo_full.py; about "
-        "15 minutes on 2 cores with avx512_bf16, ~100 on a 2-core AVX2-only CPU, so not part of `make test`)",
+        help="also run the tests marked full_demo: the whole `mllm demo` of seed 0, the recipe's and `--profile "
+        "grounded_large`'s (tests/test_demo_full.py; the recipe ~15 minutes on 2 cores with avx512_bf16, the profile "
+        "31-45 on a 2-core AVX2-only EPYC, so not part of `make test`)",
     )
 
 
