@@ -665,7 +665,7 @@ def test_the_grounded_large_profile_meets_every_goal_but_the_time(path: Path) ->
 @pytest.mark.full_demo
 @pytest.mark.slow
 def test_a_fresh_grounded_large_demo_meets_every_goal_but_the_time(tmp_path: Path) -> None:
-    """`mllm demo --profile grounded_large` of seed 0 run now, from scratch (~31 minutes on a 2-core AVX2 EPYC,
+    """`mllm demo --profile grounded_large` of seed 0 run now, from scratch (31-45 minutes on a 2-core AVX2 EPYC,
     `--full-demo` only): every goal of issue 26 but the time, by the committed runs' thresholds, from its own
     `metrics.json`; made with the settings of the committed seed-0 run."""
     out = tmp_path / "grounded_large"
