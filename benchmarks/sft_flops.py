@@ -16,7 +16,7 @@ time a step's products take on this CPU, whatever else is made faster. Writes th
 from __future__ import annotations
 
 import json
-import time
+import timeit
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,14 +27,8 @@ def gemm_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
     """Best GFLOP/s of a float32 [m, k] @ [k, n] product over `repeats` timings (after a warm-up)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(timeit.repeat(lambda: torch.mm(a, b), number=1, repeat=repeats))
     return 2 * m * k * n / best / 1e9
-
-
-def _timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 def main() -> None:
